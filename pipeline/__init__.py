@@ -1,0 +1,1 @@
+"""CoOp sweep pipeline: data -> frozen features -> prompt-learning engine -> Ray Tune sweep -> MLflow -> report."""

@@ -1,0 +1,221 @@
+"""Draw CoOp few-shot train/val splits exactly as the official CoOp/Dassl code does, and store them as JSON.
+
+The official rule (Dassl ``DatasetBase.generate_fewshot_dataset``, called by every CoOp dataset after
+``random.seed(seed)``): group the items by label in order of first appearance, then for each label take
+``random.sample(items, K)``; a label with fewer than K items gets ``random.choices(items, k=K)`` (Dassl's
+default ``repeat=True``, so it is drawn with replacement and may repeat images). The train list is drawn
+first with K shots, then the val list with ``min(K, 4)`` shots, from the same random stream. K < 1 keeps
+every item. The random stream is a private ``random.Random(seed)``, which yields the same numbers as the
+official global ``random.seed(seed)`` without touching global state.
+
+Files: ``<splits dir>/<dataset>/shot<K>_seed<S>.json`` per shots x seed (``shotall`` for K < 1) and one
+``<splits dir>/<dataset>/test.json`` with the dataset's test list and class names.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+import tempfile
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from pipeline.data.datasets import DatasetError, DatasetSplits, Item
+
+log = logging.getLogger(__name__)
+
+FORMAT_VERSION = 1
+MAX_VAL_SHOTS = 4
+
+
+@dataclass
+class FewShotSplit:
+    """One few-shot draw of a dataset: K-shot train list and min(K, 4)-shot val list."""
+
+    dataset: str
+    shots: int
+    seed: int
+    classnames: list[str]
+    train: list[Item]
+    val: list[Item]
+    val_is_test: bool = False
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "format_version": FORMAT_VERSION,
+            "dataset": self.dataset,
+            "shots": self.shots,
+            "seed": self.seed,
+            "classnames": self.classnames,
+            "val_is_test": self.val_is_test,
+            "train": [item.to_json() for item in self.train],
+            "val": [item.to_json() for item in self.val],
+        }
+
+
+@dataclass
+class EvalList:
+    """A dataset's full test list plus what evaluation needs (class names, template, ImageNet label map)."""
+
+    dataset: str
+    classnames: list[str]
+    template: str
+    test: list[Item]
+    imagenet_labels: list[int] | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "format_version": FORMAT_VERSION,
+            "dataset": self.dataset,
+            "classnames": self.classnames,
+            "template": self.template,
+            "imagenet_labels": self.imagenet_labels,
+            "test": [item.to_json() for item in self.test],
+        }
+
+
+def normalize_shots(shots: int) -> int:
+    """K < 1 means 'all images'; stored as -1."""
+    return shots if shots >= 1 else -1
+
+
+def split_by_label(items: Sequence[Item]) -> dict[int, list[Item]]:
+    """Items grouped by label, labels in order of first appearance (Dassl's defaultdict order)."""
+    groups: dict[int, list[Item]] = {}
+    for item in items:
+        groups.setdefault(item.label, []).append(item)
+    return groups
+
+
+def sample_fewshot(items: Sequence[Item], shots: int, rng: random.Random) -> list[Item]:
+    """Dassl's generate_fewshot_dataset for one data source, drawing from `rng`."""
+    if shots < 1:
+        return list(items)
+    output: list[Item] = []
+    for group in split_by_label(items).values():
+        if len(group) >= shots:
+            output.extend(rng.sample(group, shots))
+        else:
+            output.extend(rng.choices(group, k=shots))
+    return output
+
+
+def make_fewshot_split(splits: DatasetSplits, shots: int, seed: int) -> FewShotSplit:
+    """The K-shot split that official CoOp draws for `splits` with random seed `seed`."""
+    if splits.test_only:
+        raise DatasetError(
+            f"{splits.name} is a test-only dataset (CoOp evaluates ImageNet-trained contexts on it); "
+            "it has no train images to draw few-shot splits from."
+        )
+    shots = normalize_shots(shots)
+    rng = random.Random(seed)
+    train = sample_fewshot(splits.train, shots, rng)
+    val = sample_fewshot(splits.val, min(shots, MAX_VAL_SHOTS) if shots >= 1 else -1, rng)
+    return FewShotSplit(splits.name, shots, seed, list(splits.classnames), train, val, splits.val_is_test)
+
+
+def make_eval_list(splits: DatasetSplits) -> EvalList:
+    return EvalList(splits.name, list(splits.classnames), splits.template, list(splits.test), splits.imagenet_labels)
+
+
+# ------------------------------------------------------------------------------------------------ files
+
+
+def split_filename(shots: int, seed: int) -> str:
+    shots = normalize_shots(shots)
+    return f"shot{'all' if shots < 1 else shots}_seed{seed}.json"
+
+
+def split_path(splits_dir: Path | str, dataset: str, shots: int, seed: int) -> Path:
+    return Path(splits_dir) / dataset / split_filename(shots, seed)
+
+
+def eval_list_path(splits_dir: Path | str, dataset: str) -> Path:
+    return Path(splits_dir) / dataset / "test.json"
+
+
+def write_json_atomic(data: Any, path: Path) -> None:
+    """Write JSON to a temp file beside `path`, then rename, so readers never see half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump(data, f, ensure_ascii=False, separators=(",", ":"))
+            f.write("\n")
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_fewshot_split(split: FewShotSplit, path: Path | str) -> None:
+    write_json_atomic(split.to_json(), Path(path))
+
+
+def write_eval_list(test: EvalList, path: Path | str) -> None:
+    write_json_atomic(test.to_json(), Path(path))
+
+
+def _load_json(path: Path, what: str) -> dict[str, Any]:
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"{what} {path} does not exist; run the prepare stage first (`dvc repro prepare` or "
+            "`python -m stages.prepare --help`)."
+        )
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise DatasetError(f"{what} {path} is not valid JSON ({error}); rerun the prepare stage.") from None
+    if not isinstance(data, dict) or data.get("format_version") != FORMAT_VERSION:
+        raise DatasetError(
+            f"{what} {path} has format_version {data.get('format_version') if isinstance(data, dict) else None}, "
+            f"expected {FORMAT_VERSION}; rerun the prepare stage."
+        )
+    return data
+
+
+def _items(entries: Any, where: str) -> list[Item]:
+    if not isinstance(entries, list):
+        raise DatasetError(f"{where} must be a list of [path, label, classname].")
+    out = []
+    for i, entry in enumerate(entries):
+        if not (isinstance(entry, list) and len(entry) == 3 and isinstance(entry[0], str) and isinstance(entry[1], int)):
+            raise DatasetError(f"{where}[{i}] must be [path, label, classname], got {entry!r}.")
+        out.append(Item(entry[0], entry[1], entry[2]))
+    return out
+
+
+def read_fewshot_split(path: Path | str) -> FewShotSplit:
+    path = Path(path)
+    data = _load_json(path, "Few-shot split file")
+    try:
+        return FewShotSplit(
+            dataset=str(data["dataset"]),
+            shots=int(data["shots"]),
+            seed=int(data["seed"]),
+            classnames=list(data["classnames"]),
+            train=_items(data["train"], f"{path} train"),
+            val=_items(data["val"], f"{path} val"),
+            val_is_test=bool(data.get("val_is_test", False)),
+        )
+    except KeyError as error:
+        raise DatasetError(f"Few-shot split file {path} lacks the field {error}; rerun the prepare stage.") from None
+
+
+def read_eval_list(path: Path | str) -> EvalList:
+    path = Path(path)
+    data = _load_json(path, "Test list file")
+    try:
+        return EvalList(
+            dataset=str(data["dataset"]),
+            classnames=list(data["classnames"]),
+            template=str(data["template"]),
+            test=_items(data["test"], f"{path} test"),
+            imagenet_labels=data.get("imagenet_labels"),
+        )
+    except KeyError as error:
+        raise DatasetError(f"Test list file {path} lacks the field {error}; rerun the prepare stage.") from None

@@ -1,0 +1,225 @@
+"""Load a frozen open_clip CLIP model: image encoder for the feature cache, text-tower parts for CoOp.
+
+`pretrained` is an open_clip tag (``openai``, LAION tags), a local checkpoint file (``.pt``, ``.bin``,
+``.safetensors``; loaded with ``weights_only=True``), or ``None`` for random weights. Random weights
+are seeded, so two processes that load the same architecture get the same model (the feature cache
+and the sweep's trials must agree), but accuracies are then meaningless and we say so loudly.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import socket
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from functools import cache
+from pathlib import Path
+from urllib.parse import urlparse
+
+import open_clip
+import torch
+from huggingface_hub import constants as hf_constants
+from open_clip.model import CLIP
+from torch import nn
+
+log = logging.getLogger(__name__)
+
+TINY_ARCH = "coop-tiny"
+_MODEL_CONFIGS = Path(__file__).parent / "model_configs"
+_RANDOM_INIT_SEED = 0
+_NO_WEIGHTS = {None, "", "none", "None", "random"}
+
+
+class WeightsUnavailableError(RuntimeError):
+    """Pretrained weights could not be loaded (no network, unknown tag, missing file)."""
+
+
+@cache
+def register_project_models() -> None:
+    """Make the project's own architectures (the tiny test/demo CLIP) known to open_clip."""
+    open_clip.add_model_config(_MODEL_CONFIGS)
+
+
+@dataclass
+class Backbone:
+    """A frozen CLIP model plus what CoOp needs to know about it."""
+
+    model: CLIP
+    arch: str
+    pretrained: str | None
+    fingerprint: str  # arch + sha256 of the weights; identifies feature caches and contexts
+
+    @property
+    def image_size(self) -> int:
+        size = self.model.visual.image_size
+        return int(size[0] if isinstance(size, (tuple, list)) else size)
+
+    @property
+    def mean(self) -> tuple[float, float, float]:
+        return tuple(self.model.visual.preprocess_cfg["mean"])  # type: ignore[return-value]
+
+    @property
+    def std(self) -> tuple[float, float, float]:
+        return tuple(self.model.visual.preprocess_cfg["std"])  # type: ignore[return-value]
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.logit_scale.device
+
+    @property
+    def context_length(self) -> int:
+        return int(self.model.positional_embedding.shape[0])
+
+    @property
+    def text_width(self) -> int:
+        return int(self.model.token_embedding.weight.shape[1])
+
+    @property
+    def embed_dim(self) -> int:
+        proj = self.model.text_projection
+        return int(proj.out_features if isinstance(proj, nn.Linear) else proj.shape[1])
+
+    @property
+    def logit_scale(self) -> float:
+        return float(self.model.logit_scale.exp())
+
+    @torch.no_grad()
+    def encode_images(self, images: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) preprocessed images -> (B, embed_dim) fp32 features, not normalised."""
+        return self.model.encode_image(images.to(self.device)).float()
+
+    @torch.no_grad()
+    def encode_text(self, texts: list[str]) -> torch.Tensor:
+        """Plain prompts -> (N, embed_dim) fp32 text features, not normalised (zero-shot baselines)."""
+        tokens = tokenize(texts, self.context_length).to(self.device)
+        return self.model.encode_text(tokens).float()
+
+    def project_text(self, eos_states: torch.Tensor) -> torch.Tensor:
+        """Final norm + projection of the EOS hidden states (N, width) -> (N, embed_dim)."""
+        x = self.model.ln_final(eos_states)
+        proj = self.model.text_projection
+        return proj(x) if isinstance(proj, nn.Linear) else x @ proj.to(x.dtype)
+
+
+def tokenize(texts: list[str], context_length: int = 77) -> torch.Tensor:
+    """open_clip's tokenizer; (N, context_length) int64, zero padded, EOS at the argmax."""
+    return open_clip.tokenize(texts, context_length=context_length)
+
+
+def count_tokens(text: str) -> int:
+    """BPE tokens of `text` without SOS/EOS."""
+    return len(open_clip.tokenizer._tokenizer.encode(text))
+
+
+def decode_tokens(token_ids: list[int]) -> list[str]:
+    """Each id to its word piece, '</w>' (end of word) stripped."""
+    decoder = open_clip.tokenizer._tokenizer.decoder
+    return [decoder[i].replace("</w>", "") for i in token_ids]
+
+
+def weights_fingerprint(model: nn.Module, arch: str) -> str:
+    """Architecture name plus a content hash of every weight, in a stable order."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return f"{arch}:{digest.hexdigest()[:16]}"
+
+
+@contextmanager
+def _hf_offline() -> Iterator[None]:
+    # huggingface_hub reads HF_HUB_OFFLINE once at import; its module constant is what it consults.
+    old = hf_constants.HF_HUB_OFFLINE
+    hf_constants.HF_HUB_OFFLINE = True
+    try:
+        yield
+    finally:
+        hf_constants.HF_HUB_OFFLINE = old
+
+
+def _reachable(url: str, timeout: float = 3.0) -> bool:
+    """One quick TCP connect, so an offline machine fails in seconds instead of a minute of retries."""
+    parsed = urlparse(url)
+    try:
+        with socket.create_connection((parsed.hostname or "", parsed.port or 443), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def _looks_like_path(value: str) -> bool:
+    return os.sep in value or value.endswith((".pt", ".pth", ".bin", ".safetensors", ".ckpt"))
+
+
+def _create(arch: str, pretrained: str | None) -> CLIP:
+    if pretrained in _NO_WEIGHTS:
+        warnings.warn(
+            f"Backbone {arch} has RANDOM weights (pretrained=None): features are meaningless and so "
+            "are all accuracies. Pass an open_clip tag (e.g. 'openai') or a checkpoint file for real results.",
+            stacklevel=3,
+        )
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(_RANDOM_INIT_SEED)
+            return open_clip.create_model(arch, pretrained=None)
+    assert pretrained is not None
+    tag_cfg = open_clip.get_pretrained_cfg(arch, pretrained)
+    if tag_cfg:
+        return _create_from_tag(arch, pretrained, tag_cfg)
+    if os.path.isfile(pretrained):
+        return open_clip.create_model(arch, pretrained=pretrained, weights_only=True)
+    if _looks_like_path(pretrained):
+        raise WeightsUnavailableError(f"Checkpoint file {pretrained!r} does not exist (backbone {arch}).")
+    known = open_clip.list_pretrained_tags_by_model(arch)
+    raise WeightsUnavailableError(
+        f"{pretrained!r} is neither a pretrained tag of {arch} nor an existing file. "
+        f"Known tags for {arch}: {known or 'none'}; or pass a local checkpoint path."
+    )
+
+
+def _create_from_tag(arch: str, tag: str, tag_cfg: dict) -> CLIP:
+    quick_gelu = bool(tag_cfg.get("quick_gelu", False))
+    try:
+        with _hf_offline():  # weights already in the local cache load without the network
+            return open_clip.create_model(arch, pretrained=tag, force_quick_gelu=quick_gelu)
+    except Exception as cached_error:
+        source = f"{hf_constants.ENDPOINT}/" if tag_cfg.get("hf_hub") else tag_cfg.get("url", "")
+        if os.environ.get("COOP_OFFLINE") == "1" or hf_constants.HF_HUB_OFFLINE or not _reachable(source):
+            raise _download_error(arch, tag, cached_error, source) from None
+    try:
+        return open_clip.create_model(arch, pretrained=tag, force_quick_gelu=quick_gelu)
+    except Exception as error:
+        raise _download_error(arch, tag, error, source) from None
+
+
+def _download_error(arch: str, tag: str, error: Exception, source: str) -> WeightsUnavailableError:
+    return WeightsUnavailableError(
+        f"Could not load pretrained weights {arch}/{tag!r}: they are not in the local cache and {source} "
+        f"cannot be reached or failed ({type(error).__name__}: {str(error)[:160]}). On a machine with internet run once "
+        f"`python -c \"import open_clip; open_clip.create_model('{arch}', pretrained='{tag}')\"` to fill the "
+        f"cache, or download the checkpoint and pass its path instead of the tag "
+        f"(backbone.pretrained: /path/to/{arch}.pt in params.yaml, or --pretrained /path/to/file)."
+    )
+
+
+def load_backbone(arch: str, pretrained: str | None = None, device: str | torch.device = "cpu") -> Backbone:
+    """Create `arch` with `pretrained` weights, frozen, in eval mode, on `device`."""
+    register_project_models()
+    if arch not in open_clip.list_models():
+        raise ValueError(
+            f"Unknown backbone architecture {arch!r}. Known: {TINY_ARCH}, RN50, RN101, ViT-B-32, ViT-B-16, ... "
+            "(see open_clip.list_models())."
+        )
+    model = _create(arch, pretrained)
+    if not isinstance(model, CLIP):
+        raise ValueError(
+            f"{arch} has a custom text tower ({type(model).__name__}); CoOp needs open_clip's built-in "
+            "text transformer (CLIP class), e.g. RN50, ViT-B-16."
+        )
+    model.eval().requires_grad_(False)
+    model.to(device)
+    pretrained_name = None if pretrained in _NO_WEIGHTS else pretrained
+    return Backbone(model, arch, pretrained_name, weights_fingerprint(model, arch))
