@@ -41,6 +41,7 @@ from tqdm import tqdm
 from pipeline.data.datasets import DEFAULT_TEMPLATE, DatasetError, Item
 from pipeline.data.fewshot import (
     eval_list_path,
+    file_mode,
     read_eval_list,
     read_fewshot_split,
     split_path,
@@ -53,7 +54,11 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 CACHE_FORMAT_VERSION = 1
-DTYPES: dict[str, torch.dtype] = {"float16": torch.float16, "float32": torch.float32, "bfloat16": torch.bfloat16}
+DTYPES: dict[str, torch.dtype] = {
+    "float16": torch.float16,
+    "float32": torch.float32,
+    "bfloat16": torch.bfloat16,
+}
 TRAIN_CROP_SCALE = (0.08, 1.0)
 INTERPOLATION = "bicubic"
 STORES = ("train", "eval")
@@ -172,7 +177,9 @@ class CacheUpdate:
 # ------------------------------------------------------------------------------------------ transforms
 
 
-def build_transforms(image_size: int, mean: Sequence[float], std: Sequence[float]) -> tuple[T.Compose, T.Compose]:
+def build_transforms(
+    image_size: int, mean: Sequence[float], std: Sequence[float]
+) -> tuple[T.Compose, T.Compose]:
     """CoOp's (train, test) image transforms for a backbone input size and normalisation."""
     bicubic = T.InterpolationMode.BICUBIC
     normalize = T.Normalize(mean=list(mean), std=list(std))
@@ -184,7 +191,9 @@ def build_transforms(image_size: int, mean: Sequence[float], std: Sequence[float
             normalize,
         ]
     )
-    test = T.Compose([T.Resize(image_size, interpolation=bicubic), T.CenterCrop(image_size), T.ToTensor(), normalize])
+    test = T.Compose(
+        [T.Resize(image_size, interpolation=bicubic), T.CenterCrop(image_size), T.ToTensor(), normalize]
+    )
     return train, test
 
 
@@ -239,7 +248,13 @@ class _ImageViews(Dataset):
 
 def backbone_tag(arch: str, pretrained: str | None) -> str:
     """Folder-safe name of a backbone; a checkpoint path contributes its file name."""
-    weights = "random" if pretrained is None else Path(pretrained).name if ("/" in pretrained or os.sep in pretrained) else pretrained
+    weights = (
+        "random"
+        if pretrained is None
+        else Path(pretrained).name
+        if ("/" in pretrained or os.sep in pretrained)
+        else pretrained
+    )
     return re.sub(r"[^A-Za-z0-9._-]+", "_", f"{arch}__{weights}")
 
 
@@ -260,6 +275,7 @@ def _save_atomic(tensors: dict[str, torch.Tensor], metadata: dict[str, str], pat
     os.close(fd)
     try:
         save_file(tensors, tmp, metadata=metadata)
+        os.chmod(tmp, file_mode())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -272,7 +288,9 @@ def _save_atomic(tensors: dict[str, torch.Tensor], metadata: dict[str, str], pat
 class FeatureCache:
     """A validated, fully loaded cache: path -> row lookup per store."""
 
-    def __init__(self, cache_dir: Path, manifest: dict[str, Any], stores: dict[str, tuple[list[str], torch.Tensor]]):
+    def __init__(
+        self, cache_dir: Path, manifest: dict[str, Any], stores: dict[str, tuple[list[str], torch.Tensor]]
+    ):
         self.cache_dir = cache_dir
         self.manifest = manifest
         self._stores = stores
@@ -318,7 +336,9 @@ def _config_differences(manifest: dict[str, Any], config: FeatureConfig) -> list
         if key == "transform" and isinstance(cached.get(key), dict):
             for sub, sub_value in value.items():
                 if cached[key].get(sub) != sub_value:
-                    diffs.append(f"transform.{sub}: cache has {cached[key].get(sub)!r}, configuration wants {sub_value!r}")
+                    diffs.append(
+                        f"transform.{sub}: cache has {cached[key].get(sub)!r}, configuration wants {sub_value!r}"
+                    )
         elif cached.get(key) != value:
             diffs.append(f"{key}: cache has {cached.get(key)!r}, configuration wants {value!r}")
     return diffs
@@ -354,11 +374,17 @@ def _load_stores(cache_dir: Path, manifest: dict[str, Any]) -> dict[str, tuple[l
             all_paths.extend(paths)
             chunks.append(features)
         if _paths_checksum(all_paths) != entry["paths_sha256"] or len(set(all_paths)) != len(all_paths):
-            raise FeatureCacheError(f"Feature cache {cache_dir}: the {store} image list does not match the manifest; {RERUN}.")
+            raise FeatureCacheError(
+                f"Feature cache {cache_dir}: the {store} image list does not match the manifest; {RERUN}."
+            )
         dim = manifest["feature_dim"] or 0
         views = manifest["config"]["views"]
         empty_shape = (0, views, dim) if store == "train" else (0, dim)
-        features = torch.cat(chunks) if chunks else torch.empty(empty_shape, dtype=DTYPES[manifest["config"]["dtype"]])
+        features = (
+            torch.cat(chunks)
+            if chunks
+            else torch.empty(empty_shape, dtype=DTYPES[manifest["config"]["dtype"]])
+        )
         stores[store] = (all_paths, features)
     return stores
 
@@ -372,7 +398,9 @@ def open_feature_cache(cache_dir: Path | str, config: FeatureConfig) -> FeatureC
     diffs = _config_differences(manifest, config)
     if diffs:
         raise CacheMismatchError(
-            f"Feature cache {cache_dir} does not match the current configuration: " + "; ".join(diffs) + f". {RERUN}."
+            f"Feature cache {cache_dir} does not match the current configuration: "
+            + "; ".join(diffs)
+            + f". {RERUN}."
         )
     return FeatureCache(cache_dir, manifest, _load_stores(cache_dir, manifest))
 
@@ -420,7 +448,9 @@ def update_feature_cache(
     """
     cache_dir, data_root = Path(cache_dir), Path(data_root)
     if config.fingerprint != backbone.fingerprint:
-        raise ValueError("config.fingerprint does not belong to the given backbone; build it with from_backbone().")
+        raise ValueError(
+            "config.fingerprint does not belong to the given backbone; build it with from_backbone()."
+        )
     wanted = {"train": sorted(set(train_paths)), "eval": sorted(set(eval_paths))}
     existing = _existing_cache(cache_dir, config)
     rebuilt = existing is None and (cache_dir / "manifest.json").exists()
@@ -430,10 +460,24 @@ def update_feature_cache(
     new_rows: dict[str, tuple[list[str], torch.Tensor]] = {}
     for store in STORES:
         todo = [p for p in wanted[store] if p not in cached[store]]
-        log.info("%s features: %d wanted, %d cached, %d to encode", store, len(wanted[store]), len(wanted[store]) - len(todo), len(todo))
+        log.info(
+            "%s features: %d wanted, %d cached, %d to encode",
+            store,
+            len(wanted[store]),
+            len(wanted[store]) - len(todo),
+            len(todo),
+        )
         if todo:
             features = _encode(
-                backbone, data_root, todo, config, store == "train", batch_size, num_workers, progress, f"encode {store}"
+                backbone,
+                data_root,
+                todo,
+                config,
+                store == "train",
+                batch_size,
+                num_workers,
+                progress,
+                f"encode {store}",
             )
             new_rows[store] = (todo, features)
 
@@ -497,14 +541,18 @@ def _write_update(
     for store, (paths, features) in new_rows.items():
         dim = int(features.shape[-1])
         if manifest["feature_dim"] not in (None, dim):
-            raise FeatureCacheError(f"Feature dimension changed from {manifest['feature_dim']} to {dim}; {RERUN}.")
+            raise FeatureCacheError(
+                f"Feature dimension changed from {manifest['feature_dim']} to {dim}; {RERUN}."
+            )
         manifest["feature_dim"] = dim
         entry = manifest["stores"][store]
         entry["shards"].append(_write_shard(cache_dir, store, paths, features))
         if len(entry["shards"]) > MAX_SHARDS:
             loaded = [_load_shard(cache_dir / s["file"], s["count"], store) for s in entry["shards"]]
             merged_paths = [p for paths, _ in loaded for p in paths]
-            entry["shards"] = [_write_shard(cache_dir, store, merged_paths, torch.cat([f for _, f in loaded]))]
+            entry["shards"] = [
+                _write_shard(cache_dir, store, merged_paths, torch.cat([f for _, f in loaded]))
+            ]
         all_paths = cached[store] + paths
         entry["count"] = len(all_paths)
         entry["paths_sha256"] = _paths_checksum(all_paths)
@@ -529,16 +577,23 @@ def _write_shard(cache_dir: Path, store: str, paths: list[str], features: torch.
 # --------------------------------------------------------------------------------------------- stages
 
 
-def split_image_paths(splits_dir: Path | str, dataset: str, shots: Iterable[int], seeds: Iterable[int]) -> tuple[set[str], set[str]]:
-    """(train paths, eval paths) needed by the given few-shot split files plus the dataset's test list."""
+def split_image_paths(
+    splits_dir: Path | str, dataset: str, shots: Iterable[int], seeds: Iterable[int]
+) -> tuple[set[str], set[str]]:
+    """(train paths, eval paths) needed by the given few-shot split files plus the dataset's test list.
+
+    Test-only datasets (ImageNet variants) need just their test list; `shots` and `seeds` are ignored.
+    """
     train: set[str] = set()
-    evaluation: set[str] = set()
+    evaluation_list = read_eval_list(eval_list_path(splits_dir, dataset))
+    evaluation: set[str] = {item.path for item in evaluation_list.test}
+    if evaluation_list.test_only:
+        return train, evaluation
     for k in shots:
         for seed in seeds:
             split = read_fewshot_split(split_path(splits_dir, dataset, k, seed))
             train.update(item.path for item in split.train)
             evaluation.update(item.path for item in split.val)
-    evaluation.update(item.path for item in read_eval_list(eval_list_path(splits_dir, dataset)).test)
     return train, evaluation
 
 
@@ -599,7 +654,9 @@ def load_fewshot_features(
             f"{split_file} and {test_file} belong to different datasets or class lists; rerun the prepare stage."
         )
     if cache is None:
-        cache = open_feature_cache(feature_cache_dir(cache_root, split.dataset, config.arch, config.pretrained), config)
+        cache = open_feature_cache(
+            feature_cache_dir(cache_root, split.dataset, config.arch, config.pretrained), config
+        )
     return FewShotFeatures(
         classnames=split.classnames,
         train=cache.gather("train", [item.path for item in split.train]),
@@ -620,7 +677,9 @@ def load_eval_features(
     """Test features of one dataset from its ``test.json`` (e.g. ImageNet-A for an ImageNet-trained context)."""
     evaluation = read_eval_list(test_file)
     if cache is None:
-        cache = open_feature_cache(feature_cache_dir(cache_root, evaluation.dataset, config.arch, config.pretrained), config)
+        cache = open_feature_cache(
+            feature_cache_dir(cache_root, evaluation.dataset, config.arch, config.pretrained), config
+        )
     return EvalFeatures(
         dataset=evaluation.dataset,
         classnames=evaluation.classnames,

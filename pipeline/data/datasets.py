@@ -87,7 +87,7 @@ def _split_layout(folder: str, image_dir: str, split_file: str, extra: str = "")
     images = f"{folder}/{image_dir}/" if image_dir else f"{folder}/"
     return (
         f"<data root>/{folder}/\n"
-        f"    {split_file}   (JSON: {{\"train\"|\"val\"|\"test\": [[relative_path, label, classname], ...]}})\n"
+        f'    {split_file}   (JSON: {{"train"|"val"|"test": [[relative_path, label, classname], ...]}})\n'
         f"    {images}...     (paths in the split file are relative to <data root>/{images})" + extra
     )
 
@@ -221,8 +221,8 @@ DATASETS: dict[str, DatasetInfo] = {
 
 GENERIC_LAYOUT = (
     "<data root>/<name>/\n"
-    "    split_zhou_<Name>.json   (JSON: {\"train\"|\"val\"|\"test\": [[relative_path, label, classname], ...]},\n"
-    "                              optional \"template\": \"a photo of a {}.\")\n"
+    '    split_zhou_<Name>.json   (JSON: {"train"|"val"|"test": [[relative_path, label, classname], ...]},\n'
+    '                              optional "template": "a photo of a {}.")\n'
     "    images/...               (paths in the split file are relative to <data root>/<name>/images/)"
 )
 
@@ -252,7 +252,12 @@ def get_info(name: str, root: Path | None = None) -> DatasetInfo:
             candidates = sorted(folder.glob("split_*.json"))
             if len(candidates) == 1:
                 return DatasetInfo(
-                    name, name, "images", "split", candidates[0].name, layout=GENERIC_LAYOUT.replace("<name>", name)
+                    name,
+                    name,
+                    "images",
+                    "split",
+                    candidates[0].name,
+                    layout=GENERIC_LAYOUT.replace("<name>", name),
                 )
             if len(candidates) > 1:
                 raise DatasetError(
@@ -273,7 +278,9 @@ def load_dataset(name: str, root: Path | str, check_files: bool = True) -> Datas
     """
     root = Path(root)
     if not root.is_dir():
-        raise DatasetError(f"Data root {root} does not exist or is not a folder; pass the folder holding the datasets.")
+        raise DatasetError(
+            f"Data root {root} does not exist or is not a folder; pass the folder holding the datasets."
+        )
     info = get_info(name, root)
     dataset_dir = root / info.folder
     if not dataset_dir.is_dir():
@@ -314,7 +321,9 @@ def _check_relative(path: str, where: str) -> str:
             f"{where}: image path {path!r} is absolute; split files must hold paths relative to the image folder."
         )
     if ".." in posix.parts:
-        raise DatasetError(f"{where}: image path {path!r} contains '..'; paths must stay inside the image folder.")
+        raise DatasetError(
+            f"{where}: image path {path!r} contains '..'; paths must stay inside the image folder."
+        )
     return posix.as_posix()
 
 
@@ -330,7 +339,9 @@ def _read_split(root: Path, info: DatasetInfo) -> DatasetSplits:
     try:
         data = json.loads(split_path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise DatasetError(f"{split_path} is not valid JSON ({error}); regenerate or fix the split file.") from None
+        raise DatasetError(
+            f"{split_path} is not valid JSON ({error}); regenerate or fix the split file."
+        ) from None
     if not isinstance(data, dict) or any(not isinstance(data.get(s), list) for s in SPLIT_NAMES):
         raise DatasetError(
             f"{split_path} must be a JSON object with lists 'train', 'val' and 'test' "
@@ -347,7 +358,9 @@ def _read_split(root: Path, info: DatasetInfo) -> DatasetSplits:
             path, label, classname = entry
             rel = _check_relative(path, where)
             if isinstance(label, bool) or not isinstance(label, int) or not isinstance(classname, str):
-                raise DatasetError(f"{where}: label must be an integer and classname a string, got {entry!r}.")
+                raise DatasetError(
+                    f"{where}: label must be an integer and classname a string, got {entry!r}."
+                )
             items.append(Item(f"{prefix}/{rel}" if prefix else rel, label, classname))
         lists[split] = items
     template = data.get("template", info.template)
@@ -499,7 +512,9 @@ def _read_aircraft(root: Path, info: DatasetInfo) -> DatasetSplits:
     variants_path = dataset_dir / "variants.txt"
     if not variants_path.is_file():
         raise DatasetError(_missing(variants_path, info))
-    classnames = [line.strip() for line in variants_path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    classnames = [
+        line.strip() for line in variants_path.read_text(encoding="utf-8").splitlines() if line.strip()
+    ]
     if len(set(classnames)) != len(classnames):
         raise DatasetError(f"{variants_path} lists a variant more than once; each line must be unique.")
     label_of = {name: i for i, name in enumerate(classnames)}

@@ -66,6 +66,7 @@ class EvalList:
     template: str
     test: list[Item]
     imagenet_labels: list[int] | None = None
+    test_only: bool = False  # no few-shot splits exist (ImageNet variants)
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -74,6 +75,7 @@ class EvalList:
             "classnames": self.classnames,
             "template": self.template,
             "imagenet_labels": self.imagenet_labels,
+            "test_only": self.test_only,
             "test": [item.to_json() for item in self.test],
         }
 
@@ -119,7 +121,14 @@ def make_fewshot_split(splits: DatasetSplits, shots: int, seed: int) -> FewShotS
 
 
 def make_eval_list(splits: DatasetSplits) -> EvalList:
-    return EvalList(splits.name, list(splits.classnames), splits.template, list(splits.test), splits.imagenet_labels)
+    return EvalList(
+        splits.name,
+        list(splits.classnames),
+        splits.template,
+        list(splits.test),
+        splits.imagenet_labels,
+        splits.test_only,
+    )
 
 
 # ------------------------------------------------------------------------------------------------ files
@@ -138,6 +147,13 @@ def eval_list_path(splits_dir: Path | str, dataset: str) -> Path:
     return Path(splits_dir) / dataset / "test.json"
 
 
+def file_mode() -> int:
+    """Permissions of a newly created file under the current umask (mkstemp's temp files are 0600)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
 def write_json_atomic(data: Any, path: Path) -> None:
     """Write JSON to a temp file beside `path`, then rename, so readers never see half a file."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -146,6 +162,7 @@ def write_json_atomic(data: Any, path: Path) -> None:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             json.dump(data, f, ensure_ascii=False, separators=(",", ":"))
             f.write("\n")
+        os.chmod(tmp, file_mode())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -183,7 +200,12 @@ def _items(entries: Any, where: str) -> list[Item]:
         raise DatasetError(f"{where} must be a list of [path, label, classname].")
     out = []
     for i, entry in enumerate(entries):
-        if not (isinstance(entry, list) and len(entry) == 3 and isinstance(entry[0], str) and isinstance(entry[1], int)):
+        if not (
+            isinstance(entry, list)
+            and len(entry) == 3
+            and isinstance(entry[0], str)
+            and isinstance(entry[1], int)
+        ):
             raise DatasetError(f"{where}[{i}] must be [path, label, classname], got {entry!r}.")
         out.append(Item(entry[0], entry[1], entry[2]))
     return out
@@ -203,7 +225,9 @@ def read_fewshot_split(path: Path | str) -> FewShotSplit:
             val_is_test=bool(data.get("val_is_test", False)),
         )
     except KeyError as error:
-        raise DatasetError(f"Few-shot split file {path} lacks the field {error}; rerun the prepare stage.") from None
+        raise DatasetError(
+            f"Few-shot split file {path} lacks the field {error}; rerun the prepare stage."
+        ) from None
 
 
 def read_eval_list(path: Path | str) -> EvalList:
@@ -216,6 +240,9 @@ def read_eval_list(path: Path | str) -> EvalList:
             template=str(data["template"]),
             test=_items(data["test"], f"{path} test"),
             imagenet_labels=data.get("imagenet_labels"),
+            test_only=bool(data.get("test_only", False)),
         )
     except KeyError as error:
-        raise DatasetError(f"Test list file {path} lacks the field {error}; rerun the prepare stage.") from None
+        raise DatasetError(
+            f"Test list file {path} lacks the field {error}; rerun the prepare stage."
+        ) from None
