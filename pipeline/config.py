@@ -1,0 +1,193 @@
+"""params.yaml: typed sections, validated on load with errors that name the bad key."""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ParamsError(ValueError):
+    """params.yaml (or a --config file) has a bad key or value."""
+
+
+@dataclass(frozen=True)
+class DataParams:
+    root: str = "data/demo"
+    datasets: list[str] = field(default_factory=lambda: ["FashionMNIST"])
+    shots: list[int] = field(default_factory=lambda: [1, 2, 4, 8, 16])
+    seeds: list[int] = field(default_factory=lambda: [1, 2, 3])
+    splits_dir: str = "outputs/splits"
+
+
+@dataclass(frozen=True)
+class BackboneParams:
+    arch: str = "coop-tiny"
+    pretrained: str | None = None  # open_clip tag, checkpoint file, or null for (seeded) random weights
+
+
+@dataclass(frozen=True)
+class FeatureParams:
+    dir: str = "outputs/features"
+    views: int = 4  # augmented views cached per training image; 1 = no augmentation
+    dtype: str = "fp16"
+    batch_size: int = 128
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class TrainParams:
+    lr: float = 0.002
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    epochs: int | None = None  # null: CoOp's per-shot default
+    warmup_epochs: int = 1
+    warmup_lr: float = 1e-5
+    batch_size: int = 32
+    eval_every: int = 0
+    precision: str = "fp32"
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    shared_prefix: bool = True
+
+
+@dataclass(frozen=True)
+class SweepParams:
+    search: str = "grid"  # grid | random | optuna
+    num_samples: int = 8  # trials for random/optuna; grid: repeats of the full grid
+    max_concurrent: int = 2
+    space: dict[str, list[Any]] = field(default_factory=dict)
+    cpus_per_trial: float = 1.0
+    gpus_per_trial: float = 0.0
+    asha: bool = False
+    asha_grace_epochs: int = 10
+    retries: int = 0
+    optuna_seed: int = 0
+    storage: str = "outputs/ray"
+    results_dir: str = "outputs/sweep"
+    address: str | None = None
+
+
+@dataclass(frozen=True)
+class TrackingParams:
+    uri: str = "sqlite:///mlflow.db"
+    experiment: str = "coop"
+
+
+@dataclass(frozen=True)
+class ReportParams:
+    dir: str = "outputs/report"
+
+
+@dataclass(frozen=True)
+class Params:
+    data: DataParams = field(default_factory=DataParams)
+    backbone: BackboneParams = field(default_factory=BackboneParams)
+    features: FeatureParams = field(default_factory=FeatureParams)
+    train: TrainParams = field(default_factory=TrainParams)
+    sweep: SweepParams = field(default_factory=SweepParams)
+    tracking: TrackingParams = field(default_factory=TrackingParams)
+    report: ReportParams = field(default_factory=ReportParams)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _check(value: Any, hint: Any, key: str) -> Any:
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(hint)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _check(value, arg, key)
+            except ParamsError as e:
+                errors.append(str(e))
+        raise ParamsError(errors[0] if errors else f"{key}: bad value {value!r}")
+    if dataclasses.is_dataclass(hint):
+        return _build(hint, value, key)
+    if origin is list:
+        if not isinstance(value, list):
+            raise ParamsError(f"{key}: expected a list, got {value!r}")
+        (item,) = typing.get_args(hint)
+        return [_check(v, item, f"{key}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ParamsError(f"{key}: expected a mapping, got {value!r}")
+        return dict(value)
+    if hint is Any:
+        return value
+    if hint is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if hint is bool and not isinstance(value, bool):
+        raise ParamsError(f"{key}: expected true/false, got {value!r}")
+    if hint is int and (isinstance(value, bool) or not isinstance(value, int)):
+        raise ParamsError(f"{key}: expected an integer, got {value!r}")
+    if not isinstance(value, hint):
+        raise ParamsError(f"{key}: expected {hint.__name__}, got {value!r}")
+    return value
+
+
+def _build(cls: type, raw: Any, prefix: str) -> Any:
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ParamsError(f"{prefix or 'params'}: expected a mapping of keys, got {raw!r}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    for key in raw:
+        if key not in names:
+            where = f"{prefix}.{key}" if prefix else key
+            raise ParamsError(f"unknown key {where!r}; allowed here: {', '.join(sorted(names))}")
+    values = {k: _check(v, hints[k], f"{prefix}.{k}" if prefix else k) for k, v in raw.items()}
+    return cls(**values)
+
+
+def _validate(p: Params) -> None:
+    if not p.data.datasets:
+        raise ParamsError("data.datasets is empty: name at least one dataset")
+    for key, values in (("data.shots", p.data.shots), ("data.seeds", p.data.seeds)):
+        if not values:
+            raise ParamsError(f"{key} is empty")
+    if any(s < 1 for s in p.data.shots):
+        raise ParamsError(f"data.shots must be >= 1, got {p.data.shots}")
+    if p.features.views < 1:
+        raise ParamsError(f"features.views must be >= 1, got {p.features.views}")
+    if p.features.dtype not in ("fp16", "fp32"):
+        raise ParamsError(f"features.dtype must be fp16 or fp32, got {p.features.dtype!r}")
+    if p.train.precision not in ("fp32", "bf16", "fp16", "amp"):
+        raise ParamsError(f"train.precision must be fp32, bf16, fp16 or amp, got {p.train.precision!r}")
+    if p.train.epochs is not None and p.train.epochs < 1:
+        raise ParamsError(f"train.epochs must be >= 1 or null, got {p.train.epochs}")
+    if p.sweep.search not in ("grid", "random", "optuna"):
+        raise ParamsError(f"sweep.search must be grid, random or optuna, got {p.sweep.search!r}")
+
+
+def params_from_dict(raw: dict[str, Any]) -> Params:
+    params = _build(Params, raw, "")
+    _validate(params)
+    return params
+
+
+def load_params(path: str | Path = "params.yaml") -> Params:
+    """Read and validate a params file; ParamsError names the offending key."""
+    path = Path(path)
+    if not path.is_file():
+        raise ParamsError(f"params file {path} does not exist; pass --config with an existing YAML file")
+    with path.open() as f:
+        try:
+            raw = yaml.safe_load(f) or {}
+        except yaml.YAMLError as e:
+            raise ParamsError(f"{path} is not valid YAML: {e}") from None
+    try:
+        return params_from_dict(raw)
+    except ParamsError as e:
+        raise ParamsError(f"{path}: {e}") from None

@@ -1,0 +1,227 @@
+"""CoOp's prompt learner and model: M learnable context vectors around each class name, frozen CLIP.
+
+Prompt layout, as in the official CoOp code (positions in tokens, M = n_ctx):
+
+    end:    [SOS] v1 ... vM [CLASS] . [EOS]
+    middle: [SOS] v1 ... v(M//2) [CLASS] v(M//2+1) ... vM . [EOS]
+    front:  [SOS] [CLASS] v1 ... vM . [EOS]
+
+Unified context: one (M, D) tensor for all classes; CSC: one (C, M, D) tensor, a context per class.
+Only the context is a parameter; the frozen token embeddings of SOS, class names, "." and EOS are
+buffers, laid out once by index so a forward is a single gather.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from pipeline.engine.backbone import Backbone, count_tokens, tokenize
+from pipeline.engine.text import TextTower
+
+POSITIONS = ("end", "middle", "front")
+
+
+@dataclass(frozen=True)
+class PromptConfig:
+    """The CoOp variant. `ctx_init` words set n_ctx to their token count and initialise from them."""
+
+    n_ctx: int = 16
+    ctx_init: str = ""
+    csc: bool = False
+    class_token_position: str = "end"
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def prompt_classnames(classnames: list[str]) -> list[str]:
+    """Class names as they appear in prompts ('_' -> ' '); rejects empty and duplicate names."""
+    if not classnames:
+        raise ValueError("class names are empty: CoOp needs at least one class")
+    names = [str(n).replace("_", " ").strip() for n in classnames]
+    for raw, name in zip(classnames, names, strict=True):
+        if not name:
+            raise ValueError(f"class name {raw!r} is empty; every class needs a name for its prompt")
+    seen: dict[str, str] = {}
+    for raw, name in zip(classnames, names, strict=True):
+        if name in seen:
+            raise ValueError(f"duplicate class name {name!r} ({seen[name]!r} and {raw!r}); prompts would collide")
+        seen[name] = raw
+    return names
+
+
+def resolve_n_ctx(cfg: PromptConfig) -> int:
+    """The context length a config really trains: the token count of ctx_init when it is given."""
+    if cfg.ctx_init.strip():
+        return count_tokens(cfg.ctx_init.strip())
+    if cfg.n_ctx < 1:
+        raise ValueError(f"n_ctx must be >= 1 (got {cfg.n_ctx}); CoOp learns at least one context vector")
+    return cfg.n_ctx
+
+
+def validate_prompt_config(cfg: PromptConfig) -> None:
+    if cfg.class_token_position not in POSITIONS:
+        raise ValueError(
+            f"unknown class_token_position {cfg.class_token_position!r}; choose one of {', '.join(POSITIONS)}"
+        )
+    resolve_n_ctx(cfg)
+
+
+class PromptLearner(nn.Module):
+    """Assembles prompt embeddings (positional embedding included) from the learnable context."""
+
+    def __init__(
+        self,
+        backbone: Backbone,
+        classnames: list[str],
+        cfg: PromptConfig,
+        generator: torch.Generator | None = None,
+    ) -> None:
+        super().__init__()
+        validate_prompt_config(cfg)
+        names = prompt_classnames(classnames)
+        n_ctx = resolve_n_ctx(cfg)
+        init_words = cfg.ctx_init.strip()
+        context_length = backbone.context_length
+        name_lens = [count_tokens(n) for n in names]
+        for name, n_tok in zip(names, name_lens, strict=True):
+            needed = 1 + n_ctx + n_tok + 2  # SOS, context, class name, ".", EOS
+            if needed > context_length:
+                raise ValueError(
+                    f"prompt for class {name!r} needs {needed} tokens ({n_ctx} context + {n_tok} for the name) "
+                    f"but the model's context holds {context_length}; shorten n_ctx or the class name"
+                )
+        self.cfg = cfg
+        self.n_ctx = n_ctx
+        self.n_cls = len(names)
+        self.classnames = names
+        self.position = cfg.class_token_position
+        self.csc = cfg.csc
+
+        placeholder = init_words or " ".join(["X"] * n_ctx)
+        tokens = tokenize([f"{placeholder} {name}." for name in names], context_length)
+        eos = tokens.argmax(dim=-1)
+        length = int(eos.max()) + 1
+        embedding = backbone.model.token_embedding
+        with torch.no_grad():
+            token_emb = embedding(tokens[:, :length].to(backbone.device)).float()  # (C, L, D)
+        width = token_emb.shape[-1]
+
+        if init_words:
+            with torch.no_grad():
+                init = embedding(tokenize([init_words], context_length).to(backbone.device))[0, 1 : 1 + n_ctx]
+            init = init.float().clone()
+            ctx = init.expand(self.n_cls, -1, -1).clone() if cfg.csc else init
+        else:
+            shape = (self.n_cls, n_ctx, width) if cfg.csc else (n_ctx, width)
+            ctx = torch.empty(shape, device=backbone.device)
+            ctx.normal_(0.0, 0.02, generator=generator)
+        self.ctx = nn.Parameter(ctx)
+
+        # Where each output position of each prompt comes from: a context vector or a frozen token.
+        is_ctx = torch.zeros(self.n_cls, length, dtype=torch.bool)
+        ctx_index = torch.zeros(self.n_cls, length, dtype=torch.long)
+        arranged = torch.zeros_like(token_emb)
+        half = n_ctx // 2
+        for c, n_tok in enumerate(name_lens):
+            original = token_emb[c]  # [SOS] ctx(M) name(n_tok) . EOS pad...
+            name = original[1 + n_ctx : 1 + n_ctx + n_tok]
+            tail = original[1 + n_ctx + n_tok :]  # ". EOS" and padding up to L
+            if self.position == "end":
+                layout = [("tok", original[:1]), ("ctx", range(n_ctx)), ("tok", name), ("tok", tail)]
+            elif self.position == "middle":
+                layout = [
+                    ("tok", original[:1]),
+                    ("ctx", range(half)),
+                    ("tok", name),
+                    ("ctx", range(half, n_ctx)),
+                    ("tok", tail),
+                ]
+            else:
+                layout = [("tok", original[:1]), ("tok", name), ("ctx", range(n_ctx)), ("tok", tail)]
+            pos = 0
+            for kind, part in layout:
+                n = len(part)
+                if kind == "ctx":
+                    is_ctx[c, pos : pos + n] = True
+                    ctx_index[c, pos : pos + n] = torch.tensor(list(part), dtype=torch.long)
+                else:
+                    arranged[c, pos : pos + n] = part
+                pos += n
+            assert pos == length
+
+        pos_emb = backbone.model.positional_embedding[:length].detach().float()
+        self.register_buffer("token_part", arranged + pos_emb, persistent=False)
+        self.register_buffer("pos_emb", pos_emb, persistent=False)
+        self.register_buffer("is_ctx", is_ctx.to(backbone.device), persistent=False)
+        self.register_buffer("ctx_index", ctx_index.to(backbone.device), persistent=False)
+        self.register_buffer("eos", eos.to(backbone.device), persistent=False)
+        # Positions identical in every prompt: SOS, plus the context before the class name if unified.
+        shared_ctx = 0 if cfg.csc else {"end": n_ctx, "middle": half, "front": 0}[self.position]
+        self.shared_len = 1 + shared_ctx
+
+    @property
+    def length(self) -> int:
+        return int(self.token_part.shape[1])
+
+    def forward(self) -> torch.Tensor:
+        """All prompts (C, L, D), positional embedding added; L = longest EOS + 1."""
+        ctx = self.ctx if self.csc else self.ctx.unsqueeze(0).expand(self.n_cls, -1, -1)
+        index = self.ctx_index.unsqueeze(-1).expand(-1, -1, ctx.shape[-1])
+        from_ctx = torch.gather(ctx, 1, index) + self.pos_emb
+        return torch.where(self.is_ctx.unsqueeze(-1), from_ctx, self.token_part)
+
+
+def compute_dtype(precision: str, device: torch.device | str) -> torch.dtype:
+    """Weight/activation dtype of the text path for a precision setting (amp keeps fp32 weights)."""
+    device_type = torch.device(device).type
+    if precision in ("fp32", "amp"):
+        if precision == "amp" and device_type != "cuda":
+            raise ValueError("precision 'amp' (fp16 autocast) needs a CUDA device; on the CPU use 'bf16'")
+        return torch.float32
+    if precision == "bf16":
+        return torch.bfloat16
+    if precision == "fp16":
+        if device_type != "cuda":
+            raise ValueError("precision 'fp16' needs a CUDA device (CPU fp16 matmuls are slow); use 'bf16'")
+        return torch.float16
+    raise ValueError(f"unknown precision {precision!r}; choose fp32, bf16, fp16 or amp")
+
+
+class CoOp(nn.Module):
+    """Prompt learner + frozen text tower; logits for (normalised) cached image features."""
+
+    def __init__(
+        self,
+        backbone: Backbone,
+        classnames: list[str],
+        cfg: PromptConfig,
+        precision: str = "fp32",
+        shared_prefix: bool = True,
+        generator: torch.Generator | None = None,
+    ) -> None:
+        super().__init__()
+        self.prompt_learner = PromptLearner(backbone, classnames, cfg, generator)
+        self.text = TextTower(backbone, compute_dtype(precision, backbone.device))
+        self.logit_scale = backbone.logit_scale
+        # Sharing SOS alone saves nothing worth a second code path.
+        self.shared_prefix = shared_prefix and self.prompt_learner.shared_len > 1
+
+    def text_features(self) -> torch.Tensor:
+        """(C, E) L2-normalised class text features, fp32."""
+        prompts = self.prompt_learner()
+        eos = self.prompt_learner.eos
+        if self.shared_prefix:
+            p = self.prompt_learner.shared_len
+            features = self.text.forward_shared(prompts[:1, :p], prompts[:, p:], eos - p)
+        else:
+            features = self.text(prompts, eos)
+        return F.normalize(features, dim=-1)
+
+    def forward(self, image_features: torch.Tensor) -> torch.Tensor:
+        """Normalised image features (B, E) -> logits (B, C)."""
+        return self.logit_scale * image_features @ self.text_features().t()
