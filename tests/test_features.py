@@ -1,0 +1,331 @@
+"""Feature cache: correct features, incremental updates, manifest checks, corrupt input, the features stage."""
+
+from __future__ import annotations
+
+import json
+import logging
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+from fixtures_data import build_generic, build_imagenet_a
+from PIL import Image
+
+import pipeline.features as features_mod
+from pipeline.data.datasets import load_dataset
+from pipeline.data.fewshot import (
+    eval_list_path,
+    make_eval_list,
+    make_fewshot_split,
+    split_path,
+    write_eval_list,
+    write_fewshot_split,
+)
+from pipeline.engine.backbone import Backbone, load_backbone
+from pipeline.features import (
+    CacheMismatchError,
+    FeatureCacheError,
+    FeatureConfig,
+    ImageReadError,
+    build_dataset_features,
+    build_transforms,
+    feature_cache_dir,
+    load_eval_features,
+    load_fewshot_features,
+    open_feature_cache,
+    split_image_paths,
+)
+from stages import features as features_stage
+
+
+@pytest.fixture(scope="module")
+def backbone() -> Backbone:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # random weights are expected here
+        return load_backbone("coop-tiny", None)
+
+
+class Counter:
+    """Counts images passed to the real encoder (calls through to it)."""
+
+    def __init__(self, backbone: Backbone, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.images = 0
+        real = backbone.encode_images
+
+        def counting(x: torch.Tensor) -> torch.Tensor:
+            self.images += x.shape[0]
+            return real(x)
+
+        monkeypatch.setattr(backbone, "encode_images", counting)
+
+
+def prepare(root: Path, shots: list[int], seeds: list[int], name: str = "mydata") -> Path:
+    """Write split files for a generic dataset under root/data; returns the splits dir."""
+    splits = load_dataset(name, root / "data")
+    out = root / "splits"
+    write_eval_list(make_eval_list(splits), eval_list_path(out, splits.name))
+    if not splits.test_only:
+        for k in shots:
+            for seed in seeds:
+                write_fewshot_split(
+                    make_fewshot_split(splits, k, seed), split_path(out, splits.name, k, seed)
+                )
+    return out
+
+
+@pytest.fixture
+def tiny(tmp_path: Path) -> Path:
+    build_generic(tmp_path / "data", "mydata")  # 3 classes x (6 train, 2 val, 3 test)
+    prepare(tmp_path, [2], [1])
+    return tmp_path
+
+
+def build(root: Path, backbone: Backbone, shots=(2,), seeds=(1,), **kwargs):
+    return build_dataset_features(
+        root / "cache",
+        root / "data",
+        root / "splits",
+        "mydata",
+        shots,
+        seeds,
+        backbone,
+        batch_size=4,
+        **kwargs,
+    )
+
+
+def cache_files(root: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in (root / "cache").rglob("*") if p.is_file()}
+
+
+def test_transforms_follow_coop() -> None:
+    train, test = build_transforms(32, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25))
+    image = Image.new("RGB", (64, 48), (255, 0, 0))
+    x = test(image)
+    assert x.shape == (3, 32, 32)
+    assert torch.allclose(x[0], torch.full((32, 32), 2.0)) and torch.allclose(
+        x[1], torch.full((32, 32), -2.0)
+    )
+    crop = train.transforms[0]
+    assert crop.scale == (0.08, 1.0) and crop.interpolation.value == "bicubic"
+    assert test.transforms[0].interpolation.value == "bicubic"
+
+
+def test_builds_cache_with_progress_and_correct_features(
+    tiny: Path, backbone: Backbone, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    counter = Counter(backbone, monkeypatch)
+    update = build(tiny, backbone, views=1, dtype="float32")
+    train, evaluation = split_image_paths(tiny / "splits", "mydata", [2], [1])
+    assert update.encoded == {"train": len(train), "eval": len(evaluation)}
+    assert counter.images == len(train) + len(evaluation)
+    err = capsys.readouterr().err
+    assert "encode train" in err and "encode eval" in err and f"{len(evaluation)}/{len(evaluation)}" in err
+
+    config = FeatureConfig.from_backbone(backbone, views=1, dtype="float32")
+    feats = load_fewshot_features(tiny / "cache", tiny / "splits" / "mydata" / "shot2_seed1.json", config)
+    assert feats.train.shape == (6, 1, 64) and feats.train.dtype == torch.float32
+    assert feats.val.shape == (6, 64) and feats.test.shape == (9, 64)
+    assert feats.train_labels.tolist() == [0, 0, 1, 1, 2, 2] and feats.test_labels.dtype == torch.int64
+    assert feats.classnames == ["red square", "green circle", "blue triangle"]
+
+    # A cached row is the backbone's feature of that very image under the test transform.
+    test_items = load_dataset("mydata", tiny / "data").test
+    _, test_tf = build_transforms(backbone.image_size, backbone.mean, backbone.std)
+    image = Image.open(tiny / "data" / test_items[4].path).convert("RGB")
+    direct = backbone.encode_images(test_tf(image).unsqueeze(0))[0]
+    assert torch.allclose(feats.test[4], direct, atol=1e-4)
+    assert not torch.allclose(feats.test[4], feats.test[5])
+
+
+def test_second_run_encodes_nothing(tiny: Path, backbone: Backbone, monkeypatch: pytest.MonkeyPatch) -> None:
+    build(tiny, backbone, views=2)
+    before = cache_files(tiny)
+    counter = Counter(backbone, monkeypatch)
+    update = build(tiny, backbone, views=2)
+    assert update.encoded == {"train": 0, "eval": 0} and counter.images == 0
+    assert cache_files(tiny) == before  # not even rewritten
+
+
+def test_incremental_encodes_only_new_images(
+    tiny: Path, backbone: Backbone, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    build(tiny, backbone, views=2)
+    old_train, old_eval = split_image_paths(tiny / "splits", "mydata", [2], [1])
+    old = open_feature_cache(
+        feature_cache_dir(tiny / "cache", "mydata", "coop-tiny", None),
+        FeatureConfig.from_backbone(backbone, views=2),
+    )
+    prepare(tiny, [2, 4], [1, 2])
+    new_train, new_eval = split_image_paths(tiny / "splits", "mydata", [2, 4], [1, 2])
+    counter = Counter(backbone, monkeypatch)
+    update = build(tiny, backbone, shots=(2, 4), seeds=(1, 2), views=2)
+    assert update.encoded == {"train": len(new_train - old_train), "eval": len(new_eval - old_eval)}
+    assert update.encoded["train"] > 0
+    assert counter.images == 2 * update.encoded["train"] + update.encoded["eval"]  # 2 views per train image
+    new = open_feature_cache(old.cache_dir, FeatureConfig.from_backbone(backbone, views=2))
+    assert torch.equal(new.gather("train", sorted(old_train)), old.gather("train", sorted(old_train)))
+
+
+def test_views_are_seeded_per_image(tmp_path: Path, backbone: Backbone) -> None:
+    build_generic(tmp_path / "data", "mydata")
+    prepare(tmp_path, [2], [1])
+    build(tmp_path, backbone, views=3, dtype="float32")
+    config = FeatureConfig.from_backbone(backbone, views=3, dtype="float32")
+    feats = load_fewshot_features(
+        tmp_path / "cache", tmp_path / "splits" / "mydata" / "shot2_seed1.json", config
+    )
+    assert feats.train.shape == (6, 3, 64)
+    assert not torch.allclose(feats.train[0, 0], feats.train[0, 1])  # views differ
+    # A fresh cache (other folder, other batch size) reproduces the same augmented views.
+    other = tmp_path / "other"
+    build_dataset_features(
+        other,
+        tmp_path / "data",
+        tmp_path / "splits",
+        "mydata",
+        [2],
+        [1],
+        backbone,
+        3,
+        "float32",
+        batch_size=5,
+    )
+    again = load_fewshot_features(other, tmp_path / "splits" / "mydata" / "shot2_seed1.json", config)
+    assert torch.allclose(again.train, feats.train, atol=1e-5)
+    # Another augmentation seed gives other views.
+    seed7 = tmp_path / "seed7"
+    build_dataset_features(
+        seed7,
+        tmp_path / "data",
+        tmp_path / "splits",
+        "mydata",
+        [2],
+        [1],
+        backbone,
+        3,
+        "float32",
+        augment_seed=7,
+    )
+    config7 = FeatureConfig.from_backbone(backbone, views=3, dtype="float32", augment_seed=7)
+    moved = load_fewshot_features(seed7, tmp_path / "splits" / "mydata" / "shot2_seed1.json", config7)
+    assert not torch.allclose(moved.train, feats.train)
+
+
+@pytest.mark.parametrize(
+    ("change", "field"),
+    [
+        ({"views": 4}, "views"),
+        ({"dtype": "float32"}, "dtype"),
+        ({"fingerprint": "coop-tiny:0000"}, "fingerprint"),
+        ({"image_size": 64}, "transform.image_size"),
+    ],
+)
+def test_reader_refuses_mismatched_cache(tiny: Path, backbone: Backbone, change: dict, field: str) -> None:
+    build(tiny, backbone, views=2)
+    config = FeatureConfig.from_backbone(backbone, views=2)
+    wrong = FeatureConfig(**{**config.__dict__, **change})
+    with pytest.raises(CacheMismatchError, match=rf"{field}: cache has .*dvc repro features"):
+        load_fewshot_features(tiny / "cache", tiny / "splits" / "mydata" / "shot2_seed1.json", wrong)
+
+
+def test_writer_rebuilds_cache_of_other_config(tiny: Path, backbone: Backbone, monkeypatch) -> None:
+    build(tiny, backbone, views=1)
+    counter = Counter(backbone, monkeypatch)
+    update = build(tiny, backbone, views=2)
+    assert update.rebuilt and counter.images == 2 * update.encoded["train"] + update.encoded["eval"]
+    cache_dir = feature_cache_dir(tiny / "cache", "mydata", "coop-tiny", None)
+    manifest = json.loads((cache_dir / "manifest.json").read_text())
+    shard_files = {s["file"] for store in manifest["stores"].values() for s in store["shards"]}
+    assert {p.name for p in cache_dir.glob("*.safetensors")} == shard_files  # old shards removed
+    open_feature_cache(cache_dir, FeatureConfig.from_backbone(backbone, views=2))
+
+
+def test_corrupt_image_named_and_nothing_written(tiny: Path, backbone: Backbone) -> None:
+    victim = load_dataset("mydata", tiny / "data").test[2]
+    (tiny / "data" / victim.path).write_bytes(b"\x89PNG\r\n\x1a\nthis is not an image")
+    with pytest.raises(ImageReadError, match="Cannot read image .*" + victim.path.split("/")[-1]):
+        build(tiny, backbone)
+    assert not (tiny / "cache").exists() or cache_files(tiny) == {}
+
+
+def test_corrupt_image_leaves_existing_cache_untouched(tiny: Path, backbone: Backbone) -> None:
+    build(tiny, backbone)
+    before = cache_files(tiny)
+    prepare(tiny, [4], [1])
+    splits = load_dataset("mydata", tiny / "data")
+    cached_train, _ = split_image_paths(tiny / "splits", "mydata", [2], [1])
+    victim = next(i for i in splits.train if i.path not in cached_train)
+    (tiny / "data" / victim.path).write_bytes(b"garbage")
+    with pytest.raises(ImageReadError, match=victim.path.split("/")[-1]):
+        build(tiny, backbone, shots=(2, 4))
+    assert cache_files(tiny) == before
+
+
+def test_missing_rows_and_missing_cache(tiny: Path, backbone: Backbone) -> None:
+    config = FeatureConfig.from_backbone(backbone)
+    with pytest.raises(FeatureCacheError, match="No feature cache .*manifest.json missing"):
+        load_fewshot_features(tiny / "cache", tiny / "splits" / "mydata" / "shot2_seed1.json", config)
+    build(tiny, backbone)
+    prepare(tiny, [4], [1])
+    with pytest.raises(FeatureCacheError, match="not in the train feature cache"):
+        load_fewshot_features(tiny / "cache", tiny / "splits" / "mydata" / "shot4_seed1.json", config)
+
+
+def test_corrupt_shard_refused_then_rebuilt(tiny: Path, backbone: Backbone) -> None:
+    build(tiny, backbone)
+    cache_dir = feature_cache_dir(tiny / "cache", "mydata", "coop-tiny", None)
+    (cache_dir / "eval-00000.safetensors").write_bytes(b"broken")
+    config = FeatureConfig.from_backbone(backbone)
+    with pytest.raises(FeatureCacheError, match="eval-00000.safetensors is corrupt"):
+        open_feature_cache(cache_dir, config)
+    update = build(tiny, backbone)
+    assert update.rebuilt and update.encoded["eval"] > 0
+    open_feature_cache(cache_dir, config)
+
+
+def test_shards_are_merged(tiny: Path, backbone: Backbone, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(features_mod, "MAX_SHARDS", 1)
+    build(tiny, backbone)
+    prepare(tiny, [2, 4], [1, 2])
+    build(tiny, backbone, shots=(2, 4), seeds=(1, 2))
+    cache_dir = feature_cache_dir(tiny / "cache", "mydata", "coop-tiny", None)
+    shards = sorted(p.name for p in cache_dir.glob("*.safetensors"))
+    assert len(shards) == 2 and shards[0].startswith("eval-") and shards[1].startswith("train-")
+    train, _ = split_image_paths(tiny / "splits", "mydata", [2, 4], [1, 2])
+    cache = open_feature_cache(cache_dir, FeatureConfig.from_backbone(backbone))
+    assert sorted(cache.paths("train")) == sorted(train)
+
+
+def test_test_only_dataset_eval_features(tmp_path: Path, backbone: Backbone) -> None:
+    build_imagenet_a(tmp_path / "data")
+    splits_dir = prepare(tmp_path, [], [], name="ImageNetA")
+    update = build_dataset_features(
+        tmp_path / "cache", tmp_path / "data", splits_dir, "ImageNetA", [16], [1], backbone
+    )
+    assert update.encoded == {"train": 0, "eval": 6}
+    feats = load_eval_features(
+        tmp_path / "cache", splits_dir / "ImageNetA" / "test.json", FeatureConfig.from_backbone(backbone)
+    )
+    assert feats.test.shape == (6, 64) and feats.imagenet_labels == [1, 3]
+    assert feats.test_labels.tolist() == [0, 0, 0, 1, 1, 1]
+
+
+@pytest.mark.filterwarnings("ignore:Backbone coop-tiny has RANDOM weights")
+def test_features_stage_cli(tiny: Path, caplog: pytest.LogCaptureFixture) -> None:
+    args = [
+        "--dataset", "mydata", "--data-root", str(tiny / "data"), "--splits-dir", str(tiny / "splits"),
+        "--shots", "2", "--seeds", "1", "--out", str(tiny / "cache"), "--arch", "coop-tiny",
+        "--pretrained", "none", "--views", "2", "--no-progress",
+    ]  # fmt: skip
+    assert features_stage.main(args) == 0
+    manifest = json.loads((tiny / "cache" / "mydata" / "coop-tiny__random" / "manifest.json").read_text())
+    assert manifest["config"]["views"] == 2 and manifest["config"]["arch"] == "coop-tiny"
+    caplog.clear()
+    with caplog.at_level(logging.INFO):
+        assert features_stage.main(args) == 0
+    assert "encoded 0 train / 0 eval images" in caplog.text
+    with caplog.at_level(logging.ERROR):
+        assert features_stage.main([*args, "--seeds", "9"]) == 2  # the later flag wins
+    assert "shot2_seed9.json does not exist; run the prepare stage first" in caplog.text

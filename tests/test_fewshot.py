@@ -1,0 +1,209 @@
+"""Few-shot splits: identical to the official CoOp/Dassl draw, stored and read back as JSON; prepare stage."""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+from collections import defaultdict
+from pathlib import Path
+
+import pytest
+from fixtures_data import build_generic, build_imagenet, build_imagenet_r
+
+from pipeline.data.datasets import DatasetError, DatasetSplits, Item, load_dataset
+from pipeline.data.demo import demo_root
+from pipeline.data.fewshot import (
+    eval_list_path,
+    make_fewshot_split,
+    read_eval_list,
+    read_fewshot_split,
+    split_path,
+    write_fewshot_split,
+)
+from stages import prepare as prepare_stage
+
+
+def official_generate_fewshot(data_source: list, num_shots: int) -> list:
+    """Transcription of Dassl's DatasetBase.generate_fewshot_dataset (repeat=True, one data source)."""
+    if num_shots < 1:
+        return data_source
+    tracker = defaultdict(list)
+    for item in data_source:
+        tracker[item.label].append(item)
+    dataset = []
+    for _label, items in tracker.items():
+        if len(items) >= num_shots:
+            sampled_items = random.sample(items, num_shots)
+        else:
+            sampled_items = random.choices(items, k=num_shots)
+        dataset.extend(sampled_items)
+    return dataset
+
+
+def official_coop(train: list, val: list, num_shots: int, seed: int) -> tuple[list, list]:
+    """What CoOp's train.py + dataset class do: set_random_seed(seed), then draw train, then val."""
+    random.seed(seed)
+    train = official_generate_fewshot(train, num_shots=num_shots)
+    val = official_generate_fewshot(val, num_shots=min(num_shots, 4))
+    return train, val
+
+
+def synthetic(n_classes: int = 7, rng_seed: int = 5) -> DatasetSplits:
+    """Uneven classes (some smaller than K), labels first appearing out of numeric order."""
+    rng = random.Random(rng_seed)
+    items = {s: [] for s in ("train", "val", "test")}
+    for split, base in (("train", 3), ("val", 1), ("test", 2)):
+        for label in range(n_classes):
+            for n in range(base + (label * 3) % 11):
+                items[split].append(Item(f"d/{split}/{label}/{n}.jpg", label, f"class {label}"))
+        rng.shuffle(items[split])
+    names = [f"class {i}" for i in range(n_classes)]
+    return DatasetSplits("Synthetic", names, items["train"], items["val"], items["test"])
+
+
+@pytest.mark.parametrize("shots", [1, 2, 4, 8, 16])
+@pytest.mark.parametrize("seed", [1, 2, 3])
+def test_matches_official_rule_on_synthetic(shots: int, seed: int) -> None:
+    splits = synthetic()
+    ours = make_fewshot_split(splits, shots, seed)
+    train, val = official_coop(splits.train, splits.val, shots, seed)
+    assert ours.train == train
+    assert ours.val == val
+
+
+@pytest.mark.parametrize("shots", [1, 4, 16])
+def test_matches_official_rule_on_demo(shots: int) -> None:
+    splits = load_dataset("FashionMNIST", demo_root())
+    for seed in (1, 2, 3):
+        ours = make_fewshot_split(splits, shots, seed)
+        train, val = official_coop(splits.train, splits.val, shots, seed)
+        assert ours.train == train and ours.val == val
+
+
+def test_counts_repeats_and_all() -> None:
+    splits = synthetic()
+    split = make_fewshot_split(splits, 8, 1)
+    per_label = defaultdict(list)
+    for item in split.train:
+        per_label[item.label].append(item)
+    assert all(len(v) == 8 for v in per_label.values()) and len(per_label) == 7
+    small = [lab for lab in range(7) if sum(1 for i in splits.train if i.label == lab) < 8]
+    assert small, "the synthetic set must have classes smaller than K"
+    # Classes with fewer than K images are drawn with replacement (Dassl's repeat=True), big ones without.
+    assert any(len(set(per_label[lab])) < 8 for lab in small)
+    assert all(len(set(v)) == 8 for lab, v in per_label.items() if lab not in small)
+    val_counts = defaultdict(int)
+    for item in split.val:
+        val_counts[item.label] += 1
+    assert set(val_counts.values()) == {4}
+    for k in (0, -1):
+        everything = make_fewshot_split(splits, k, 1)
+        assert everything.train == splits.train and everything.val == splits.val and everything.shots == -1
+
+
+def test_seeds_differ_and_global_random_untouched() -> None:
+    splits = synthetic()
+    random.seed(123)
+    state = random.getstate()
+    a, b = make_fewshot_split(splits, 2, 1), make_fewshot_split(splits, 2, 2)
+    assert random.getstate() == state
+    assert a.train != b.train
+    assert make_fewshot_split(splits, 2, 1).train == a.train
+
+
+def test_test_only_dataset_has_no_fewshot(tmp_path: Path) -> None:
+    build_imagenet_r(tmp_path)
+    with pytest.raises(DatasetError, match="ImageNetR is a test-only dataset"):
+        make_fewshot_split(load_dataset("ImageNetR", tmp_path), 4, 1)
+
+
+def test_json_round_trip(tmp_path: Path) -> None:
+    split = make_fewshot_split(synthetic(), 4, 2)
+    path = split_path(tmp_path, "Synthetic", 4, 2)
+    assert path == tmp_path / "Synthetic" / "shot4_seed2.json"
+    write_fewshot_split(split, path)
+    assert read_fewshot_split(path) == split
+    data = json.loads(path.read_text())
+    assert data["dataset"] == "Synthetic" and data["shots"] == 4 and data["seed"] == 2
+    assert data["train"][0] == [split.train[0].path, split.train[0].label, split.train[0].classname]
+    assert [p.name for p in path.parent.iterdir()] == ["shot4_seed2.json"]  # no temp file left behind
+    assert split_path(tmp_path, "X", -1, 1).name == "shotall_seed1.json"
+
+
+def test_reading_missing_or_foreign_files(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match="run the prepare stage first"):
+        read_fewshot_split(tmp_path / "nope.json")
+    (tmp_path / "old.json").write_text(json.dumps({"format_version": 0}))
+    with pytest.raises(DatasetError, match="format_version 0, expected 1"):
+        read_fewshot_split(tmp_path / "old.json")
+
+
+# ------------------------------------------------------------------------------------- prepare stage
+
+
+def test_prepare_stage_writes_splits_and_test_list(tmp_path: Path) -> None:
+    build_generic(tmp_path / "data", "mydata")
+    out = tmp_path / "splits"
+    code = prepare_stage.main(
+        [
+            "--dataset",
+            "mydata",
+            "--data-root",
+            str(tmp_path / "data"),
+            "--out",
+            str(out),
+            "--shots",
+            "1",
+            "2",
+            "--seeds",
+            "1",
+            "3",
+        ]
+    )
+    assert code == 0
+    names = sorted(p.name for p in (out / "mydata").iterdir())
+    assert names == [
+        "shot1_seed1.json",
+        "shot1_seed3.json",
+        "shot2_seed1.json",
+        "shot2_seed3.json",
+        "test.json",
+    ]
+    splits = load_dataset("mydata", tmp_path / "data")
+    assert read_fewshot_split(out / "mydata" / "shot2_seed3.json") == make_fewshot_split(splits, 2, 3)
+    test = read_eval_list(eval_list_path(out, "mydata"))
+    assert test.test == splits.test and test.classnames == splits.classnames and not test.test_only
+
+
+def test_prepare_stage_imagenet_and_variants(tmp_path: Path) -> None:
+    build_imagenet(tmp_path / "data")
+    build_imagenet_r(tmp_path / "data")
+    out = tmp_path / "splits"
+    args = ["--data-root", str(tmp_path / "data"), "--out", str(out), "--shots", "2", "--seeds", "1"]
+    assert prepare_stage.main(["--dataset", "ImageNet", "--dataset", "imagenet-rendition", *args]) == 0
+    imagenet = read_fewshot_split(out / "ImageNet" / "shot2_seed1.json")
+    assert imagenet.val_is_test and len(imagenet.train) == 8 and len(imagenet.val) == 8
+    assert sorted(p.name for p in (out / "ImageNetR").iterdir()) == ["test.json"]
+    r = read_eval_list(out / "ImageNetR" / "test.json")
+    assert r.test_only and r.imagenet_labels == [1, 3]
+
+
+def test_prepare_stage_reports_bad_input(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level(logging.ERROR):
+        code = prepare_stage.main(
+            ["--dataset", "NoSuchSet", "--data-root", str(tmp_path), "--out", str(tmp_path / "o")]
+        )
+    assert code == 2
+    assert "Unknown dataset 'NoSuchSet'" in caplog.text
+    assert not (tmp_path / "o").exists()
+    assert prepare_stage.main(["--dataset", "mydata"]) == 2  # no data root anywhere
+
+
+def test_flags_override_params() -> None:
+    params = {"fewshot": {"shots": [1, 2]}, "data": {"root": "d"}}
+    assert prepare_stage.pick([4], params, "fewshot.shots") == [4]
+    assert prepare_stage.pick(None, params, "fewshot.shots") == [1, 2]
+    assert prepare_stage.pick(None, params, "fewshot.seeds", [1, 2, 3]) == [1, 2, 3]
+    with pytest.raises(ValueError, match="shots must be a list of integers"):
+        prepare_stage.as_int_list(["one"], "shots")
