@@ -59,6 +59,7 @@ DTYPES: dict[str, torch.dtype] = {
     "float32": torch.float32,
     "bfloat16": torch.bfloat16,
 }
+DTYPE_ALIASES = {"fp16": "float16", "fp32": "float32", "bf16": "bfloat16"}
 TRAIN_CROP_SCALE = (0.08, 1.0)
 INTERPOLATION = "bicubic"
 STORES = ("train", "eval")
@@ -78,6 +79,14 @@ class ImageReadError(FeatureCacheError):
     """An image file could not be opened or decoded."""
 
 
+def canonical_dtype(name: str) -> str:
+    """'fp16' / 'float16' -> 'float16' (the name stored in manifests); ValueError for anything else."""
+    name = DTYPE_ALIASES.get(name, name)
+    if name not in DTYPES:
+        raise ValueError(f"feature dtype must be one of {sorted([*DTYPES, *DTYPE_ALIASES])}, got {name!r}.")
+    return name
+
+
 @dataclass(frozen=True)
 class FeatureConfig:
     """Everything that determines a cached feature; a cache is valid only for an equal config."""
@@ -93,10 +102,9 @@ class FeatureConfig:
     augment_seed: int = 0
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "dtype", canonical_dtype(self.dtype))
         if self.views < 1:
             raise ValueError(f"views must be >= 1 (1 = no augmentation), got {self.views}.")
-        if self.dtype not in DTYPES:
-            raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}.")
         if self.image_size < 1:
             raise ValueError(f"image_size must be positive, got {self.image_size}.")
 

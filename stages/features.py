@@ -8,9 +8,9 @@ backbone, transform, views or dtype is rebuilt. (Declare the cache folder ``pers
 DVC does not delete it before a rerun.)
 
 Settings come from CLI flags, else from --params (params.yaml), else defaults. Keys read from params:
-``data.root``, ``data.datasets``, ``data.splits_dir``, ``fewshot.shots``, ``fewshot.seeds``,
-``backbone.arch``, ``backbone.pretrained``, ``features.cache_dir``, ``features.views``, ``features.dtype``,
-``features.augment_seed``, ``features.batch_size``, ``features.num_workers``, ``features.device``.
+``data.root``, ``data.datasets``, ``data.splits_dir``, ``data.shots``, ``data.seeds``,
+``backbone.arch``, ``backbone.pretrained``, ``features.dir``, ``features.views``, ``features.dtype``,
+``features.seed``, ``features.batch_size``, ``train.device`` (``auto`` = cuda when available).
 """
 
 from __future__ import annotations
@@ -21,9 +21,17 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+import torch
+
 from pipeline.data.datasets import DatasetError, resolve_name
 from pipeline.engine.backbone import WeightsUnavailableError, load_backbone
-from pipeline.features import DTYPES, FeatureCacheError, build_dataset_features
+from pipeline.features import (
+    DTYPE_ALIASES,
+    DTYPES,
+    FeatureCacheError,
+    build_dataset_features,
+    canonical_dtype,
+)
 from stages.prepare import (
     DEFAULT_SEEDS,
     DEFAULT_SHOTS,
@@ -64,18 +72,18 @@ def build_parser() -> argparse.ArgumentParser:
         "--shots",
         type=int,
         nargs="+",
-        help=f"which split files to cover (params: fewshot.shots; default {DEFAULT_SHOTS})",
+        help=f"which split files to cover (params: data.shots; default {DEFAULT_SHOTS})",
     )
     parser.add_argument(
         "--seeds",
         type=int,
         nargs="+",
-        help=f"which split files to cover (params: fewshot.seeds; default {DEFAULT_SEEDS})",
+        help=f"which split files to cover (params: data.seeds; default {DEFAULT_SEEDS})",
     )
     parser.add_argument(
         "--out",
         type=Path,
-        help=f"feature cache root (params: features.cache_dir; default {DEFAULT_CACHE_DIR})",
+        help=f"feature cache root (params: features.dir; default {DEFAULT_CACHE_DIR})",
     )
     parser.add_argument(
         "--arch", help="open_clip architecture, e.g. RN50, ViT-B-16, coop-tiny (params: backbone.arch)"
@@ -92,13 +100,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--dtype",
-        choices=sorted(DTYPES),
-        help="storage dtype of cached features (params: features.dtype; default float16)",
+        choices=sorted([*DTYPES, *DTYPE_ALIASES]),
+        help="storage dtype of cached features (params: features.dtype; default fp16)",
     )
     parser.add_argument(
         "--augment-seed",
         type=int,
-        help="base seed of the per-view augmentation (params: features.augment_seed; default 0)",
+        help="base seed of the per-view augmentation (params: features.seed; default 0)",
     )
     parser.add_argument(
         "--batch-size", type=int, help="images per encoder batch (params: features.batch_size; default 64)"
@@ -106,10 +114,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--num-workers",
         type=int,
-        help="image-decoding worker processes, 0 = in process (params: features.num_workers)",
+        help="image-decoding worker processes, 0 = in process (default 0)",
     )
     parser.add_argument(
-        "--device", help="torch device for the encoder, e.g. cpu, cuda (params: features.device; default cpu)"
+        "--device",
+        help="torch device for the encoder: auto, cpu, cuda, cuda:N (params: train.device; default auto)",
     )
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     return parser
@@ -129,27 +138,26 @@ def main(argv: Sequence[str] | None = None) -> int:
             )
         pretrained = pick(args.pretrained, params, "backbone.pretrained")
         views = int(pick(args.views, params, "features.views", 1))
-        dtype = str(pick(args.dtype, params, "features.dtype", "float16"))
-        if dtype not in DTYPES:
-            raise ValueError(f"features.dtype must be one of {sorted(DTYPES)}, got {dtype!r}.")
-        backbone = load_backbone(
-            str(arch), pretrained, device=str(pick(args.device, params, "features.device", "cpu"))
-        )
+        dtype = canonical_dtype(str(pick(args.dtype, params, "features.dtype", "fp16")))
+        device = str(pick(args.device, params, "train.device", "auto"))
+        if device == "auto":
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        backbone = load_backbone(str(arch), pretrained, device=device)
         for dataset in datasets:
             info = resolve_name(dataset)
             build_dataset_features(
-                cache_root=Path(pick(args.out, params, "features.cache_dir", DEFAULT_CACHE_DIR)),
+                cache_root=Path(pick(args.out, params, "features.dir", DEFAULT_CACHE_DIR)),
                 data_root=Path(data_root),
                 splits_dir=Path(pick(args.splits_dir, params, "data.splits_dir", DEFAULT_SPLITS_DIR)),
                 dataset=info.name if info else dataset,
-                shots=as_int_list(pick(args.shots, params, "fewshot.shots", DEFAULT_SHOTS), "shots"),
-                seeds=as_int_list(pick(args.seeds, params, "fewshot.seeds", DEFAULT_SEEDS), "seeds"),
+                shots=as_int_list(pick(args.shots, params, "data.shots", DEFAULT_SHOTS), "shots"),
+                seeds=as_int_list(pick(args.seeds, params, "data.seeds", DEFAULT_SEEDS), "seeds"),
                 backbone=backbone,
                 views=views,
                 dtype=dtype,
-                augment_seed=int(pick(args.augment_seed, params, "features.augment_seed", 0)),
+                augment_seed=int(pick(args.augment_seed, params, "features.seed", 0)),
                 batch_size=int(pick(args.batch_size, params, "features.batch_size", 64)),
-                num_workers=int(pick(args.num_workers, params, "features.num_workers", 0)),
+                num_workers=int(args.num_workers or 0),
                 progress=not args.no_progress,
             )
     except (DatasetError, FeatureCacheError, WeightsUnavailableError, FileNotFoundError, ValueError) as error:

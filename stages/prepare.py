@@ -6,7 +6,7 @@ Writes, per dataset, ``<out>/<Dataset>/shot<K>_seed<S>.json`` for every K in --s
 Test-only datasets (ImageNetV2/Sketch/A/R) get only ``test.json``.
 
 Settings come from CLI flags, else from --params (params.yaml), else defaults. Keys read from params:
-``data.root``, ``data.datasets``, ``data.splits_dir``, ``fewshot.shots``, ``fewshot.seeds``.
+``data.root``, ``data.datasets``, ``data.splits_dir``, ``data.shots``, ``data.seeds``.
 """
 
 from __future__ import annotations
@@ -122,13 +122,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--shots",
         type=int,
         nargs="+",
-        help=f"shots per class K; K < 1 = all images (params: fewshot.shots; default {DEFAULT_SHOTS})",
+        help=f"shots per class K; K < 1 = all images (params: data.shots; default {DEFAULT_SHOTS})",
     )
     parser.add_argument(
         "--seeds",
         type=int,
         nargs="+",
-        help=f"random seeds of the draws (params: fewshot.seeds; default {DEFAULT_SEEDS})",
+        help=f"random seeds of the draws (params: data.seeds; default {DEFAULT_SEEDS})",
     )
     parser.add_argument(
         "--no-check-files",
@@ -180,8 +180,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if data_root is None:
             raise ValueError("No data root given: pass --data-root DIR or set data.root in params.yaml.")
         out = Path(pick(args.out, params, "data.splits_dir", DEFAULT_SPLITS_DIR))
-        shots = as_int_list(pick(args.shots, params, "fewshot.shots", DEFAULT_SHOTS), "shots")
-        seeds = as_int_list(pick(args.seeds, params, "fewshot.seeds", DEFAULT_SEEDS), "seeds")
+        shots = as_int_list(pick(args.shots, params, "data.shots", DEFAULT_SHOTS), "shots")
+        seeds = as_int_list(pick(args.seeds, params, "data.seeds", DEFAULT_SEEDS), "seeds")
         for dataset in datasets:
             prepare(dataset, Path(data_root), out, shots, seeds, check_files=not args.no_check_files)
     except (DatasetError, FileNotFoundError, ValueError) as error:

@@ -37,6 +37,7 @@ from pipeline.features import (
     split_image_paths,
 )
 from stages import features as features_stage
+from stages import prepare as prepare_stage
 
 
 @pytest.fixture(scope="module")
@@ -329,3 +330,40 @@ def test_features_stage_cli(tiny: Path, caplog: pytest.LogCaptureFixture) -> Non
     with caplog.at_level(logging.ERROR):
         assert features_stage.main([*args, "--seeds", "9"]) == 2  # the later flag wins
     assert "shot2_seed9.json does not exist; run the prepare stage first" in caplog.text
+
+
+@pytest.mark.filterwarnings("ignore:Backbone coop-tiny has RANDOM weights")
+def test_stages_read_params_yaml(tiny: Path) -> None:
+    params = tiny / "params.yaml"
+    params.write_text(
+        f"""
+data:
+  root: {tiny / "data"}
+  datasets: [mydata]
+  shots: [1, 2]
+  seeds: [4]
+  splits_dir: {tiny / "p_splits"}
+backbone:
+  arch: coop-tiny
+  pretrained: null
+features:
+  dir: {tiny / "p_cache"}
+  views: 2
+  dtype: fp16
+  seed: 3
+  batch_size: 5
+"""
+    )
+    assert prepare_stage.main(["--params", str(params)]) == 0
+    assert sorted(p.name for p in (tiny / "p_splits" / "mydata").iterdir()) == [
+        "shot1_seed4.json",
+        "shot2_seed4.json",
+        "test.json",
+    ]
+    assert features_stage.main(["--params", str(params), "--no-progress"]) == 0
+    manifest = json.loads((tiny / "p_cache" / "mydata" / "coop-tiny__random" / "manifest.json").read_text())
+    assert manifest["config"]["views"] == 2 and manifest["config"]["dtype"] == "float16"
+    assert manifest["config"]["augment_seed"] == 3
+    assert manifest["stores"]["train"]["count"] == len(
+        split_image_paths(tiny / "p_splits", "mydata", [1, 2], [4])[0]
+    )
