@@ -467,7 +467,8 @@ def update_feature_cache(
 
     new_rows: dict[str, tuple[list[str], torch.Tensor]] = {}
     for store in STORES:
-        todo = [p for p in wanted[store] if p not in cached[store]]
+        have = set(cached[store])
+        todo = [p for p in wanted[store] if p not in have]
         log.info(
             "%s features: %d wanted, %d cached, %d to encode",
             store,
@@ -489,11 +490,11 @@ def update_feature_cache(
             )
             new_rows[store] = (todo, features)
 
-    update = CacheUpdate(cache_dir, {s: len(new_rows.get(s, ((), None))[0]) for s in STORES}, rebuilt=rebuilt)
+    encoded = {s: len(new_rows[s][0]) if s in new_rows else 0 for s in STORES}
     if new_rows or existing is None:
         _write_update(cache_dir, manifest, new_rows, cached)
-    update.total = {s: len(cached[s]) + update.encoded[s] for s in STORES}
-    return update
+    total = {s: len(cached[s]) + encoded[s] for s in STORES}
+    return CacheUpdate(cache_dir, encoded, total, rebuilt)
 
 
 def _empty_manifest(config: FeatureConfig) -> dict[str, Any]:
@@ -557,7 +558,7 @@ def _write_update(
         entry["shards"].append(_write_shard(cache_dir, store, paths, features))
         if len(entry["shards"]) > MAX_SHARDS:
             loaded = [_load_shard(cache_dir / s["file"], s["count"], store) for s in entry["shards"]]
-            merged_paths = [p for paths, _ in loaded for p in paths]
+            merged_paths = [p for shard_paths, _ in loaded for p in shard_paths]
             entry["shards"] = [
                 _write_shard(cache_dir, store, merged_paths, torch.cat([f for _, f in loaded]))
             ]
