@@ -1,0 +1,249 @@
+"""The CoOp engine: exactness of the fast text paths, training behaviour, variants, and bad input."""
+
+from __future__ import annotations
+
+import itertools
+import math
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import CLASSNAMES, separable_problem, teacher_means
+
+from pipeline.engine.backbone import WeightsUnavailableError, count_tokens, load_backbone, weights_fingerprint
+from pipeline.engine.prompt import CoOp, PromptConfig
+from pipeline.engine.reference import official_logits
+from pipeline.engine.train import TrainConfig, default_epochs, lr_at_epoch, train_coop
+
+VARIANTS = list(itertools.product(["end", "middle", "front"], [False, True], ["", "a photo of a"]))
+
+
+def _variant_id(v: tuple) -> str:
+    pos, csc, init = v
+    return f"{pos}-{'csc' if csc else 'unified'}-{'words' if init else 'random'}"
+
+
+def _model(backbone, classnames, variant, n_ctx=6, shared=True, seed=3, precision="fp32") -> CoOp:
+    pos, csc, init = variant
+    cfg = PromptConfig(n_ctx=n_ctx, ctx_init=init, csc=csc, class_token_position=pos)
+    model = CoOp(backbone, classnames, cfg, precision, shared, torch.Generator().manual_seed(seed))
+    if init:  # word init starts every class from the same words; perturb so the test sees real differences
+        with torch.no_grad():
+            model.prompt_learner.ctx.add_(
+                0.02
+                * torch.randn(model.prompt_learner.ctx.shape, generator=torch.Generator().manual_seed(seed))
+            )
+    return model
+
+
+@pytest.mark.parametrize("variant", VARIANTS, ids=_variant_id)
+@pytest.mark.parametrize("shared", [False, True], ids=["truncated", "shared-prefix"])
+def test_fast_paths_equal_official_77_token_reference(tiny, variant, shared):
+    model = _model(tiny, CLASSNAMES, variant, shared=shared)
+    pos, _, init = variant
+    images = F.normalize(torch.randn(9, tiny.embed_dim, generator=torch.Generator().manual_seed(0)), dim=-1)
+    ctx_ref = model.prompt_learner.ctx.detach().clone().requires_grad_(True)
+
+    ours = model(images)
+    ref = official_logits(tiny, CLASSNAMES, ctx_ref, pos, images, init)
+    assert model.prompt_learner.length < 77  # the fast path really is truncated
+    assert (ours - ref).abs().max().item() <= 1e-5
+
+    weights = torch.randn(ours.shape, generator=torch.Generator().manual_seed(1))
+    (ours * weights).sum().backward()
+    (ref * weights).sum().backward()
+    grad, grad_ref = model.prompt_learner.ctx.grad, ctx_ref.grad
+    assert grad_ref.abs().max() > 0
+    assert ((grad - grad_ref).norm() / grad_ref.norm()).item() <= 1e-5
+
+
+def test_shared_prefix_is_used_exactly_where_it_applies(tiny):
+    for variant in VARIANTS:
+        pos, csc, init = variant
+        model = _model(tiny, CLASSNAMES, variant, n_ctx=6)
+        expected = not csc and pos in ("end", "middle")
+        assert model.shared_prefix == expected, variant
+        if expected:
+            n_ctx = 4 if init else 6  # "a photo of a" is 4 tokens
+            assert model.prompt_learner.shared_len == 1 + (n_ctx if pos == "end" else n_ctx // 2)
+
+
+@pytest.mark.parametrize(
+    "variant", [("end", False, ""), ("middle", False, ""), ("front", True, "")], ids=_variant_id
+)
+def test_rn50_text_tower_matches_reference(variant):
+    """The real RN50 text tower (12 layers, width 512; random weights cost the same)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        rn50 = load_backbone("RN50", None)
+    names = ["airplane", "golden retriever", "a rather long and unusual class name", "x", "tabby_cat"]
+    model = _model(rn50, names, variant, n_ctx=16)
+    images = F.normalize(torch.randn(4, rn50.embed_dim), dim=-1)
+    with torch.no_grad():
+        ours = model(images)
+        ref = official_logits(rn50, names, model.prompt_learner.ctx, variant[0], images)
+    assert (ours - ref).abs().max().item() <= 1e-5
+
+
+def test_only_the_context_is_trained(tiny):
+    data = separable_problem(tiny, CLASSNAMES)
+    before = weights_fingerprint(tiny.model, tiny.arch)
+    result = train_coop(tiny, data, PromptConfig(n_ctx=4), TrainConfig(), epochs=2, progress=False)
+    trainable = [name for name, p in result.model.named_parameters() if p.requires_grad]
+    assert trainable == ["prompt_learner.ctx"]
+    assert all(p.grad is None for p in tiny.model.parameters())
+    assert weights_fingerprint(tiny.model, tiny.arch) == before
+    assert result.model.prompt_learner.ctx.grad is not None
+
+
+@pytest.mark.parametrize("variant", VARIANTS, ids=_variant_id)
+def test_training_lowers_loss_and_raises_accuracy(tiny, variant):
+    pos, csc, init = variant
+    cfg = PromptConfig(n_ctx=4, ctx_init=init, csc=csc, class_token_position=pos)
+    data = separable_problem(tiny, CLASSNAMES, means=teacher_means(tiny, CLASSNAMES, cfg))
+    result = train_coop(
+        tiny, data, cfg, TrainConfig(lr=0.02, batch_size=16, warmup_epochs=0), epochs=25, progress=False
+    )
+    first, last = result.epochs[0], result.epochs[-1]
+    assert last.loss < 0.75 * first.loss
+    assert last.train_acc > first.train_acc
+    assert result.test_acc > 100 / len(CLASSNAMES) * 2  # well above chance
+
+
+def test_same_seed_gives_bitwise_identical_context(tiny):
+    data = separable_problem(tiny, CLASSNAMES)
+    cfg = PromptConfig(n_ctx=4, csc=True, class_token_position="middle")
+    runs = [train_coop(tiny, data, cfg, TrainConfig(seed=s), epochs=3, progress=False).ctx for s in (7, 7, 8)]
+    assert torch.equal(runs[0], runs[1])
+    assert not torch.equal(runs[0], runs[2])
+
+
+def test_epoch_curves_and_periodic_validation(tiny):
+    data = separable_problem(tiny, CLASSNAMES)
+    seen = []
+    result = train_coop(
+        tiny,
+        data,
+        PromptConfig(n_ctx=2),
+        TrainConfig(eval_every=2),
+        epochs=5,
+        on_epoch=seen.append,
+        progress=False,
+    )
+    assert [m.epoch for m in seen] == [1, 2, 3, 4, 5]
+    assert [m.val_acc is not None for m in seen] == [False, True, False, True, True]
+    assert seen[0].lr == pytest.approx(1e-5)
+    assert seen[1].lr == pytest.approx(0.002)
+    assert result.val_acc == seen[-1].val_acc
+
+
+def test_lr_schedule_matches_torch_warmup_plus_cosine():
+    """Reference: a constant warm-up epoch, then torch's CosineAnnealingLR stepped once per epoch."""
+    cfg = TrainConfig(lr=0.002, warmup_epochs=1, warmup_lr=1e-5)
+    epochs = 10
+    opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=cfg.lr)
+    cosine = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=epochs)
+    expected = [1e-5]
+    for _ in range(1, epochs):
+        expected.append(opt.param_groups[0]["lr"])
+        opt.step()
+        cosine.step()
+    assert [lr_at_epoch(e, cfg, epochs) for e in range(epochs)] == pytest.approx(expected)
+
+
+def test_default_epochs_follow_coop():
+    assert [default_epochs("Caltech101", k) for k in (1, 2, 4, 8, 16)] == [50, 100, 100, 200, 200]
+    assert default_epochs("ImageNet", 16) == 50
+
+
+def test_word_init_sets_n_ctx_to_token_count_and_starts_from_the_words(tiny):
+    model = CoOp(tiny, CLASSNAMES, PromptConfig(n_ctx=16, ctx_init="a photo of a"))
+    ctx = model.prompt_learner.ctx
+    assert ctx.shape == (count_tokens("a photo of a"), tiny.text_width) == (4, tiny.text_width)
+    table = tiny.model.token_embedding.weight
+    photo = tiny.model.token_embedding(torch.tensor([[49406, 320, 1125, 539, 320]]))[0, 1:]
+    assert torch.equal(ctx.detach(), photo)
+    assert table.shape[0] == 49408
+
+
+def test_random_init_is_normal_002(tiny):
+    model = CoOp(
+        tiny, CLASSNAMES * 1, PromptConfig(n_ctx=16, csc=True), generator=torch.Generator().manual_seed(0)
+    )
+    ctx = model.prompt_learner.ctx.detach()
+    assert ctx.shape == (len(CLASSNAMES), 16, tiny.text_width)
+    assert abs(ctx.std().item() - 0.02) < 0.002
+    assert abs(ctx.mean().item()) < 0.002
+
+
+def test_bf16_logits_close_to_fp32(tiny):
+    fp32 = _model(tiny, CLASSNAMES, ("end", False, ""))
+    bf16 = _model(tiny, CLASSNAMES, ("end", False, ""), precision="bf16")
+    images = F.normalize(torch.randn(5, tiny.embed_dim), dim=-1)
+    with torch.no_grad():
+        diff = (fp32(images) - bf16(images)).abs().max().item()
+    assert 0 < diff < 0.1 * fp32.logit_scale  # bf16 differs, but only in the last bits of the cosine
+
+
+def test_bf16_training_reaches_fp32_accuracy(tiny):
+    data = separable_problem(tiny, CLASSNAMES, seed=5)
+    cfg = PromptConfig(n_ctx=4, csc=True)
+    results = {
+        p: train_coop(
+            tiny, data, cfg, TrainConfig(lr=0.02, precision=p, warmup_epochs=0), epochs=20, progress=False
+        )
+        for p in ("fp32", "bf16")
+    }
+    assert results["bf16"].model.prompt_learner.ctx.dtype == torch.float32  # the parameter stays fp32
+    assert results["bf16"].test_acc >= results["fp32"].test_acc - 5.0
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "names", "message"),
+    [
+        ({"n_ctx": 0}, CLASSNAMES, "n_ctx must be >= 1"),
+        ({"class_token_position": "back"}, CLASSNAMES, "unknown class_token_position 'back'"),
+        ({}, [], "class names are empty"),
+        ({}, ["cat", "dog", "cat"], "duplicate class name 'cat'"),
+        ({}, ["cat", "  "], "is empty"),
+        ({"n_ctx": 60}, ["cat", "a " * 14 + "long name"], "prompt for class 'a a a"),
+    ],
+)
+def test_bad_prompt_input_is_refused_before_work(tiny, kwargs, names, message):
+    with pytest.raises(ValueError, match=message):
+        CoOp(tiny, names, PromptConfig(**kwargs))
+
+
+def test_cpu_refuses_fp16_with_advice(tiny):
+    with pytest.raises(ValueError, match="bf16"):
+        CoOp(tiny, CLASSNAMES, PromptConfig(), precision="fp16")
+
+
+def test_non_finite_loss_stops_training(tiny):
+    from pipeline.engine.train import NonFiniteLossError
+
+    data = separable_problem(tiny, CLASSNAMES)
+    data.train[0, 0, 0] = math.nan
+    with pytest.raises(NonFiniteLossError, match="epoch 1"):
+        train_coop(tiny, data, PromptConfig(n_ctx=2), TrainConfig(), epochs=2, progress=False)
+
+
+def test_missing_checkpoint_and_unreachable_tag_fail_fast(monkeypatch):
+    with pytest.raises(WeightsUnavailableError, match="does not exist"):
+        load_backbone("coop-tiny", "/nonexistent/coop-tiny.safetensors")
+    with pytest.raises(WeightsUnavailableError, match="neither a pretrained tag"):
+        load_backbone("RN50", "laion9000")
+    monkeypatch.setenv("COOP_OFFLINE", "1")  # no network attempt in tests
+    with pytest.raises(WeightsUnavailableError, match=r"RN50/'openai'.*pass its path"):
+        load_backbone("RN50", "openai")
+
+
+def test_local_checkpoint_file_loads_the_same_weights(tiny, tmp_path):
+    from safetensors.torch import save_file
+
+    path = tmp_path / "coop-tiny.safetensors"
+    save_file({k: v.contiguous() for k, v in tiny.model.state_dict().items()}, str(path))
+    loaded = load_backbone("coop-tiny", str(path))
+    assert loaded.fingerprint == tiny.fingerprint
+    assert loaded.pretrained == str(path)
