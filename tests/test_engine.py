@@ -72,11 +72,8 @@ def test_shared_prefix_is_used_exactly_where_it_applies(tiny):
 @pytest.mark.parametrize(
     "variant", [("end", False, ""), ("middle", False, ""), ("front", True, "")], ids=_variant_id
 )
-def test_rn50_text_tower_matches_reference(variant):
+def test_rn50_text_tower_matches_reference(rn50, variant):
     """The real RN50 text tower (12 layers, width 512; random weights cost the same)."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        rn50 = load_backbone("RN50", None)
     names = ["airplane", "golden retriever", "a rather long and unusual class name", "x", "tabby_cat"]
     model = _model(rn50, names, variant, n_ctx=16)
     images = F.normalize(torch.randn(4, rn50.embed_dim), dim=-1)

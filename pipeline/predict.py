@@ -1,0 +1,67 @@
+"""Classify image files with a saved CoOp context: `python -m pipeline.predict --context FILE IMAGE...`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from pipeline.engine.backbone import load_backbone
+from pipeline.engine.context import ContextFileError, context_model, load_context
+from pipeline.features import ImageReadError, build_transforms, load_image
+
+log = logging.getLogger(__name__)
+
+
+@torch.no_grad()
+def predict(context_file: Path, images: list[Path], pretrained: str | None = None, top_k: int = 3,
+            device: str = "cpu") -> list[dict]:
+    """Top-k classes (name, probability) for each image under the saved context."""
+    ctx, meta = load_context(context_file)
+    backbone = load_backbone(meta.arch, pretrained if pretrained is not None else meta.pretrained, device)
+    model = context_model(backbone, ctx, meta)
+    _, test_transform = build_transforms(backbone.image_size, backbone.mean, backbone.std)
+    batch = torch.stack([test_transform(load_image(p)) for p in images])
+    features = F.normalize(backbone.encode_images(batch), dim=-1)
+    probs = model(features).softmax(dim=-1)
+    k = min(top_k, probs.shape[1])
+    top = probs.topk(k, dim=-1)
+    return [
+        {"image": str(path), "top": [(meta.classnames[i], round(p, 4)) for i, p in zip(idx, val, strict=True)]}
+        for path, idx, val in zip(images, top.indices.tolist(), top.values.tolist(), strict=True)
+    ]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m pipeline.predict", description=__doc__)
+    parser.add_argument("--context", type=Path, required=True,
+                        help="learned context (.safetensors; its .json metadata must lie beside it)")
+    parser.add_argument("images", nargs="+", type=Path, help="image files to classify")
+    parser.add_argument("--pretrained", default=None,
+                        help="override the weights recorded in the context (a local checkpoint file or tag)")
+    parser.add_argument("--top-k", type=int, default=3, help="how many classes to print per image (default 3)")
+    parser.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda (default cpu)")
+    parser.add_argument("--json", action="store_true", help="print one JSON object per image instead of text")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        results = predict(args.context, args.images, args.pretrained, args.top_k, args.device)
+    except (ContextFileError, ImageReadError, FileNotFoundError) as error:
+        log.error("%s", error)
+        return 2
+    for row in results:
+        if args.json:
+            sys.stdout.write(json.dumps(row) + "\n")
+        else:
+            ranked = ", ".join(f"{name} ({p:.1%})" for name, p in row["top"])
+            sys.stdout.write(f"{row['image']}: {ranked}\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
