@@ -64,7 +64,7 @@ def ensemble_accuracy(backbone: Backbone, data: FewShotFeatures) -> float:
 def linear_probe(data: FewShotFeatures, c_grid: tuple[float, ...] = LINEAR_PROBE_C, seed: int = 0) -> dict:
     """Logistic regression on the frozen (normalised) features; C picked on the val split as CLIP does.
 
-    Trains on every cached view of each training image. Returns the chosen C, val and test accuracy.
+    Trains on every cached view of each training image. Returns the chosen C (the first best on val), its val and test accuracy, and val accuracy per C.
     """
     from sklearn.linear_model import LogisticRegression
 
@@ -76,13 +76,15 @@ def linear_probe(data: FewShotFeatures, c_grid: tuple[float, ...] = LINEAR_PROBE
     y_train = data.train_labels.repeat_interleave(views).numpy()
     x_val, y_val = norm(data.val), data.val_labels.numpy()
     best: tuple[float, float, LogisticRegression] | None = None
+    val_by_c = {}
     for c in c_grid:
         clf = LogisticRegression(C=c, max_iter=1000, random_state=seed)
         clf.fit(x_train, y_train)
         val_acc = 100.0 * float((clf.predict(x_val) == y_val).mean()) if len(y_val) else 0.0
+        val_by_c[c] = val_acc
         if best is None or val_acc > best[1]:
             best = (c, val_acc, clf)
     assert best is not None
     c, val_acc, clf = best
     test_acc = 100.0 * float((clf.predict(norm(data.test)) == data.test_labels.numpy()).mean())
-    return {"C": c, "val_acc": val_acc, "test_acc": test_acc}
+    return {"C": c, "val_acc": val_acc, "test_acc": test_acc, "val_by_C": val_by_c}

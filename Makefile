@@ -1,0 +1,32 @@
+# Two entry points for a fresh machine: `make demo` (set up + dvc repro on the bundled demo) and
+# `make test` (set up + the test suite). Set-up installs into .venv with the pinned constraints.txt.
+PYTHON ?= python3
+VENV := .venv
+STAMP := $(VENV)/.installed
+export PATH := $(abspath $(VENV)/bin):$(PATH)
+export PYTHONUNBUFFERED := 1
+
+.PHONY: setup demo test lint bench
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml constraints.txt
+	$(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/python -m pip install --quiet --upgrade pip
+	$(VENV)/bin/python -m pip install -c constraints.txt -e '.[dev]'
+	touch $(STAMP)
+
+demo: $(STAMP)
+	dvc repro
+	dvc metrics show
+	@echo "Report: outputs/report/index.html   Runs: mlflow ui --backend-store-uri sqlite:///mlflow.db"
+
+test: $(STAMP)
+	ruff check .
+	python -m pytest
+
+lint: $(STAMP)
+	ruff check .
+
+bench: $(STAMP)
+	python bench/step.py
