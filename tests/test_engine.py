@@ -69,6 +69,13 @@ def test_shared_prefix_is_used_exactly_where_it_applies(tiny):
             assert model.prompt_learner.shared_len == 1 + (n_ctx if pos == "end" else n_ctx // 2)
 
 
+@pytest.fixture(scope="module")
+def rn50():
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return load_backbone("RN50", None)
+
+
 @pytest.mark.parametrize(
     "variant", [("end", False, ""), ("middle", False, ""), ("front", True, "")], ids=_variant_id
 )
