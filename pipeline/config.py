@@ -7,7 +7,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import yaml
 
@@ -57,25 +57,34 @@ class TrainParams:
 
 @dataclass(frozen=True)
 class SweepParams:
+    # Keys sweep.space may hold; dataset/shots/seed default to data.*, the rest to train.* / CoOp's defaults.
+    SPACE_KEYS: ClassVar[tuple[str, ...]] = (
+        "dataset", "shots", "seed", "n_ctx", "ctx_init", "csc", "class_token_position", "lr", "epochs", "precision",
+    )
+
     search: str = "grid"  # grid | random | optuna
-    num_samples: int = 8  # trials for random/optuna; grid: repeats of the full grid
+    num_samples: int = 8  # trials for random/optuna; grid runs every distinct combination once
     max_concurrent: int = 2
     space: dict[str, list[Any]] = field(default_factory=dict)
     cpus_per_trial: float = 1.0
-    gpus_per_trial: float = 0.0
-    asha: bool = False
+    gpus_per_trial: float = 0.0  # fractions share a GPU between trials
+    asha: bool = False  # early-stop on val_acc; needs train.eval_every > 0
     asha_grace_epochs: int = 10
-    retries: int = 0
-    optuna_seed: int = 0
-    storage: str = "outputs/ray"
+    asha_reduction_factor: int = 3
+    retries: int = 0  # Ray restarts of a failed trial (FailureConfig.max_failures)
+    optuna_seed: int = 0  # seeds TPE and the random search's draw
+    storage: str = "outputs/ray"  # Ray Tune experiment folder (made absolute)
     results_dir: str = "outputs/sweep"
-    address: str | None = None
+    address: str | None = None  # Ray cluster address (host:port); null: a local Ray instance
+    name: str | None = None  # Ray experiment name; null: <search>-<timestamp>
+    nearest_words: int = 3  # vocabulary words listed per learned context vector
 
 
 @dataclass(frozen=True)
 class TrackingParams:
-    uri: str = "sqlite:///mlflow.db"
+    uri: str = "sqlite:///mlflow.db"  # relative sqlite paths are made absolute; MLFLOW_TRACKING_URI overrides
     experiment: str = "coop"
+    check_timeout_s: float = 5.0  # how long the start-up check waits for a tracking server
 
 
 @dataclass(frozen=True)
@@ -169,6 +178,32 @@ def _validate(p: Params) -> None:
         raise ParamsError(f"train.epochs must be >= 1 or null, got {p.train.epochs}")
     if p.sweep.search not in ("grid", "random", "optuna"):
         raise ParamsError(f"sweep.search must be grid, random or optuna, got {p.sweep.search!r}")
+    for key in p.sweep.space:
+        if key not in SweepParams.SPACE_KEYS:
+            raise ParamsError(
+                f"unknown key 'sweep.space.{key}'; allowed here: {', '.join(sorted(SweepParams.SPACE_KEYS))}"
+            )
+        if p.sweep.space[key] == []:
+            raise ParamsError(f"sweep.space.{key} is an empty list: give at least one value (or drop the key)")
+    for key, value, low in (
+        ("sweep.num_samples", p.sweep.num_samples, 1),
+        ("sweep.max_concurrent", p.sweep.max_concurrent, 1),
+        ("sweep.asha_grace_epochs", p.sweep.asha_grace_epochs, 1),
+        ("sweep.asha_reduction_factor", p.sweep.asha_reduction_factor, 2),
+        ("sweep.retries", p.sweep.retries, 0),
+        ("sweep.nearest_words", p.sweep.nearest_words, 1),
+    ):
+        if value < low:
+            raise ParamsError(f"{key} must be >= {low}, got {value}")
+    if p.sweep.cpus_per_trial <= 0 or p.sweep.gpus_per_trial < 0:
+        raise ParamsError(
+            f"sweep.cpus_per_trial must be > 0 and sweep.gpus_per_trial >= 0, got "
+            f"{p.sweep.cpus_per_trial} and {p.sweep.gpus_per_trial}"
+        )
+    if not p.tracking.uri.strip() or not p.tracking.experiment.strip():
+        raise ParamsError("tracking.uri and tracking.experiment must not be empty")
+    if p.tracking.check_timeout_s <= 0:
+        raise ParamsError(f"tracking.check_timeout_s must be > 0, got {p.tracking.check_timeout_s}")
 
 
 def params_from_dict(raw: dict[str, Any]) -> Params:

@@ -1,0 +1,1 @@
+"""Hyperparameter sweeps of CoOp on Ray Tune: search space, trials, MLflow tracking, result tables."""

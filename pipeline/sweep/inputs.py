@@ -1,0 +1,120 @@
+"""Load, in the driver, the cached few-shot features of every (dataset, shots, seed) a sweep will train on.
+
+The features then travel to the trials through Ray's object store, so workers need neither the data nor
+the cache on their disks. A missing split file or feature cache is reported with the stage that makes it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import warnings
+from dataclasses import dataclass
+
+from tqdm import tqdm
+
+from pipeline.config import Params
+from pipeline.data.datasets import DatasetError, resolve_name
+from pipeline.data.fewshot import split_path
+from pipeline.engine.backbone import Backbone, WeightsUnavailableError, load_backbone
+from pipeline.features import (
+    FeatureCache,
+    FeatureCacheError,
+    FeatureConfig,
+    FewShotFeatures,
+    canonical_dtype,
+    feature_cache_dir,
+    load_fewshot_features,
+    open_feature_cache,
+)
+from pipeline.sweep.trial import feature_key
+
+log = logging.getLogger(__name__)
+
+
+class MissingInputsError(RuntimeError):
+    """Features (or split files) for a requested dataset are missing; the message names the stage to run."""
+
+
+@dataclass
+class SweepInputs:
+    backbone: Backbone
+    features: dict[str, FewShotFeatures]  # feature_key(dataset, shots, seed) -> features
+    cache_fingerprints: dict[str, str]  # dataset -> fingerprint of its feature cache manifest
+
+
+def dataset_folder(name: str) -> str:
+    """The folder stages.prepare writes a dataset's splits and cache under (its canonical registry name)."""
+    info = resolve_name(name)
+    return info.name if info is not None else name
+
+
+def cache_fingerprint(cache: FeatureCache) -> str:
+    """Identifies the exact cache contents (config, shard files and their image lists)."""
+    text = json.dumps(cache.manifest, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def _fix_hint(params: Params, dataset: str, shots: list[int], seeds: list[int]) -> str:
+    shots_arg = " ".join(map(str, shots))
+    seeds_arg = " ".join(map(str, seeds))
+    return (
+        "Run `dvc repro features` (it runs `prepare` first when needed), or directly:\n"
+        f"  python -m stages.prepare --params params.yaml --dataset {dataset} --shots {shots_arg} --seeds {seeds_arg}\n"
+        f"  python -m stages.features --params params.yaml --dataset {dataset} --shots {shots_arg} --seeds {seeds_arg}\n"
+        f"(data.splits_dir={params.data.splits_dir}, features.dir={params.features.dir})"
+    )
+
+
+def load_backbone_for(params: Params) -> Backbone:
+    """The sweep's backbone on the driver's CPU: its fingerprint and preprocessing identify the cache."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            backbone = load_backbone(params.backbone.arch, params.backbone.pretrained, device="cpu")
+        except WeightsUnavailableError as error:
+            raise MissingInputsError(str(error)) from None
+    if backbone.pretrained is None:
+        log.warning("backbone %s has RANDOM weights: accuracies are meaningless (demo/test setup)", backbone.arch)
+    return backbone
+
+
+def load_inputs(params: Params, triples: list[tuple[str, int, int]]) -> SweepInputs:
+    """Features for every (dataset, shots, seed); MissingInputsError names the dvc stage to run."""
+    backbone = load_backbone_for(params)
+    config = FeatureConfig.from_backbone(
+        backbone, views=params.features.views, dtype=canonical_dtype(params.features.dtype),
+        augment_seed=params.features.seed,
+    )
+    by_dataset: dict[str, list[tuple[int, int]]] = {}
+    for dataset, shots, seed in triples:
+        by_dataset.setdefault(dataset, []).append((shots, seed))
+    features: dict[str, FewShotFeatures] = {}
+    fingerprints: dict[str, str] = {}
+    bar = tqdm(total=len(triples), desc="loading features", leave=False, disable=len(triples) < 10)
+    for dataset, pairs in by_dataset.items():
+        folder = dataset_folder(dataset)
+        shots_list = sorted({s for s, _ in pairs})
+        seeds_list = sorted({s for _, s in pairs})
+        try:
+            cache = open_feature_cache(
+                feature_cache_dir(params.features.dir, folder, backbone.arch, backbone.pretrained), config
+            )
+            fingerprints[dataset] = cache_fingerprint(cache)
+            for shots, seed in pairs:
+                split = split_path(params.data.splits_dir, folder, shots, seed)
+                features[feature_key(dataset, shots, seed)] = load_fewshot_features(
+                    params.features.dir, split, config, cache=cache
+                )
+                bar.update()
+        except (FeatureCacheError, DatasetError, FileNotFoundError) as error:
+            raise MissingInputsError(
+                f"features for dataset {dataset!r} are missing or stale: {error}\n"
+                + _fix_hint(params, dataset, shots_list, seeds_list)
+            ) from None
+    bar.close()
+    total = sum(f.train.numel() + f.val.numel() + f.test.numel() for f in features.values()) * 4
+    log.info("loaded %d feature sets (%.1f MiB) for %d dataset(s)", len(features), total / 2**20, len(by_dataset))
+    return SweepInputs(backbone, features, fingerprints)
+

@@ -1,0 +1,159 @@
+"""Ray Tune searchers that hand out only distinct, valid CoOp configurations.
+
+`ConfigListSearcher` serves a precomputed list (grid, random draw) in order; its state is a small JSON
+file, so a resumed sweep continues where it stopped. `UniqueSearcher` wraps a model-based searcher
+(OptunaSearch): a configuration it has already handed out is answered from the earlier trial's result
+(so TPE still learns from it) and a new one is asked for, so no trial trains a duplicate.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+from ray.tune.search import Searcher
+
+from pipeline.sweep.space import SearchSpace, trial_key
+
+log = logging.getLogger(__name__)
+
+METRIC = "val_acc"
+MODE = "max"
+
+
+class ConfigListSearcher(Searcher):
+    """Suggests the given configurations one by one, then reports that the search is finished."""
+
+    CKPT_FILE_TMPL = "config-list-state-{}.json"
+
+    def __init__(self, configs: list[dict[str, Any]], metric: str = METRIC, mode: str = MODE) -> None:
+        super().__init__(metric=metric, mode=mode)
+        self._configs = [dict(c) for c in configs]
+        self._next = 0
+
+    def suggest(self, trial_id: str) -> dict[str, Any] | str | None:
+        if self._next >= len(self._configs):
+            return Searcher.FINISHED
+        config = dict(self._configs[self._next])
+        self._next += 1
+        return config
+
+    def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
+        pass  # the list does not depend on results
+
+    def save(self, checkpoint_path: str) -> None:
+        # Ray renames the file into place after save() returns, so a plain write is already atomic.
+        Path(checkpoint_path).write_text(json.dumps({"next": self._next, "configs": self._configs}))
+
+    def restore(self, checkpoint_path: str) -> None:
+        state = json.loads(Path(checkpoint_path).read_text())
+        self._next, self._configs = int(state["next"]), list(state["configs"])
+
+
+class UniqueSearcher(Searcher):
+    """Wraps a searcher so that every suggested configuration is new (by `trial_key`).
+
+    Ray saves a wrapper's `get_state()` next to the wrapped searcher's own checkpoint, so the record of
+    handed-out configurations survives a resume.
+    """
+
+    def __init__(self, searcher: Searcher, space: SearchSpace, max_repeats: int = 32) -> None:
+        self.searcher = searcher
+        self._space = space
+        self._size = len(space.enumerate())
+        self._max_repeats = max_repeats
+        self._handed: dict[str, str] = {}  # trial key -> Ray trial id
+        self._values: dict[str, float] = {}  # trial key -> final metric of the finished trial
+        self._keys: dict[str, str] = {}  # Ray trial id -> trial key
+        self._inner_ids: dict[str, str] = {}  # Ray trial id -> id the wrapped searcher knows the trial by
+        super().__init__(metric=searcher.metric, mode=searcher.mode)
+
+    @property
+    def size(self) -> int:
+        return self._size
+
+    def set_search_properties(self, metric: str | None, mode: str | None, config: dict, **spec: Any) -> bool:
+        return self.searcher.set_search_properties(metric, mode, config, **spec)
+
+    def suggest(self, trial_id: str) -> dict[str, Any] | str | None:
+        if len(self._handed) >= self._size:
+            log.info("all %d distinct configurations have been tried; the search is complete", self._size)
+            return Searcher.FINISHED
+        for attempt in range(self._max_repeats + 1):
+            inner_id = trial_id if attempt == 0 else f"{trial_id}~repeat{attempt}"
+            if attempt == self._max_repeats:
+                self._enqueue_unseen()
+            config = self.searcher.suggest(inner_id)
+            if config is None or config == Searcher.FINISHED:
+                return config
+            key = trial_key(config)
+            if key not in self._handed:
+                self._handed[key] = trial_id
+                self._keys[trial_id] = key
+                self._inner_ids[trial_id] = inner_id
+                return config
+            self._answer_repeat(inner_id, key)
+        log.warning("the searcher keeps proposing tried configurations; waiting for results")
+        return None
+
+    def _answer_repeat(self, inner_id: str, key: str) -> None:
+        # Tell the sampler what the earlier trial scored, so TPE learns without a second training run.
+        if key in self._values:
+            self.searcher.on_trial_complete(inner_id, {self.metric: self._values[key]})
+        else:  # still running (or failed): no value to give, so the sampler must not count it
+            self.searcher.on_trial_complete(inner_id, None, error=True)
+
+    def _enqueue_unseen(self) -> None:
+        """Make the wrapped Optuna study's next trial an untried configuration (TPE is stuck on tried ones)."""
+        study = getattr(self.searcher, "_ot_study", None)
+        if study is None:
+            return
+        for config in self._space.enumerate():
+            if trial_key(config) not in self._handed:
+                # Canonical values the sampler never offers (epochs resolved from null) go back to null.
+                fixed = {}
+                for key, choices in self._space.values.items():
+                    if len(choices) > 1:
+                        value = config[key] if config[key] in choices else None
+                        if value in choices:
+                            fixed[key] = value
+                study.enqueue_trial(fixed)
+                return
+
+    def on_trial_result(self, trial_id: str, result: dict) -> None:
+        self.searcher.on_trial_result(self._inner_ids.get(trial_id, trial_id), result)
+
+    def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
+        key = self._keys.get(trial_id)
+        if key is not None and result and not error and self.metric in result:
+            self._values[key] = float(result[self.metric])
+        self.searcher.on_trial_complete(self._inner_ids.get(trial_id, trial_id), result=result, error=error)
+
+    def get_state(self) -> dict[str, Any]:
+        return {
+            "handed": dict(self._handed),
+            "values": dict(self._values),
+            "keys": dict(self._keys),
+            "inner_ids": dict(self._inner_ids),
+        }
+
+    def set_state(self, state: dict[str, Any]) -> None:
+        self._handed = dict(state.get("handed", {}))
+        self._values = dict(state.get("values", {}))
+        self._keys = dict(state.get("keys", {}))
+        self._inner_ids = dict(state.get("inner_ids", {}))
+
+    def save(self, checkpoint_path: str) -> None:
+        self.searcher.save(checkpoint_path)
+
+    def restore(self, checkpoint_path: str) -> None:
+        self.searcher.restore(checkpoint_path)
+
+    def on_pause(self, trial_id: str) -> None:
+        self.searcher.on_pause(self._inner_ids.get(trial_id, trial_id))
+
+    def on_unpause(self, trial_id: str) -> None:
+        self.searcher.on_unpause(self._inner_ids.get(trial_id, trial_id))
+

@@ -1,0 +1,243 @@
+"""One sweep trial, run by Ray Tune in a worker process: train a CoOp context and track it in MLflow.
+
+The trial gets its few-shot features from Ray's object store (no shared filesystem needed), loads the
+(seeded) backbone once per worker process, and logs straight to the tracking URI into its own child run.
+Validation accuracy goes to Tune at every evaluation (what ASHA and TPE act on); the final report carries
+test accuracy too, which the sweep records but never selects on.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import socket
+import tempfile
+import warnings
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import ray
+import torch
+from ray import tune
+
+from pipeline.engine.backbone import Backbone, load_backbone
+from pipeline.engine.context import ContextMeta, save_context
+from pipeline.engine.interpret import nearest_words
+from pipeline.engine.prompt import PromptConfig, resolve_n_ctx
+from pipeline.engine.train import EpochMetrics, TrainConfig, TrainResult, train_coop
+from pipeline.features import FewShotFeatures
+from pipeline.sweep.space import config_label, trial_key
+from pipeline.tracking import NODE_TAG, RAY_TRIAL_TAG, SWEEP_TAG, TrialRun
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class TrialContext:
+    """Everything a trial needs besides its configuration and features; the same for every trial."""
+
+    sweep_name: str
+    arch: str
+    pretrained: str | None
+    backbone_fingerprint: str
+    device: str  # train.device: auto | cpu | cuda | cuda:N
+    train: dict[str, Any]  # train.* settings the space does not vary (momentum, batch_size, eval_every, ...)
+    tracking_uri: str
+    experiment_id: str
+    parent_run_id: str
+    git_commit: str
+    cache_fingerprints: dict[str, str]  # dataset -> fingerprint of its feature cache
+    feature_settings: dict[str, Any]  # features.views / dtype / seed, for the record
+    nearest_words: int = 3
+    cpus_per_trial: float = 1.0
+
+
+def feature_key(dataset: str, shots: int, seed: int) -> str:
+    return f"{dataset}|{shots}|{seed}"
+
+
+def run_name(config: dict[str, Any]) -> str:
+    return f"{config['dataset']}-{config['shots']}shot-seed{config['seed']} {config_label(config)}"
+
+
+def trial_params(config: dict[str, Any], context: TrialContext) -> dict[str, Any]:
+    """Every setting that determines the trial's result, as logged to MLflow."""
+    return {
+        **config,
+        "n_ctx_effective": resolve_n_ctx(PromptConfig(config["n_ctx"], config["ctx_init"])),
+        **{f"train.{k}": v for k, v in sorted(context.train.items())},
+        **{f"features.{k}": v for k, v in sorted(context.feature_settings.items())},
+        "backbone.arch": context.arch,
+        "backbone.pretrained": context.pretrained,
+    }
+
+
+def trial_tags(config: dict[str, Any], context: TrialContext, key: str, trial_id: str, node_ip: str) -> dict[str, Any]:
+    return {
+        SWEEP_TAG: context.sweep_name,
+        RAY_TRIAL_TAG: trial_id,
+        NODE_TAG: node_ip,
+        "hostname": socket.gethostname(),
+        "git_commit": context.git_commit,
+        "feature_cache": context.cache_fingerprints.get(config["dataset"], "unknown"),
+        "backbone": f"{context.arch}/{context.pretrained or 'random'}",
+        "backbone_fingerprint": context.backbone_fingerprint,
+        "dataset": config["dataset"],
+        "shots": config["shots"],
+        "seed": config["seed"],
+        "config": config_label(config),
+    }
+
+
+def resolve_device(setting: str) -> str:
+    """train.device as a torch device for this worker; Ray exposes only the GPUs it assigned the trial."""
+    if setting == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if setting.startswith("cuda") and not torch.cuda.is_available():
+        raise RuntimeError(
+            f"train.device is {setting!r} but this trial sees no GPU (Ray assigned {ray.get_gpu_ids()}); "
+            "set sweep.gpus_per_trial > 0 (fractions allowed) or train.device: auto"
+        )
+    return setting
+
+
+@functools.lru_cache(maxsize=2)
+def _backbone(arch: str, pretrained: str | None, device: str) -> Backbone:
+    # One load per worker process: Ray reuses workers across trials (reuse_actors), the model is frozen.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the random-weights warning was already shown by the driver
+        return load_backbone(arch, pretrained, device=device)
+
+
+def write_artifacts(folder: Path, config: dict[str, Any], context: TrialContext, backbone: Backbone,
+                    data: FewShotFeatures, result: TrainResult, train_cfg: TrainConfig, key: str) -> None:
+    """ctx.safetensors + ctx.json (the learned context), its nearest words, and the resolved config."""
+    prompt = PromptConfig(config["n_ctx"], config["ctx_init"], config["csc"], config["class_token_position"])
+    meta = ContextMeta(
+        arch=context.arch,
+        pretrained=context.pretrained,
+        fingerprint=backbone.fingerprint,
+        n_ctx=resolve_n_ctx(prompt),
+        class_token_position=prompt.class_token_position,
+        csc=prompt.csc,
+        ctx_init=prompt.ctx_init,
+        classnames=list(data.classnames),
+        dataset=config["dataset"],
+        shots=config["shots"],
+        seed=config["seed"],
+        val_acc=result.val_acc,
+        test_acc=result.test_acc,
+        extra={"trial_key": key, "sweep": context.sweep_name, "lr": config["lr"], "epochs": config["epochs"]},
+    )
+    ctx = result.ctx
+    save_context(folder / "ctx.safetensors", ctx, meta)
+
+    rows = nearest_words(ctx, backbone, k=context.nearest_words)
+    n_ctx = ctx.shape[-2]
+    entries = []
+    lines = []
+    for index, words in enumerate(rows):
+        cls, position = divmod(index, n_ctx)
+        owner = data.classnames[cls] if prompt.csc else None
+        entries.append({"class": owner, "position": position + 1,
+                        "words": [{"word": w, "distance": d} for w, d in words]})
+        where = f"{owner} " if owner else ""
+        lines.append(f"{where}v{position + 1}: " + ", ".join(f"{w} ({d:.3f})" for w, d in words))
+    (folder / "nearest_words.json").write_text(json.dumps({"k": context.nearest_words, "vectors": entries}, indent=2))
+    (folder / "nearest_words.txt").write_text("\n".join(lines) + "\n")
+
+    resolved = {
+        "trial_key": key,
+        "sweep": context.sweep_name,
+        "config": config,
+        "prompt": asdict(prompt) | {"n_ctx_effective": meta.n_ctx},
+        "train": train_cfg.to_dict(),
+        "backbone": {"arch": context.arch, "pretrained": context.pretrained, "fingerprint": backbone.fingerprint},
+        "features": {**context.feature_settings, "cache": context.cache_fingerprints.get(config["dataset"])},
+        "device": str(backbone.device),
+        "git_commit": context.git_commit,
+    }
+    (folder / "config.json").write_text(json.dumps(resolved, indent=2, sort_keys=True))
+
+
+def _close(run: TrialRun, status: str, reason: str = "") -> None:
+    try:
+        run.close(status, reason)
+    except Exception as error:  # the trial's own outcome matters more than bookkeeping
+        log.error("could not mark MLflow run %s %s: %s", run.run_id, status, error)
+
+
+def run_trial(config: dict[str, Any], context: TrialContext, features: dict[str, ray.ObjectRef]) -> None:
+    """Ray Tune function trainable; `context` and `features` arrive through tune.with_parameters."""
+    config = dict(config)
+    key = trial_key(config)
+    torch.set_num_threads(max(1, int(context.cpus_per_trial)))
+    trial_id = tune.get_context().get_trial_id() or ""
+    node_ip = ray.util.get_node_ip_address()
+    run, finished = TrialRun.open(
+        context.tracking_uri,
+        context.experiment_id,
+        context.parent_run_id,
+        key,
+        run_name(config),
+        trial_params(config, context),
+        trial_tags(config, context, key, trial_id, node_ip),
+    )
+    if finished is not None:
+        # Resumed sweep: this trial completed before the interruption; report its result, do not retrain.
+        log.info("trial %s already FINISHED in MLflow run %s; not training it again", key, finished.info.run_id)
+        metrics = finished.data.metrics
+        tune.report({"epoch": config["epochs"], "val_acc": metrics.get("val_acc", float("nan")),
+                     "test_acc": metrics.get("test_acc", float("nan")),
+                     "train_seconds": metrics.get("train_seconds", 0.0),
+                     "trial_key": key, "mlflow_run_id": finished.info.run_id, "reused_run": 1})
+        return
+    assert run is not None
+    epochs = int(config["epochs"])
+    last_epoch = 0
+    try:
+        data: FewShotFeatures = ray.get(features[feature_key(config["dataset"], config["shots"], config["seed"])])
+        backbone = _backbone(context.arch, context.pretrained, resolve_device(context.device))
+        if backbone.fingerprint != context.backbone_fingerprint:
+            raise RuntimeError(
+                f"this worker's backbone weights ({backbone.fingerprint}) differ from the driver's "
+                f"({context.backbone_fingerprint}) that encoded the features; give every node the same "
+                f"{context.arch} / {context.pretrained} weights"
+            )
+        prompt = PromptConfig(config["n_ctx"], config["ctx_init"], config["csc"], config["class_token_position"])
+        train_cfg = TrainConfig(**{**context.train, "lr": config["lr"], "epochs": epochs,
+                                   "precision": config["precision"], "seed": config["seed"]})
+
+        def on_epoch(m: EpochMetrics) -> None:
+            nonlocal last_epoch
+            last_epoch = m.epoch
+            run.log_metrics({"loss": m.loss, "train_acc": m.train_acc, "lr": m.lr, "epoch_seconds": m.seconds,
+                             "val_acc": m.val_acc}, step=m.epoch, flush=m.val_acc is not None)
+            if m.val_acc is not None and m.epoch < epochs:
+                tune.report({"epoch": m.epoch, "loss": m.loss, "train_acc": m.train_acc, "lr": m.lr,
+                             "val_acc": m.val_acc, "trial_key": key, "mlflow_run_id": run.run_id})
+
+        result = train_coop(backbone, data, prompt, train_cfg, epochs, on_epoch=on_epoch, progress=False)
+        with tempfile.TemporaryDirectory(prefix="coop-trial-") as tmp:
+            write_artifacts(Path(tmp), config, context, backbone, data, result, train_cfg, key)
+            run.log_artifacts(Path(tmp))
+        run.log_metrics({"test_acc": result.test_acc, "train_seconds": result.train_seconds}, step=epochs,
+                        flush=True)
+        last = result.epochs[-1]
+        final = {"epoch": epochs, "loss": last.loss, "train_acc": last.train_acc, "lr": last.lr,
+                 "val_acc": result.val_acc, "test_acc": result.test_acc, "train_seconds": result.train_seconds,
+                 "trial_key": key, "mlflow_run_id": run.run_id}
+        run.close("FINISHED")
+    except Exception as error:
+        _close(run, "FAILED", f"{type(error).__name__}: {error}")
+        raise
+    except BaseException as error:
+        # Ray stops a trial by raising SystemExit out of tune.report (ASHA, or the sweep shutting down).
+        why = "stopped by Ray Tune (early stopping or sweep shutdown)" if isinstance(error, SystemExit) else (
+            f"interrupted ({type(error).__name__})")
+        _close(run, "KILLED", f"{why} after epoch {last_epoch} of {epochs}")
+        raise
+    # Reported after the run is closed: Tune may end the trial inside this call (its last allowed step).
+    tune.report(final)

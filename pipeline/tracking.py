@@ -1,0 +1,349 @@
+"""MLflow tracking of sweeps: one parent run per sweep, one nested child run per trial, keyed for resume.
+
+The driver resolves the tracking URI (``--tracking-uri`` > ``MLFLOW_TRACKING_URI`` > ``tracking.uri``;
+relative SQLite paths are made absolute so trial processes started elsewhere find the same database),
+checks within seconds that a tracking server answers, and opens the parent run. Each trial opens its
+own child run from inside its worker process, tagged with the trial's deterministic key: a rerun of the
+same trial (Ray retry, ``--resume``) finds that run instead of creating a second one, and a run that
+already FINISHED is not trained again.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import socket
+import subprocess
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+from mlflow import MlflowClient
+from mlflow.entities import Metric, Param, Run, RunStatus, RunTag
+from mlflow.exceptions import MlflowException
+
+log = logging.getLogger(__name__)
+
+DEFAULT_URI = "sqlite:///mlflow.db"
+PARENT_TAG = "mlflow.parentRunId"
+KEY_TAG = "sweep.trial_key"
+SWEEP_TAG = "sweep.name"
+REASON_TAG = "sweep.failure_reason"
+ATTEMPT_TAG = "sweep.attempt"
+RAY_TRIAL_TAG = "ray.trial_id"
+NODE_TAG = "node_ip"
+MAX_PARAM_LENGTH = 6000  # MLflow's limit on a param value
+
+
+class TrackingError(RuntimeError):
+    """The tracking server or database cannot be used; the message says how to fix it."""
+
+
+def absolute_uri(uri: str, base_dir: Path) -> str:
+    """SQLite URIs with a relative path become absolute; every other URI is returned unchanged."""
+    prefix = "sqlite:///"
+    if uri.startswith(prefix):
+        path = uri[len(prefix) :]
+        if path and not path.startswith("/") and path != ":memory:":
+            return prefix + str((base_dir / path).resolve())
+    return uri
+
+
+def resolve_tracking_uri(cli_uri: str | None, params_uri: str, base_dir: Path | None = None) -> str:
+    """--tracking-uri, else MLFLOW_TRACKING_URI, else params tracking.uri; SQLite paths made absolute."""
+    uri = cli_uri or os.environ.get("MLFLOW_TRACKING_URI") or params_uri or DEFAULT_URI
+    return absolute_uri(uri.strip(), base_dir or Path.cwd())
+
+
+def _server_hint(uri: str) -> str:
+    port = urlparse(uri).port or 5000
+    return (
+        f"start it (e.g. `mlflow server --backend-store-uri sqlite:///$PWD/mlflow.db --host 0.0.0.0 --port {port}`) "
+        "or point the sweep elsewhere with --tracking-uri, MLFLOW_TRACKING_URI or tracking.uri "
+        f"(the default, {DEFAULT_URI}, needs no server)"
+    )
+
+
+def check_tracking_uri(uri: str, timeout: float = 5.0) -> None:
+    """Fail in seconds, before any trial runs, when the tracking backend cannot be used.
+
+    HTTP(S): one TCP connect and a GET of the server's /health, each bounded by `timeout` (MLflow's own
+    client would retry for minutes). SQLite: the database's folder must be creatable.
+    """
+    parsed = urlparse(uri)
+    if parsed.scheme in ("http", "https"):
+        host = parsed.hostname or ""
+        port = parsed.port or (443 if parsed.scheme == "https" else 80)
+        try:
+            with socket.create_connection((host, port), timeout=timeout):
+                pass
+        except OSError as error:
+            raise TrackingError(
+                f"MLflow tracking server {uri} does not answer ({error}); {_server_hint(uri)}."
+            ) from None
+        health = uri.rstrip("/") + "/health"
+        try:
+            with urllib.request.urlopen(health, timeout=timeout) as response:
+                if response.status != 200:
+                    raise TrackingError(f"{health} answered HTTP {response.status}; is {uri} an MLflow server?")
+        except (urllib.error.URLError, OSError) as error:
+            raise TrackingError(
+                f"MLflow tracking server {uri} accepted a connection but {health} failed ({error}); "
+                f"is it an MLflow server? {_server_hint(uri)}."
+            ) from None
+    elif parsed.scheme == "sqlite":
+        path = uri[len("sqlite:///") :]
+        if path and path != ":memory:":
+            try:
+                Path(path).parent.mkdir(parents=True, exist_ok=True)
+            except OSError as error:
+                raise TrackingError(f"cannot create the folder of the MLflow database {path}: {error}") from None
+    elif parsed.scheme in ("", "file"):
+        raise TrackingError(
+            f"tracking URI {uri!r} is a file store, which MLflow 3 keeps only in maintenance mode; "
+            f"use a SQLite database ({DEFAULT_URI}) or an MLflow server (http://host:5000)"
+        )
+
+
+def artifact_root(uri: str, experiment: str) -> str | None:
+    """Where a new experiment keeps artifacts: mlruns/<experiment> beside a SQLite database (not the
+    current directory, MLflow's default); None lets a tracking server decide (it proxies uploads)."""
+    if uri.startswith("sqlite:///"):
+        path = uri[len("sqlite:///") :]
+        if path and path != ":memory:":
+            folder = re.sub(r"[^A-Za-z0-9._-]+", "_", experiment)
+            return (Path(path).parent / "mlruns" / folder).resolve().as_uri()
+    return None
+
+
+def get_or_create_experiment(client: MlflowClient, name: str, uri: str) -> str:
+    experiment = client.get_experiment_by_name(name)
+    if experiment is not None:
+        if experiment.lifecycle_stage == "deleted":
+            raise TrackingError(
+                f"MLflow experiment {name!r} is deleted; restore it (`mlflow experiments restore`) "
+                "or set tracking.experiment to another name"
+            )
+        return experiment.experiment_id
+    try:
+        return client.create_experiment(name, artifact_location=artifact_root(uri, name))
+    except MlflowException:
+        # Another process created it between our lookup and create.
+        experiment = client.get_experiment_by_name(name)
+        if experiment is None:
+            raise
+        return experiment.experiment_id
+
+
+def git_commit(cwd: Path | None = None) -> str:
+    """HEAD of the checkout holding this code (default), '+dirty' when tracked files changed; 'unknown' outside git."""
+    cwd = cwd or Path(__file__).resolve().parent
+    try:
+        head = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True, timeout=5, check=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=cwd, capture_output=True, text=True, timeout=5, check=True,
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return head + ("+dirty" if dirty else "")
+
+
+def _params(values: dict[str, Any]) -> list[Param]:
+    return [Param(k, str(v)[:MAX_PARAM_LENGTH]) for k, v in sorted(values.items())]
+
+
+def _tags(values: dict[str, Any]) -> list[RunTag]:
+    return [RunTag(k, str(v)) for k, v in sorted(values.items())]
+
+
+def _now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+def child_runs(client: MlflowClient, experiment_id: str, parent_run_id: str) -> list[Run]:
+    """Every child run of a sweep's parent run (all pages)."""
+    runs: list[Run] = []
+    token = None
+    while True:
+        page = client.search_runs(
+            [experiment_id],
+            filter_string=f"tags.`{PARENT_TAG}` = '{parent_run_id}'",
+            max_results=1000,
+            page_token=token,
+        )
+        runs.extend(page)
+        token = page.token
+        if not token:
+            return runs
+
+
+@dataclass
+class SweepRun:
+    """The parent run of one sweep, on the driver."""
+
+    client: MlflowClient
+    experiment_id: str
+    run_id: str
+    uri: str
+
+    @classmethod
+    def start(
+        cls, uri: str, experiment: str, name: str, params: dict[str, Any], tags: dict[str, Any]
+    ) -> SweepRun:
+        client = MlflowClient(uri)
+        experiment_id = get_or_create_experiment(client, experiment, uri)
+        run = client.create_run(experiment_id, run_name=name, tags={SWEEP_TAG: name, **{k: str(v) for k, v in tags.items()}})
+        client.log_batch(run.info.run_id, params=_params(params))
+        return cls(client, experiment_id, run.info.run_id, uri)
+
+    @classmethod
+    def reopen(cls, uri: str, run_id: str) -> SweepRun:
+        """The parent run of an interrupted sweep, set running again."""
+        client = MlflowClient(uri)
+        try:
+            run = client.get_run(run_id)
+        except MlflowException as error:
+            raise TrackingError(
+                f"the sweep's parent run {run_id} is not in {uri} ({error}); resume with the same tracking URI"
+            ) from None
+        client.update_run(run_id, status="RUNNING")
+        return cls(client, run.info.experiment_id, run_id, uri)
+
+    def children(self) -> list[Run]:
+        return child_runs(self.client, self.experiment_id, self.run_id)
+
+    def settle(self, outcomes: dict[str, TrialOutcome]) -> None:
+        """Make every trial's child run agree with Ray's final word on it.
+
+        A worker that crashed or was stopped (ASHA, interruption) cannot close its own run; a trial that
+        failed before it reached MLflow has none. Runs still RUNNING get FAILED or KILLED with the reason;
+        a failed trial without a run gets one, so every failure is visible in MLflow.
+        """
+        runs = {r.data.tags.get(KEY_TAG): r for r in self.children()}
+        for key, outcome in outcomes.items():
+            run = runs.get(key)
+            if run is None:
+                if outcome.state != "FAILED":
+                    continue
+                run = self.client.create_run(
+                    self.experiment_id,
+                    run_name=outcome.run_name,
+                    tags={PARENT_TAG: self.run_id, KEY_TAG: key, **{k: str(v) for k, v in outcome.tags.items()}},
+                )
+                self.client.log_batch(run.info.run_id, params=_params(outcome.params))
+            elif run.info.status != "RUNNING":
+                continue
+            status = "FAILED" if outcome.state == "FAILED" else "KILLED" if outcome.state != "FINISHED" else "FINISHED"
+            if outcome.reason:
+                self.client.set_tag(run.info.run_id, REASON_TAG, outcome.reason[:5000])
+            self.client.set_terminated(run.info.run_id, status)
+
+    def finish(self, status: str, metrics: dict[str, float], artifacts: Iterable[Path] = ()) -> None:
+        timestamp = _now_ms()
+        batch = [Metric(k, float(v), timestamp, 0) for k, v in sorted(metrics.items())]
+        for start in range(0, len(batch), 500):  # MLflow caps a batch at 1000 entries
+            self.client.log_batch(self.run_id, metrics=batch[start : start + 500])
+        for path in artifacts:
+            if path.is_file():
+                self.client.log_artifact(self.run_id, str(path), artifact_path="results")
+        self.client.set_terminated(self.run_id, status)
+
+
+@dataclass
+class TrialOutcome:
+    """Ray's verdict on one trial, as the driver hands it to `SweepRun.settle`."""
+
+    state: str  # FINISHED | FAILED | STOPPED | UNFINISHED
+    reason: str = ""
+    run_name: str = ""
+    params: dict[str, Any] = field(default_factory=dict)
+    tags: dict[str, Any] = field(default_factory=dict)
+
+
+class TrialRun:
+    """One trial's child run, used from inside the trial's worker process."""
+
+    def __init__(self, client: MlflowClient, run: Run) -> None:
+        self.client = client
+        self.run_id = run.info.run_id
+        self._pending: list[Metric] = []
+        self.closed = False
+
+    @classmethod
+    def open(
+        cls,
+        uri: str,
+        experiment_id: str,
+        parent_run_id: str,
+        key: str,
+        run_name: str,
+        params: dict[str, Any],
+        tags: dict[str, Any],
+    ) -> tuple[TrialRun | None, Run | None]:
+        """(run to log into, None), or (None, finished run) when this trial already FINISHED.
+
+        An unfinished run of the same key (crash, retry, interrupted sweep) is reused and set RUNNING.
+        """
+        client = MlflowClient(uri)
+        found = client.search_runs(
+            [experiment_id],
+            filter_string=f"tags.`{PARENT_TAG}` = '{parent_run_id}' and tags.`{KEY_TAG}` = '{key}'",
+            order_by=["attributes.start_time ASC"],
+        )
+        finished = [r for r in found if r.info.status == "FINISHED"]
+        if finished:
+            return None, finished[0]
+        tag_values = {k: str(v) for k, v in tags.items()}
+        if found:
+            run = found[0]
+            attempt = int(run.data.tags.get(ATTEMPT_TAG, "1")) + 1
+            client.update_run(run.info.run_id, status="RUNNING")
+            if REASON_TAG in run.data.tags:
+                client.delete_tag(run.info.run_id, REASON_TAG)
+            log.info("trial %s: reusing its unfinished MLflow run %s (attempt %d)", key, run.info.run_id, attempt)
+        else:
+            attempt = 1
+            run = client.create_run(
+                experiment_id, run_name=run_name, tags={PARENT_TAG: parent_run_id, KEY_TAG: key}
+            )
+            client.log_batch(run.info.run_id, params=_params(params))
+        client.log_batch(run.info.run_id, tags=_tags({**tag_values, ATTEMPT_TAG: attempt}))
+        return cls(client, run), None
+
+    def log_metrics(self, metrics: dict[str, float | None], step: int, flush: bool = False) -> None:
+        timestamp = _now_ms()
+        self._pending += [Metric(k, float(v), timestamp, step) for k, v in metrics.items() if v is not None]
+        if flush or len(self._pending) >= 200:
+            self.flush()
+
+    def flush(self) -> None:
+        while self._pending:
+            batch, self._pending = self._pending[:1000], self._pending[1000:]
+            self.client.log_batch(self.run_id, metrics=batch)
+
+    def set_tags(self, tags: dict[str, Any]) -> None:
+        self.client.log_batch(self.run_id, tags=_tags(tags))
+
+    def log_artifacts(self, folder: Path) -> None:
+        self.client.log_artifacts(self.run_id, str(folder))
+
+    def close(self, status: str, reason: str = "") -> None:
+        """End the run FINISHED, FAILED or KILLED; `reason` becomes the sweep.failure_reason tag."""
+        if self.closed:
+            return
+        try:
+            self.flush()
+        finally:
+            if reason:
+                self.client.set_tag(self.run_id, REASON_TAG, reason[:5000])
+            self.client.set_terminated(self.run_id, RunStatus.to_string(RunStatus.from_string(status)))
+            self.closed = True

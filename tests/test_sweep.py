@@ -1,0 +1,330 @@
+"""The sweep end to end on the demo dataset: real Ray Tune (local), real MLflow (SQLite), real feature caches.
+
+Subprocess tests (CLI, interrupt + resume) run first, before this module's in-process Ray session starts,
+so two Ray instances never compete for the two cores.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import signal
+import statistics
+import subprocess
+import time
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+import pytest
+import ray
+from mlflow import MlflowClient
+from sweep_helpers import PYTHON, REPO, DemoWorkspace, demo_ws, free_port, run_cli, wait_for  # noqa: F401
+
+from pipeline.config import load_params
+from pipeline.engine.backbone import count_tokens
+from pipeline.engine.context import load_context
+from pipeline.sweep.__main__ import build_parser
+from pipeline.sweep.__main__ import main as cli_main
+from pipeline.sweep.inputs import MissingInputsError
+from pipeline.sweep.results import ConfigSummary, TrialRecord, select_best, summarize
+from pipeline.sweep.runner import SweepError, SweepOptions, run_sweep
+from pipeline.sweep.space import build_space, trial_key
+from pipeline.tracking import KEY_TAG, PARENT_TAG, REASON_TAG
+
+WORDS = "a photo of a"
+
+
+def read_csv(path: Path) -> list[dict[str, str]]:
+    with path.open() as f:
+        return list(csv.DictReader(f))
+
+
+def experiment_runs(uri: str, experiment: str) -> tuple[list[Any], list[Any]]:
+    """(parents, children) of an MLflow experiment."""
+    client = MlflowClient(uri)
+    exp = client.get_experiment_by_name(experiment)
+    runs = client.search_runs([exp.experiment_id], max_results=1000) if exp else []
+    return [r for r in runs if PARENT_TAG not in r.data.tags], [r for r in runs if PARENT_TAG in r.data.tags]
+
+
+# ------------------------------------------------------------------------------------------ result tables
+
+
+def record(config: dict, val: float, test: float, state: str = "FINISHED") -> TrialRecord:
+    return TrialRecord(config=config, trial_key=trial_key(config), state=state, val_acc=val, test_acc=test)
+
+
+def test_best_is_chosen_on_validation_never_test() -> None:
+    base = {"dataset": "D", "shots": 4, "n_ctx": 16, "ctx_init": "", "csc": False, "class_token_position": "end",
+            "lr": 0.002, "epochs": 10, "precision": "fp32"}
+    a, b, c = ({**base, "n_ctx": n} for n in (4, 8, 16))
+    records = [
+        record({**a, "seed": 1}, val=70, test=99), record({**a, "seed": 2}, val=72, test=97),  # best test
+        record({**b, "seed": 1}, val=80, test=60), record({**b, "seed": 2}, val=84, test=62),  # best val
+        record({**c, "seed": 1}, val=95, test=50),  # best val but one seed only
+        record({**c, "seed": 2}, val=0, test=0, state="FAILED"),
+    ]
+    summaries = {s.config["n_ctx"]: s for s in summarize(records)}
+    assert [n for n, s in summaries.items() if s.best] == [8]
+    assert summaries[8].val_mean == 82 and summaries[8].row()["val_acc_std"] == 2.0
+    assert summaries[4].test_mean == 98 and summaries[4].row()["test_acc_std"] == 1.0
+    assert summaries[16].seeds == [1]  # the failed seed is not averaged in
+    assert select_best([ConfigSummary("D", 4, "x", a, [1], [math.nan], [1.0])]) is None
+
+
+# ------------------------------------------------------------------------------------------------- CLI
+
+
+def test_help_explains_every_flag() -> None:
+    text = build_parser().format_help()
+    for flag in ("--search", "--num-samples", "--max-concurrent", "--address", "--resume", "--config",
+                 "--dry-run", "--tracking-uri"):
+        assert flag in text
+    assert "optuna" in text and "Ray" in text and "MLflow" in text
+
+
+def test_dry_run_prints_the_trials_and_their_count(demo_ws: DemoWorkspace) -> None:  # noqa: F811
+    space = {"n_ctx": [4, 8], "ctx_init": ["", WORDS], "csc": [False, True]}
+    params = demo_ws.params("dry", sweep={"space": space, "storage": str(demo_ws.root / "dry-ray")})
+    done = run_cli(["--config", str(params), "--dry-run", "--search", "grid"])
+    assert done.returncode == 0, done.stderr
+    expected = build_space(load_params(params)).enumerate()
+    # 2 shots x 2 seeds x (4 random-init variants + 1 word-init variant)
+    assert len(expected) == 2 * 2 * 5
+    assert f"{len(expected)} trial(s) would run" in done.stdout
+    for config in expected:
+        assert trial_key(config) in done.stdout
+    assert not (demo_ws.root / "dry-ray").exists()  # a dry run starts nothing
+
+
+def test_cli_errors_name_the_problem(demo_ws: DemoWorkspace, caplog: pytest.LogCaptureFixture) -> None:  # noqa: F811
+    bad_key = demo_ws.params("badkey", sweep={"space": {"n_ctxx": [4]}})
+    assert cli_main(["--config", str(bad_key), "--dry-run"]) == 2
+    assert "sweep.space.n_ctxx" in caplog.text
+    caplog.clear()
+    nothing = demo_ws.params("nothing", sweep={"space": {"ctx_init": [WORDS]}})
+    assert cli_main(["--config", str(nothing), "--search", "optuna", "--dry-run"]) == 2
+    assert "nothing to search" in caplog.text
+    caplog.clear()
+    assert cli_main(["--config", str(demo_ws.root / "missing.yaml"), "--dry-run"]) == 2
+    assert "does not exist" in caplog.text
+
+
+# ------------------------------------------------------------------------------ interruption and resume
+
+
+def test_interrupted_sweep_resumes_without_duplicates(demo_ws: DemoWorkspace) -> None:  # noqa: F811
+    epochs = 150
+    root = demo_ws.root / "resume"
+    params = demo_ws.params(
+        "resume",
+        data={"shots": [1]},
+        train={"epochs": epochs, "eval_every": 0},
+        sweep={"space": {"n_ctx": [4, 8]}, "max_concurrent": 1, "storage": str(root / "ray"),
+               "results_dir": str(root / "results"), "name": "resumable"},
+        tracking={"uri": f"sqlite:///{root}/mlflow.db", "experiment": "resume"},
+    )
+    uri = f"sqlite:///{root}/mlflow.db"
+    n_trials = 4  # n_ctx x seeds
+    log = (demo_ws.root / "resume-first.log").open("w")
+    first = subprocess.Popen([PYTHON, "-m", "pipeline.sweep", "--config", str(params), "--quiet"], cwd=REPO,
+                             stdout=log, stderr=subprocess.STDOUT)
+    try:
+        def one_finished() -> bool:
+            if first.poll() is not None:
+                return True
+            try:
+                return any(r.info.status == "FINISHED" for r in experiment_runs(uri, "resume")[1])
+            except Exception:  # the database is still being created
+                return False
+
+        wait_for(one_finished, 240, 0.3, "the first trial to finish")
+        first.send_signal(signal.SIGINT)
+        assert first.wait(120) == 130, (demo_ws.root / "resume-first.log").read_text()[-4000:]
+    finally:
+        if first.poll() is None:
+            first.kill()
+        log.close()
+
+    _, children = experiment_runs(uri, "resume")
+    done_before = {r.data.tags[KEY_TAG]: r for r in children if r.info.status == "FINISHED"}
+    assert 1 <= len(done_before) < n_trials, "the interruption should leave unfinished trials"
+    assert all(r.info.status != "RUNNING" for r in children)
+    partial = read_csv(root / "results" / "trials.csv")
+    assert {r["state"] for r in partial} - {"FINISHED"}, "trials.csv should show the unfinished trials"
+
+    second = run_cli(["--config", str(params), "--resume", "--quiet"], timeout=400)
+    assert second.returncode == 0, second.stderr[-4000:]
+
+    parents, children = experiment_runs(uri, "resume")
+    assert len(parents) == 1
+    keys = [r.data.tags[KEY_TAG] for r in children]
+    assert len(keys) == len(set(keys)) == n_trials
+    assert all(r.info.status == "FINISHED" for r in children)
+    client = MlflowClient(uri)
+    for key, before in done_before.items():
+        after = next(r for r in children if r.data.tags[KEY_TAG] == key)
+        assert after.info.run_id == before.info.run_id
+        assert after.info.end_time == before.info.end_time  # not trained again
+        assert len(client.get_metric_history(after.info.run_id, "loss")) == epochs
+    rows = read_csv(root / "results" / "trials.csv")
+    assert len(rows) == n_trials and {r["state"] for r in rows} == {"FINISHED"}
+    assert sorted(p.name for p in (root / "ray").iterdir() if p.is_dir()) == ["resumable"]
+
+
+# ------------------------------------------------------------------------- in-process, one Ray session
+
+
+@pytest.fixture(scope="module")
+def ray_session() -> Any:
+    ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="WARNING")
+    yield
+    ray.shutdown()
+
+
+def test_optuna_sweep_end_to_end(demo_ws: DemoWorkspace, ray_session: Any) -> None:  # noqa: F811
+    root = demo_ws.root / "optuna"
+    space = {"n_ctx": [4, 8], "ctx_init": ["", WORDS], "csc": [False, True], "lr": [0.002, 0.02]}
+    params_path = demo_ws.params(
+        "optuna",
+        data={"shots": [1, 2], "seeds": [1, 2]},
+        train={"epochs": 3, "eval_every": 1},
+        sweep={"space": space, "num_samples": 6, "storage": str(root / "ray"), "results_dir": str(root / "res")},
+        tracking={"uri": f"sqlite:///{root}/mlflow.db", "experiment": "opt"},
+    )
+    params = load_params(params_path)
+    outcome = run_sweep(params, SweepOptions(search="optuna", verbose=0))
+    assert outcome.counts["total"] == 6 and outcome.counts["finished"] == 6 and not outcome.interrupted
+
+    rows = read_csv(root / "res" / "trials.csv")
+    assert len(rows) == 6 and len({r["trial_key"] for r in rows}) == 6
+    for r in rows:
+        assert r["state"] == "FINISHED" and r["node_ip"] and r["mlflow_run_id"]
+        if r["ctx_init"]:
+            assert r["csc"] == "False" and int(r["n_ctx"]) == count_tokens(WORDS)
+
+    uri = f"sqlite:///{root}/mlflow.db"
+    parents, children = experiment_runs(uri, "opt")
+    assert len(parents) == 1 and parents[0].info.status == "FINISHED"
+    assert parents[0].data.metrics["trials_finished"] == 6
+    assert {c.info.run_id for c in children} == {r["mlflow_run_id"] for r in rows}
+    client = MlflowClient(uri)
+    for child in children:
+        assert child.info.status == "FINISHED"
+        tags, params_logged = child.data.tags, child.data.params
+        for tag in ("git_commit", "feature_cache", "dataset", "shots", "seed", "backbone", "node_ip",
+                    "ray.trial_id"):
+            assert tags.get(tag), tag
+        assert {"n_ctx", "ctx_init", "csc", "class_token_position", "lr", "epochs", "train.momentum"} <= set(params_logged)
+        assert [m.step for m in client.get_metric_history(child.info.run_id, "loss")] == [1, 2, 3]
+        assert [m.step for m in client.get_metric_history(child.info.run_id, "val_acc")] == [1, 2, 3]
+        assert {"train_acc", "lr", "test_acc", "val_acc"} <= set(child.data.metrics)
+        row = next(r for r in rows if r["mlflow_run_id"] == child.info.run_id)
+        assert child.data.metrics["test_acc"] == pytest.approx(float(row["test_acc"]), abs=1e-3)
+
+    # Artifacts of one trial: the context loads, its nearest words and config describe it.
+    child = children[0]
+    local = Path(client.download_artifacts(child.info.run_id, "", str(root / "download")))
+    ctx, meta = load_context(local / "ctx.safetensors")
+    config = json.loads((local / "config.json").read_text())
+    assert config["trial_key"] == child.data.tags[KEY_TAG]
+    assert meta.n_ctx == ctx.shape[-2] == int(child.data.params["n_ctx"])
+    assert meta.csc == (child.data.params["csc"] == "True") and meta.dataset == "FashionMNIST"
+    words = json.loads((local / "nearest_words.json").read_text())
+    assert len(words["vectors"]) == ctx.shape[-2] * (len(meta.classnames) if meta.csc else 1)
+    assert (local / "nearest_words.txt").read_text().count("\n") == len(words["vectors"])
+
+    # summary.csv: mean/std over seeds recomputed here from trials.csv; best by validation.
+    groups: dict[tuple, list[dict]] = defaultdict(list)
+    for r in rows:
+        groups[(r["dataset"], r["shots"], r["config"])].append(r)
+    summary = read_csv(root / "res" / "summary.csv")
+    assert len(summary) == len(groups)
+    for s in summary:
+        members = groups[(s["dataset"], s["shots"], s["config"])]
+        vals = [float(m["val_acc"]) for m in members]
+        tests = [float(m["test_acc"]) for m in members]
+        assert int(s["n_seeds"]) == len(members)
+        assert float(s["val_acc_mean"]) == pytest.approx(statistics.fmean(vals), abs=1e-3)
+        assert float(s["test_acc_std"]) == pytest.approx(statistics.pstdev(tests), abs=1e-3)
+    metrics = json.loads((root / "res" / "metrics.json").read_text())
+    assert metrics["trials"]["finished"] == 6
+    for (dataset, shots), members in _by_setting(summary).items():
+        most = max(int(m["n_seeds"]) for m in members)
+        best = max((m for m in members if int(m["n_seeds"]) == most), key=lambda m: float(m["val_acc_mean"]))
+        assert [m["best"] for m in members].count("True") == 1 and best["best"] == "True"
+        entry = metrics["best"][dataset][f"{shots}shot"]
+        assert entry["config"] == best["config"] and entry["val_acc"] == float(best["val_acc_mean"])
+    plots = read_csv(root / "res" / "plots.csv")
+    assert {(p["dataset"], p["config"], p["shots"]) for p in plots} == {(s["dataset"], s["config"], s["shots"])
+                                                                        for s in summary}
+    assert sum(p["series"].endswith("best by val") for p in plots) == len(_by_setting(summary))
+
+
+def _by_setting(summary: list[dict]) -> dict[tuple, list[dict]]:
+    out: dict[tuple, list[dict]] = defaultdict(list)
+    for s in summary:
+        out[(s["dataset"], s["shots"])].append(s)
+    return out
+
+
+def test_failing_trial_is_marked_failed_retried_and_the_sweep_goes_on(demo_ws: DemoWorkspace,  # noqa: F811
+                                                                      ray_session: Any) -> None:
+    root = demo_ws.root / "failing"
+    params_path = demo_ws.params(
+        "failing",
+        data={"shots": [1], "seeds": [1]},
+        train={"epochs": 3, "eval_every": 0},
+        sweep={"space": {"lr": [0.002, 1e30]}, "retries": 1, "storage": str(root / "ray"),
+               "results_dir": str(root / "res")},
+        tracking={"uri": f"sqlite:///{root}/mlflow.db", "experiment": "fail"},
+    )
+    outcome = run_sweep(load_params(params_path), SweepOptions(search="grid", verbose=0))
+    assert outcome.counts["finished"] == 1 and outcome.counts["failed"] == 1
+    rows = {float(r["lr"]): r for r in read_csv(root / "res" / "trials.csv")}
+    assert rows[0.002]["state"] == "FINISHED"
+    assert rows[1e30]["state"] == "FAILED" and "NonFiniteLossError" in rows[1e30]["reason"]
+    _, children = experiment_runs(f"sqlite:///{root}/mlflow.db", "fail")
+    assert len(children) == 2  # the retry reused the failed trial's run
+    failed = next(c for c in children if c.data.params["lr"] == "1e+30")
+    assert failed.info.status == "FAILED" and "NonFiniteLossError" in failed.data.tags[REASON_TAG]
+    assert failed.data.tags["sweep.attempt"] == "2"
+
+
+def test_unreachable_services_and_missing_features_fail_before_any_trial(demo_ws: DemoWorkspace,  # noqa: F811
+                                                                         ray_session: Any) -> None:
+    root = demo_ws.root / "errors"
+    params = load_params(demo_ws.params(
+        "errors", sweep={"storage": str(root / "ray"), "results_dir": str(root / "res")},
+        tracking={"uri": f"sqlite:///{root}/mlflow.db"},
+    ))
+    dead = f"127.0.0.1:{free_port()}"
+    for options, needle in (
+        (SweepOptions(address=dead), "does not answer"),
+        (SweepOptions(tracking_uri=f"http://{dead}"), "does not answer"),
+    ):
+        start = time.monotonic()
+        with pytest.raises(SweepError, match=needle) as info:
+            run_sweep(params, options)
+        assert time.monotonic() - start < 15
+        assert dead in str(info.value)
+    no_features = load_params(demo_ws.params(
+        "nofeat", features={"dir": str(root / "empty")}, sweep={"storage": str(root / "ray")},
+        tracking={"uri": f"sqlite:///{root}/mlflow.db"},
+    ))
+    with pytest.raises(MissingInputsError, match="dvc repro features") as info:
+        run_sweep(no_features, SweepOptions())
+    assert "FashionMNIST" in str(info.value) and "stages.features" in str(info.value)
+    assert not (root / "ray").exists() and not (root / "res").exists()
+
+
+def test_stage_entry_point_runs_the_params_search(demo_ws: DemoWorkspace) -> None:  # noqa: F811
+    """stages.sweep is the DVC stage: same code, params' search; checked via its plan (no second Ray)."""
+    params = demo_ws.params("stage", sweep={"search": "random", "num_samples": 3, "space": {"n_ctx": [4, 8]}})
+    done = subprocess.run([PYTHON, "-m", "stages.sweep", "--params", str(params), "--dry-run"], cwd=REPO,
+                          capture_output=True, text=True, timeout=120, env={**os.environ})
+    assert done.returncode == 0, done.stderr
+    assert "random: 3 trials" in done.stdout and "3 trial(s) would run" in done.stdout
