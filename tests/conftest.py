@@ -33,7 +33,8 @@ def teacher_means(backbone: Backbone, classnames: list[str], cfg: PromptConfig, 
     """Class text features of a CoOp model with a hidden random context: a target `cfg` can represent."""
     teacher = CoOp(backbone, classnames, cfg, generator=torch.Generator().manual_seed(seed))
     with torch.no_grad():
-        teacher.prompt_learner.ctx.normal_(0, 0.05, generator=torch.Generator().manual_seed(seed))
+        ctx = teacher.prompt_learner.ctx
+        ctx.copy_(torch.empty(ctx.shape).normal_(0, 0.05, generator=torch.Generator().manual_seed(seed)))
         return teacher.text_features()
 
 

@@ -205,6 +205,16 @@ def _download_error(arch: str, tag: str, error: Exception, source: str) -> Weigh
     )
 
 
+def resolve_device(spec: str = "auto") -> torch.device:
+    """'auto' -> the first CUDA device when one is visible (under Ray: the trial's assigned GPU), else CPU."""
+    if spec == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(spec)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {spec!r} requested but no CUDA GPU is visible; use 'auto' or 'cpu'")
+    return device
+
+
 def load_backbone(arch: str, pretrained: str | None = None, device: str | torch.device = "cpu") -> Backbone:
     """Create `arch` with `pretrained` weights, frozen, in eval mode, on `device`."""
     register_project_models()

@@ -13,6 +13,7 @@ buffers, laid out once by index so a forward is a single gather.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import asdict, dataclass
 
 import torch
@@ -21,6 +22,8 @@ from torch import nn
 
 from pipeline.engine.backbone import Backbone, count_tokens, tokenize
 from pipeline.engine.text import TextTower
+
+log = logging.getLogger(__name__)
 
 POSITIONS = ("end", "middle", "front")
 
@@ -118,8 +121,8 @@ class PromptLearner(nn.Module):
             ctx = init.expand(self.n_cls, -1, -1).clone() if cfg.csc else init
         else:
             shape = (self.n_cls, n_ctx, width) if cfg.csc else (n_ctx, width)
-            ctx = torch.empty(shape, device=backbone.device)
-            ctx.normal_(0.0, 0.02, generator=generator)
+            # Drawn on the CPU so a seed gives the same context on every device.
+            ctx = torch.empty(shape).normal_(0.0, 0.02, generator=generator).to(backbone.device)
         self.ctx = nn.Parameter(ctx)
 
         # Where each output position of each prompt comes from: a context vector or a frozen token.
@@ -176,6 +179,11 @@ class PromptLearner(nn.Module):
         return torch.where(self.is_ctx.unsqueeze(-1), from_ctx, self.token_part)
 
 
+def native_cpu_bf16() -> bool:
+    """Whether this CPU multiplies bf16 matrices in hardware (AVX-512 BF16 or AMX); else bf16 is emulated."""
+    return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
+
+
 def compute_dtype(precision: str, device: torch.device | str) -> torch.dtype:
     """Weight/activation dtype of the text path for a precision setting (amp keeps fp32 weights)."""
     device_type = torch.device(device).type
@@ -184,6 +192,11 @@ def compute_dtype(precision: str, device: torch.device | str) -> torch.dtype:
             raise ValueError("precision 'amp' (fp16 autocast) needs a CUDA device; on the CPU use 'bf16'")
         return torch.float32
     if precision == "bf16":
+        if device_type == "cpu" and not native_cpu_bf16():
+            log.warning(
+                "precision bf16 on a CPU without native bf16 matrix units (%s): PyTorch emulates it, which is "
+                "far slower than fp32 here; use fp32 on this machine", torch.backends.cpu.get_cpu_capability()
+            )
         return torch.bfloat16
     if precision == "fp16":
         if device_type != "cuda":

@@ -1,0 +1,68 @@
+"""The GPU path: device choice everywhere, and on a CUDA machine exactness, fp16/amp/bf16 training."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import CLASSNAMES, separable_problem, teacher_means
+
+from pipeline.engine.backbone import load_backbone, resolve_device
+from pipeline.engine.prompt import CoOp, PromptConfig, compute_dtype
+from pipeline.engine.reference import official_logits
+from pipeline.engine.train import TrainConfig, train_coop
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+def test_auto_device_follows_cuda_visibility():
+    expected = "cuda" if torch.cuda.is_available() else "cpu"
+    assert resolve_device("auto").type == expected
+    assert resolve_device("cpu").type == "cpu"
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="no CUDA GPU is visible"):
+            resolve_device("cuda")
+
+
+def test_precision_to_dtype_per_device():
+    assert compute_dtype("fp32", "cpu") == torch.float32
+    assert compute_dtype("bf16", "cpu") == torch.bfloat16
+    assert compute_dtype("fp16", "cuda") == torch.float16
+    assert compute_dtype("amp", "cuda") == torch.float32  # amp keeps fp32 weights, autocasts the step
+    for precision in ("fp16", "amp"):
+        with pytest.raises(ValueError, match="needs a CUDA device"):
+            compute_dtype(precision, "cpu")
+    with pytest.raises(ValueError, match="unknown precision"):
+        compute_dtype("fp8", "cpu")
+
+
+@pytest.fixture(scope="module")
+def tiny_cuda():
+    return load_backbone("coop-tiny", None, "cuda")
+
+
+@cuda
+@pytest.mark.parametrize("position", ["end", "middle", "front"])
+@pytest.mark.parametrize("csc", [False, True])
+def test_cuda_fast_paths_equal_reference_fp32(tiny_cuda, position, csc):
+    torch.backends.cuda.matmul.allow_tf32 = False
+    model = CoOp(tiny_cuda, CLASSNAMES, PromptConfig(6, "", csc, position), generator=torch.Generator().manual_seed(0))
+    images = F.normalize(torch.randn(9, tiny_cuda.embed_dim, device="cuda"), dim=-1)
+    with torch.no_grad():
+        ref = official_logits(tiny_cuda, CLASSNAMES, model.prompt_learner.ctx, position, images)
+        assert (model(images) - ref).abs().max().item() <= 1e-5
+
+
+@cuda
+@pytest.mark.parametrize("precision", ["fp16", "amp", "bf16"])
+def test_cuda_reduced_precision_trains_like_fp32(tiny_cuda, precision):
+    cfg = PromptConfig(n_ctx=4, csc=True)
+    data = separable_problem(tiny_cuda, CLASSNAMES, means=teacher_means(tiny_cuda, CLASSNAMES, cfg).cpu())
+    train = TrainConfig(lr=0.02, batch_size=16, warmup_epochs=0)
+    fp32 = train_coop(tiny_cuda, data, cfg, train, epochs=20, progress=False)
+    low = train_coop(tiny_cuda, data, cfg, TrainConfig(**{**train.to_dict(), "precision": precision}), epochs=20,
+                     progress=False)
+    assert low.model.prompt_learner.ctx.dtype == torch.float32
+    assert low.model.prompt_learner.ctx.device.type == "cuda"
+    assert low.epochs[-1].loss < 0.75 * low.epochs[0].loss
+    assert low.test_acc >= fp32.test_acc - 5.0
