@@ -251,3 +251,15 @@ def test_local_checkpoint_file_loads_the_same_weights(tiny, tmp_path):
     loaded = load_backbone("coop-tiny", str(path))
     assert loaded.fingerprint == tiny.fingerprint
     assert loaded.pretrained == str(path)
+
+
+def test_training_results_unchanged_by_the_exact_fast_paths(tiny):
+    """Shared-prefix and truncated training follow the same trajectory up to float rounding."""
+    cfg = PromptConfig(n_ctx=4, class_token_position="middle")
+    data = separable_problem(tiny, CLASSNAMES, means=teacher_means(tiny, CLASSNAMES, cfg))
+    runs = [train_coop(tiny, data, cfg, TrainConfig(lr=0.02, shared_prefix=s, warmup_epochs=0), epochs=10,
+                       progress=False) for s in (False, True)]
+    assert runs[1].model.shared_prefix and not runs[0].model.shared_prefix
+    assert torch.allclose(runs[0].ctx, runs[1].ctx, atol=1e-4)
+    assert runs[0].test_acc == runs[1].test_acc
+    assert [m.loss for m in runs[0].epochs] == pytest.approx([m.loss for m in runs[1].epochs], rel=1e-4)
