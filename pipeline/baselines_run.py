@@ -1,0 +1,335 @@
+"""Baselines stage: zero-shot CLIP and the linear probe on cached features, each an MLflow run, in one CSV.
+
+For every trainable dataset in ``data.datasets`` (the ImageNet variants are test-only) and every
+``data.shots`` x ``data.seeds`` split, on the feature caches the sweep uses:
+
+* ``zero-shot``: CLIP with the dataset's hand-crafted CoOp prompt (e.g. "a photo of a {}, a type of pet.");
+* ``zero-shot-ensemble``: the hand-crafted prompt plus CLIP's seven ImageNet ensemble templates;
+* ``linear-probe``: logistic regression on the few-shot features, C chosen on the few-shot val split.
+
+Zero-shot methods do not depend on shots or seed: they get one row per dataset with ``shots = 0``. Rows
+go to ``<out>/baselines.csv`` (columns like the sweep's trials.csv: method, dataset, shots, seed, val_acc,
+test_acc, ...), written atomically; ``<out>`` defaults to ``baselines/`` beside ``sweep.results_dir``.
+MLflow: one parent run "baselines" in ``tracking.experiment`` and a child run per row.
+
+This module also holds what the domain-shift and report stages share with it: the stage's backbone and
+feature configuration, the MLflow helpers, and fetching a trial's artifacts (learned context, nearest words).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import logging
+import math
+import shutil
+import sys
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from mlflow import MlflowClient
+from mlflow.entities import Metric, Param
+from tqdm import tqdm
+
+from pipeline.config import Params, ParamsError, load_params
+from pipeline.data.datasets import DatasetError, resolve_name
+from pipeline.data.fewshot import eval_list_path, read_eval_list, split_path
+from pipeline.engine.backbone import Backbone, WeightsUnavailableError, load_backbone
+from pipeline.features import (
+    FeatureCache,
+    FeatureCacheError,
+    FeatureConfig,
+    canonical_dtype,
+    feature_cache_dir,
+    load_fewshot_features,
+    open_feature_cache,
+)
+from pipeline.sweep.files import write_csv_atomic
+from pipeline.tracking import (
+    PARENT_TAG,
+    TrackingError,
+    check_tracking_uri,
+    get_or_create_experiment,
+    git_commit,
+    resolve_tracking_uri,
+)
+
+log = logging.getLogger(__name__)
+
+METHODS = ("zero-shot", "zero-shot-ensemble", "linear-probe")
+COLUMNS = ["method", "dataset", "shots", "seed", "val_acc", "test_acc", "C", "views", "backbone", "mlflow_run_id"]
+STAGE_TAG = "coop.stage"
+
+
+class StageError(RuntimeError):
+    """The stage cannot run: missing inputs or services; the message names the fix."""
+
+
+# ------------------------------------------------------------------------------------- shared plumbing
+
+
+def baselines_dir(params: Params) -> Path:
+    """Default home of baselines.csv and domain_shift.csv: ``baselines/`` beside sweep.results_dir."""
+    return Path(params.sweep.results_dir).parent / "baselines"
+
+
+def dataset_folder(name: str) -> str:
+    info = resolve_name(name)
+    return info.name if info is not None else name
+
+
+def resolve_device(setting: str) -> str:
+    if setting == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return setting
+
+
+def stage_backbone(params: Params, device: str | None = None) -> Backbone:
+    """params' backbone (the one the feature caches were built with), frozen, on `device` (train.device)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            backbone = load_backbone(params.backbone.arch, params.backbone.pretrained,
+                                     device=device or resolve_device(params.train.device))
+        except WeightsUnavailableError as error:
+            raise StageError(str(error)) from None
+    if backbone.pretrained is None:
+        log.warning("backbone %s has RANDOM weights: accuracies are meaningless (demo/test setup)", backbone.arch)
+    return backbone
+
+
+def feature_config(params: Params, backbone: Backbone) -> FeatureConfig:
+    return FeatureConfig.from_backbone(backbone, views=params.features.views,
+                                       dtype=canonical_dtype(params.features.dtype), augment_seed=params.features.seed)
+
+
+def open_cache(params: Params, dataset: str, config: FeatureConfig) -> FeatureCache:
+    folder = dataset_folder(dataset)
+    try:
+        return open_feature_cache(feature_cache_dir(params.features.dir, folder, config.arch, config.pretrained),
+                                  config)
+    except FeatureCacheError as error:
+        raise StageError(f"{error}\nRun `dvc repro features` (or python -m stages.features --dataset {folder}).") from None
+
+
+def is_test_only(params: Params, dataset: str) -> bool:
+    """True for datasets without few-shot splits (ImageNet variants), judged by the prepare stage's test list."""
+    path = eval_list_path(params.data.splits_dir, dataset_folder(dataset))
+    try:
+        return read_eval_list(path).test_only
+    except FileNotFoundError:
+        raise StageError(f"{path} is missing; run `dvc repro prepare` (python -m stages.prepare).") from None
+
+
+def backbone_label(params: Params) -> str:
+    return f"{params.backbone.arch}/{params.backbone.pretrained or 'random'}"
+
+
+@dataclass
+class StageRun:
+    """A parent MLflow run for a non-sweep stage, with child runs for its results."""
+
+    client: MlflowClient
+    experiment_id: str
+    run_id: str
+
+    @classmethod
+    def start(cls, params: Params, name: str, stage: str, run_params: dict[str, Any],
+              tracking_uri: str | None = None) -> StageRun:
+        uri = resolve_tracking_uri(tracking_uri, params.tracking.uri)
+        try:
+            check_tracking_uri(uri, timeout=params.tracking.check_timeout_s)
+        except TrackingError as error:
+            raise StageError(str(error)) from None
+        client = MlflowClient(uri)
+        experiment_id = get_or_create_experiment(client, params.tracking.experiment, uri)
+        run = client.create_run(experiment_id, run_name=name,
+                                tags={STAGE_TAG: stage, "git_commit": git_commit(), "backbone": backbone_label(params)})
+        client.log_batch(run.info.run_id, params=[Param(k, str(v)[:6000]) for k, v in sorted(run_params.items())])
+        return cls(client, experiment_id, run.info.run_id)
+
+    def child(self, name: str, run_params: dict[str, Any], metrics: dict[str, float | None],
+              tags: dict[str, Any]) -> str:
+        run = self.client.create_run(self.experiment_id, run_name=name,
+                                     tags={PARENT_TAG: self.run_id, **{k: str(v) for k, v in tags.items()}})
+        now = run.info.start_time
+        self.client.log_batch(
+            run.info.run_id,
+            params=[Param(k, str(v)[:6000]) for k, v in sorted(run_params.items())],
+            metrics=[Metric(k, float(v), now, 0) for k, v in sorted(metrics.items())
+                     if v is not None and math.isfinite(v)],
+        )
+        self.client.set_terminated(run.info.run_id, "FINISHED")
+        return run.info.run_id
+
+    def finish(self, status: str, artifacts: Sequence[Path] = (), metrics: dict[str, float] | None = None) -> None:
+        if metrics:
+            now = self.client.get_run(self.run_id).info.start_time
+            self.client.log_batch(self.run_id, metrics=[Metric(k, float(v), now, 0) for k, v in sorted(metrics.items())
+                                                        if math.isfinite(v)])
+        for path in artifacts:
+            if path.is_file():
+                self.client.log_artifact(self.run_id, str(path))
+        self.client.set_terminated(self.run_id, status)
+
+
+def read_csv(path: Path) -> list[dict[str, str]]:
+    with path.open(newline="", encoding="utf-8") as f:
+        return list(csv.DictReader(f))
+
+
+def trial_artifacts(row: dict[str, str], results_dir: Path, dest: Path, tracking_uri: str,
+                    names: Sequence[str] = ("ctx.safetensors", "ctx.json", "nearest_words.json")) -> Path | None:
+    """A folder holding the trial's artifacts `names`: ``<results_dir>/contexts/<trial_key>/`` when the sweep
+    wrote one, else downloaded from the trial's MLflow run into ``dest/<trial_key>/``. None if unavailable."""
+    key = row.get("trial_key", "")
+    local = results_dir / "contexts" / key
+    if key and all((local / n).is_file() for n in names):
+        return local
+    run_id = row.get("mlflow_run_id", "")
+    if not run_id:
+        return None
+    target = dest / (key or run_id)
+    if all((target / n).is_file() for n in names):
+        return target
+    target.mkdir(parents=True, exist_ok=True)
+    client = MlflowClient(tracking_uri)
+    try:
+        for name in names:
+            client.download_artifacts(run_id, name, str(target))
+    except Exception as error:  # MLflow raises several types for a missing run or artifact
+        log.warning("trial %s: cannot fetch %s from MLflow run %s (%s)", key, ", ".join(names), run_id,
+                    str(error)[:200])
+        shutil.rmtree(target, ignore_errors=True)
+        return None
+    return target
+
+
+def fmt(value: float | None) -> float | str:
+    return round(value, 4) if value is not None and math.isfinite(value) else ""
+
+
+# ------------------------------------------------------------------------------------------- baselines
+
+
+def run_baselines(params: Params, out_dir: Path, methods: Sequence[str] = METHODS, probe_views: int | None = None,
+                  tracking_uri: str | None = None, progress: bool = True) -> list[dict[str, Any]]:
+    """Evaluate `methods` on every trainable dataset x shots x seed; write ``out_dir/baselines.csv``."""
+    from pipeline.engine.baselines import (
+        ENSEMBLE_TEMPLATES,
+        ensemble_accuracy,
+        linear_probe,
+        zero_shot_accuracy,
+    )
+
+    unknown = sorted(set(methods) - set(METHODS))
+    if unknown:
+        raise StageError(f"unknown baseline method(s) {unknown}; choose from {', '.join(METHODS)}")
+    datasets = [d for d in params.data.datasets if not is_test_only(params, d)]
+    if not datasets:
+        raise StageError("data.datasets lists only test-only datasets; baselines need few-shot splits")
+    backbone = stage_backbone(params)
+    config = feature_config(params, backbone)
+    run = StageRun.start(params, "baselines", "baselines",
+                         {"methods": ",".join(methods), "datasets": ",".join(datasets), "shots": params.data.shots,
+                          "seeds": params.data.seeds, "backbone": backbone_label(params),
+                          "probe_views": probe_views or params.features.views}, tracking_uri)
+    rows: list[dict[str, Any]] = []
+    try:
+        jobs = [(d, s, seed) for d in datasets for s in params.data.shots for seed in params.data.seeds]
+        bar = tqdm(total=len(jobs), desc="baselines", unit="split", disable=not progress)
+        for dataset in datasets:
+            folder = dataset_folder(dataset)
+            cache = open_cache(params, dataset, config)
+            first = True
+            for shots in params.data.shots:
+                for seed in params.data.seeds:
+                    try:
+                        data = load_fewshot_features(params.features.dir,
+                                                     split_path(params.data.splits_dir, folder, shots, seed),
+                                                     config, cache=cache)
+                    except (FileNotFoundError, DatasetError, FeatureCacheError) as error:
+                        raise StageError(f"{dataset} {shots}-shot seed {seed}: {error}") from None
+                    if first:  # zero-shot uses no training data: once per dataset (same test set)
+                        first = False
+                        zero_shot = {"zero-shot": lambda d=data: zero_shot_accuracy(backbone, d),
+                                     "zero-shot-ensemble": lambda d=data: ensemble_accuracy(backbone, d)}
+                        for method, evaluate in zero_shot.items():
+                            if method not in methods:
+                                continue
+                            test = evaluate()
+                            templates = [data.template] + (list(ENSEMBLE_TEMPLATES) if "ensemble" in method else [])
+                            rows.append(_row(run, params, method, folder, 0, 0, None, test, None, 0,
+                                             {"templates": " | ".join(templates)}))
+                    if "linear-probe" in methods:
+                        views = min(probe_views or data.train.shape[1], data.train.shape[1])
+                        probe_data = data if views == data.train.shape[1] else _first_views(data, views)
+                        result = linear_probe(probe_data, seed=seed)
+                        rows.append(_row(run, params, "linear-probe", folder, shots, seed, result["val_acc"],
+                                         result["test_acc"], result["C"], views, {}))
+                    bar.update()
+        bar.close()
+        path = out_dir / "baselines.csv"
+        write_csv_atomic(path, COLUMNS, rows)
+        run.finish("FINISHED", [path], {"rows": len(rows)})
+    except BaseException:
+        run.finish("FAILED")
+        raise
+    log.info("baselines: %d rows -> %s", len(rows), out_dir / "baselines.csv")
+    return rows
+
+
+def _first_views(data: Any, views: int) -> Any:
+    from dataclasses import replace
+
+    return replace(data, train=data.train[:, :views])
+
+
+def _row(run: StageRun, params: Params, method: str, dataset: str, shots: int, seed: int, val: float | None,
+         test: float, c: float | None, views: int, extra: dict[str, Any]) -> dict[str, Any]:
+    name = f"{method} {dataset}" + (f" {shots}shot seed{seed}" if shots else "")
+    run_params = {"method": method, "dataset": dataset, "shots": shots, "seed": seed,
+                  "backbone": backbone_label(params), **({"C": c, "views": views} if c is not None else {}), **extra}
+    run_id = run.child(name, run_params, {"test_acc": test, "val_acc": val},
+                       {STAGE_TAG: "baselines", "baseline.method": method, "dataset": dataset, "shots": shots,
+                        "seed": seed})
+    return {"method": method, "dataset": dataset, "shots": shots, "seed": seed, "val_acc": fmt(val),
+            "test_acc": fmt(test), "C": "" if c is None else f"{c:g}", "views": views or "",
+            "backbone": backbone_label(params), "mlflow_run_id": run_id}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m pipeline.baselines_run", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--params", default="params.yaml", help="params file (default: %(default)s)")
+    parser.add_argument("--out", type=Path,
+                        help="folder for baselines.csv (default: baselines/ beside sweep.results_dir)")
+    parser.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS),
+                        help="which baselines to run (default: all three)")
+    parser.add_argument("--probe-views", type=int, metavar="V",
+                        help="cached views per training image the linear probe trains on (default: all "
+                        "features.views; 1 keeps ImageNet-sized probes tractable on a CPU)")
+    parser.add_argument("--tracking-uri", help="MLflow tracking URI (default: MLFLOW_TRACKING_URI, else tracking.uri)")
+    parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        params = load_params(args.params)
+        run_baselines(params, args.out or baselines_dir(params), args.methods, args.probe_views, args.tracking_uri,
+                      progress=not args.no_progress)
+    except (ParamsError, StageError, DatasetError) as error:
+        log.error("%s", error)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,227 @@
+"""Domain generalisation: contexts learned on ImageNet, evaluated on ImageNet-V2, -Sketch, -A and -R.
+
+For every finished ImageNet trial of the sweep at the largest shot count (16 in the paper; ``--shots``
+picks another), the learned context is evaluated on the source's test set and on each ImageNet variant
+in ``data.datasets``, beside zero-shot CLIP (hand-crafted prompt, and the prompt ensemble) on each.
+ImageNet-A and -R cover 200 of the 1000 classes: their ``imagenet_labels`` say which ImageNet class each
+of their classes is, so a class-specific context contributes exactly those classes' rows, and a unified
+context is run over the subset's class names (the same classifier restricted to the subset).
+
+Writes ``<out>/domain_shift.csv`` (one row per method x context x target; atomically) and logs one MLflow
+run "domain-shift" with the CSV and per-target means. ``<out>`` defaults to ``baselines/`` beside
+``sweep.results_dir``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+import sys
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from pipeline.baselines_run import (
+    StageError,
+    StageRun,
+    backbone_label,
+    baselines_dir,
+    dataset_folder,
+    feature_config,
+    fmt,
+    open_cache,
+    read_csv,
+    stage_backbone,
+    trial_artifacts,
+)
+from pipeline.config import Params, ParamsError, load_params
+from pipeline.data.datasets import DatasetError
+from pipeline.data.fewshot import EvalList, eval_list_path, read_eval_list
+from pipeline.engine.backbone import Backbone
+from pipeline.engine.context import ContextFileError, ContextMeta, context_model, load_context
+from pipeline.engine.train import evaluate
+from pipeline.features import EvalFeatures, load_eval_features
+from pipeline.sweep.files import write_csv_atomic
+from pipeline.tracking import resolve_tracking_uri
+
+log = logging.getLogger(__name__)
+
+SOURCE = "ImageNet"
+COLUMNS = ["method", "config", "n_ctx", "ctx_init", "csc", "class_token_position", "source", "target", "shots",
+           "seed", "test_acc", "trial_key", "backbone"]
+
+
+def subset_rows(source_labels: Sequence[int] | None, target: EvalList) -> list[int]:
+    """For each target class, the row of the source's class list holding the same ImageNet class."""
+    if target.imagenet_labels is None:
+        raise StageError(f"{target.dataset} has no ImageNet label map; it is not an ImageNet variant")
+    labels = list(source_labels) if source_labels is not None else list(range(1000))
+    row_of = {label: row for row, label in enumerate(labels)}
+    missing = [target.classnames[i] for i, lab in enumerate(target.imagenet_labels) if lab not in row_of]
+    if missing:
+        raise StageError(
+            f"{target.dataset}: classes {missing[:5]} are not among the {len(labels)} ImageNet classes the "
+            "contexts were trained on"
+        )
+    return [row_of[label] for label in target.imagenet_labels]
+
+
+def restrict(ctx: torch.Tensor, meta: ContextMeta, rows: list[int], classnames: list[str]) -> tuple[torch.Tensor,
+                                                                                                      ContextMeta]:
+    """The context for a class subset: a CSC context keeps the subset's rows, a unified one is shared."""
+    sub = ctx[rows] if meta.csc else ctx
+    return sub, dataclasses.replace(meta, classnames=list(classnames))
+
+
+def _normalized(features: EvalFeatures, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    return F.normalize(features.test.to(device), dim=-1), features.test_labels.to(device)
+
+
+def context_accuracy(backbone: Backbone, ctx: torch.Tensor, meta: ContextMeta, rows: list[int],
+                     target: EvalFeatures) -> float:
+    sub, sub_meta = restrict(ctx, meta, rows, target.classnames)
+    model = context_model(backbone, sub, sub_meta)
+    return evaluate(model, *_normalized(target, backbone.device))
+
+
+def zero_shot_accuracy(backbone: Backbone, target: EvalFeatures, ensemble: bool) -> float:
+    from pipeline.engine.baselines import ENSEMBLE_TEMPLATES, accuracy, zero_shot_weights
+
+    templates = (target.template, *ENSEMBLE_TEMPLATES) if ensemble else (target.template,)
+    return accuracy(target.test, target.test_labels, zero_shot_weights(backbone, target.classnames, templates))
+
+
+def variant_targets(params: Params) -> list[str]:
+    """The ImageNet variants listed in data.datasets (test-only datasets with an ImageNet label map)."""
+    out = []
+    for dataset in params.data.datasets:
+        folder = dataset_folder(dataset)
+        if folder == SOURCE:
+            continue
+        try:
+            evaluation = read_eval_list(eval_list_path(params.data.splits_dir, folder))
+        except FileNotFoundError:
+            continue
+        if evaluation.test_only and evaluation.imagenet_labels is not None:
+            out.append(folder)
+    return out
+
+
+def run_domain_shift(params: Params, out_dir: Path, shots: int | None = None, tracking_uri: str | None = None,
+                     progress: bool = True) -> list[dict[str, Any]]:
+    """Evaluate the sweep's ImageNet contexts and zero-shot CLIP on the ImageNet variants; write the CSV."""
+    results_dir = Path(params.sweep.results_dir)
+    trials_path = results_dir / "trials.csv"
+    if not trials_path.is_file():
+        raise StageError(f"{trials_path} is missing; run the sweep first (dvc repro sweep)")
+    targets = variant_targets(params)
+    if SOURCE not in [dataset_folder(d) for d in params.data.datasets]:
+        raise StageError("data.datasets has no ImageNet: there are no ImageNet contexts to transfer")
+    if not targets:
+        raise StageError("data.datasets lists no ImageNet variant (ImageNetV2, ImageNetSketch, ImageNetA, ImageNetR) "
+                         "with a prepared test list; add them and run prepare + features")
+    trials = [r for r in read_csv(trials_path) if dataset_folder(r["dataset"]) == SOURCE and r["state"] == "FINISHED"]
+    if not trials:
+        raise StageError(f"{trials_path} has no FINISHED ImageNet trial")
+    chosen = shots if shots is not None else max(int(r["shots"]) for r in trials)
+    trials = [r for r in trials if int(r["shots"]) == chosen]
+    if not trials:
+        raise StageError(f"no FINISHED ImageNet trial with {chosen} shots in {trials_path}")
+
+    uri = resolve_tracking_uri(tracking_uri, params.tracking.uri)
+    backbone = stage_backbone(params)
+    config = feature_config(params, backbone)
+    source_list = read_eval_list(eval_list_path(params.data.splits_dir, SOURCE))
+    evaluations = {name: load_eval_features(params.features.dir, eval_list_path(params.data.splits_dir, name), config,
+                                            cache=open_cache(params, name, config))
+                   for name in [SOURCE, *targets]}
+    rows_of = {name: list(range(len(source_list.classnames))) if name == SOURCE
+               else subset_rows(source_list.imagenet_labels, read_eval_list(eval_list_path(params.data.splits_dir,
+                                                                                            name)))
+               for name in evaluations}
+    run = StageRun.start(params, "domain-shift", "domain_shift",
+                         {"source": SOURCE, "targets": ",".join(targets), "shots": chosen, "contexts": len(trials),
+                          "backbone": backbone_label(params)}, tracking_uri)
+    out: list[dict[str, Any]] = []
+    try:
+        for method in ("zero-shot", "zero-shot-ensemble"):
+            for name, target in evaluations.items():
+                out.append(_row(method, None, name, 0, 0, zero_shot_accuracy(backbone, target, "ensemble" in method),
+                                params))
+        with tempfile.TemporaryDirectory(prefix="coop-domain-shift-") as tmp:
+            for trial in tqdm(trials, desc="ImageNet contexts", disable=not progress):
+                folder = trial_artifacts(trial, results_dir, Path(tmp), uri, names=("ctx.safetensors", "ctx.json"))
+                if folder is None:
+                    log.warning("trial %s: no learned context found; skipped", trial["trial_key"])
+                    continue
+                ctx, meta = load_context(folder / "ctx.safetensors")
+                if meta.classnames != source_list.classnames:
+                    raise StageError(f"trial {trial['trial_key']}: its context's classes differ from the ImageNet "
+                                     "test list; rerun prepare/sweep with the same data")
+                for name, target in evaluations.items():
+                    acc = context_accuracy(backbone, ctx, meta, rows_of[name], target)
+                    out.append(_row("CoOp", trial, name, chosen, int(trial["seed"]), acc, params))
+        path = out_dir / "domain_shift.csv"
+        write_csv_atomic(path, COLUMNS, out)
+        means = {}
+        for name in evaluations:
+            values = [float(r["test_acc"]) for r in out if r["method"] == "CoOp" and r["target"] == name]
+            if values:
+                means[f"coop_mean_test_acc.{name}"] = sum(values) / len(values)
+        run.finish("FINISHED", [path], means)
+    except BaseException:
+        run.finish("FAILED")
+        raise
+    log.info("domain shift: %d rows (%d contexts x %d targets + zero-shot) -> %s", len(out), len(trials),
+             len(evaluations), out_dir / "domain_shift.csv")
+    return out
+
+
+def _row(method: str, trial: dict[str, str] | None, target: str, shots: int, seed: int, acc: float,
+         params: Params) -> dict[str, Any]:
+    config = {}
+    if trial is not None:
+        config = {"n_ctx": int(trial["n_ctx"]), "ctx_init": trial["ctx_init"], "csc": trial["csc"] == "True",
+                  "class_token_position": trial["class_token_position"]}
+    return {"method": method, "config": trial.get("config", "") if trial else "", **config, "source": SOURCE,
+            "target": target, "shots": shots, "seed": seed, "test_acc": fmt(acc),
+            "trial_key": trial["trial_key"] if trial else "", "backbone": backbone_label(params)}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m pipeline.domain_shift", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--params", default="params.yaml", help="params file (default: %(default)s)")
+    parser.add_argument("--out", type=Path,
+                        help="folder for domain_shift.csv (default: baselines/ beside sweep.results_dir)")
+    parser.add_argument("--shots", type=int,
+                        help="evaluate the ImageNet contexts trained with this many shots (default: the largest)")
+    parser.add_argument("--tracking-uri",
+                        help="MLflow tracking URI holding the sweep's runs (default: MLFLOW_TRACKING_URI, else "
+                        "tracking.uri)")
+    parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        params = load_params(args.params)
+        run_domain_shift(params, args.out or baselines_dir(params), args.shots, args.tracking_uri,
+                         progress=not args.no_progress)
+    except (ParamsError, StageError, DatasetError, ContextFileError) as error:
+        log.error("%s", error)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
+
