@@ -100,9 +100,11 @@ def official_step(bb: Backbone, names: list[str], batch: int, n_ctx: int, csc: b
 
 
 def our_step(bb: Backbone, names: list[str], batch: int, n_ctx: int, csc: bool, position: str,
-             precision: str) -> tuple[Callable[[], None], Callable[[], None]]:
-    """(training step on cached features, text path alone) for our CoOp model."""
+             precision: str, graph: bool = False) -> tuple[Callable[[], None], Callable[[], None]]:
+    """(training step on cached features, text path alone) for our CoOp model, optionally CUDA-graphed."""
     model = CoOp(bb, names, PromptConfig(n_ctx, "", csc, position), precision)
+    if graph:
+        model.capture_cuda_graph()
     features = F.normalize(torch.randn(batch, bb.embed_dim, device=bb.device), dim=-1)
     labels = torch.randint(len(names), (batch,), device=bb.device)
 
@@ -191,7 +193,8 @@ def main() -> None:
     positions = ["end"] if args.quick else ["end", "middle", "front"]
     log.info("\n== step: %s, %d classes, M=%d, batch %d, %s ==", args.arch, args.classes, args.n_ctx, args.batch,
              results["device"])
-    log.info("%-8s %-8s %-6s %12s %12s %8s", "position", "context", "prec", "official ms", "ours ms", "ratio")
+    log.info("%-8s %-8s %-6s %12s %12s %8s%s", "position", "context", "prec", "official ms", "ours ms", "ratio",
+             f" {'graph ms':>12s} {'ratio':>8s}" if on_gpu else "")
     for position in positions:
         for csc in (False, True):
             official = official_step(bb, names, args.batch, args.n_ctx, csc, position, official_autocast)
@@ -201,15 +204,21 @@ def main() -> None:
                 t_ours = timed(ours, device, repeats)
                 row = {"position": position, "csc": csc, "precision": precision,
                        "official_ms": 1e3 * t_official, "ours_ms": 1e3 * t_ours, "ratio": t_official / t_ours}
+                graph_cols = ""
+                if on_gpu:
+                    graphed, _ = our_step(bb, names, args.batch, args.n_ctx, csc, position, precision, graph=True)
+                    t_graph = timed(graphed, device, repeats)
+                    row.update(graph_ms=1e3 * t_graph, graph_ratio=t_official / t_graph)
+                    graph_cols = f" {1e3 * t_graph:12.1f} {t_official / t_graph:7.1f}x"
                 results["steps"].append(row)
-                log.info("%-8s %-8s %-6s %12.1f %12.1f %7.1fx", position, "csc" if csc else "unified", precision,
-                         row["official_ms"], row["ours_ms"], row["ratio"])
+                log.info("%-8s %-8s %-6s %12.1f %12.1f %7.1fx%s", position, "csc" if csc else "unified", precision,
+                         row["official_ms"], row["ours_ms"], row["ratio"], graph_cols)
 
-    log.info("\n== scaling with classes (end, unified, fp32) ==")
+    log.info("\n== scaling with classes (end, unified, fp32%s) ==", ", ours CUDA-graphed" if on_gpu else "")
     log.info("%8s %12s %12s %8s", "classes", "official ms", "ours ms", "ratio")
     per_class_official = None
     for n in [int(c) for c in args.scaling.split(",")]:
-        ours, _ = our_step(bb, classnames(n), args.batch, args.n_ctx, False, "end", "fp32")
+        ours, _ = our_step(bb, classnames(n), args.batch, args.n_ctx, False, "end", "fp32", graph=on_gpu)
         t_ours = timed(ours, device, repeats)
         if n <= 100 or on_gpu:
             t_official = timed(official_step(bb, classnames(n), args.batch, args.n_ctx, False, "end",
@@ -235,8 +244,10 @@ def main() -> None:
     results["text_path"] = []
     for precision in [p for p in precisions if p in ("fp32", "bf16")]:
         _, text_only = our_step(bb, names, args.batch, args.n_ctx, False, "end", precision)
+        if on_gpu:  # FLOPs are counted on the eager path; the graph replays the same kernels
+            _, graphed = our_step(bb, names, args.batch, args.n_ctx, False, "end", precision, graph=True)
         flops = count_flops(text_only)
-        seconds = timed(text_only, device, repeats)
+        seconds = timed(graphed if on_gpu else text_only, device, repeats)
         achieved = flops / seconds
         peak = peaks[precision]
         results["text_path"].append({"precision": precision, "gflop": flops / 1e9, "ms": 1e3 * seconds,

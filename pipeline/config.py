@@ -53,6 +53,7 @@ class TrainParams:
     precision: str = "fp32"
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     shared_prefix: bool = True
+    cuda_graph: bool = True  # on a GPU, replay each step's text path as one CUDA graph (not with amp)
 
 
 @dataclass(frozen=True)

@@ -66,3 +66,33 @@ def test_cuda_reduced_precision_trains_like_fp32(tiny_cuda, precision):
     assert low.model.prompt_learner.ctx.device.type == "cuda"
     assert low.epochs[-1].loss < 0.75 * low.epochs[0].loss
     assert low.test_acc >= fp32.test_acc - 5.0
+
+
+@cuda
+@pytest.mark.parametrize("shared", [False, True])
+def test_cuda_graph_replays_the_eager_text_path(tiny_cuda, shared):
+    cfg = PromptConfig(n_ctx=4, class_token_position="middle")
+    eager = CoOp(tiny_cuda, CLASSNAMES, cfg, shared_prefix=shared, generator=torch.Generator().manual_seed(0))
+    graphed = CoOp(tiny_cuda, CLASSNAMES, cfg, shared_prefix=shared, generator=torch.Generator().manual_seed(0))
+    graphed.capture_cuda_graph()
+    images = F.normalize(torch.randn(5, tiny_cuda.embed_dim, device="cuda"), dim=-1)
+    for step in range(3):  # replays see the context's in-place updates
+        for model in (eager, graphed):
+            model.prompt_learner.ctx.grad = None
+            model(images).square().sum().backward()
+            with torch.no_grad():
+                model.prompt_learner.ctx.add_(0.1 * model.prompt_learner.ctx.grad)
+        assert torch.allclose(eager.prompt_learner.ctx, graphed.prompt_learner.ctx, atol=1e-5), step
+    with torch.no_grad():
+        assert torch.allclose(eager(images), graphed(images), atol=1e-4)
+
+
+@cuda
+def test_training_with_and_without_cuda_graph_agree(tiny_cuda):
+    cfg = PromptConfig(n_ctx=4)
+    data = separable_problem(tiny_cuda, CLASSNAMES, means=teacher_means(tiny_cuda, CLASSNAMES, cfg).cpu())
+    runs = [train_coop(tiny_cuda, data, cfg, TrainConfig(lr=0.02, cuda_graph=g), epochs=5, progress=False)
+            for g in (False, True)]
+    assert runs[1].model._graphed is not None and runs[0].model._graphed is None
+    assert torch.allclose(runs[0].ctx, runs[1].ctx, atol=1e-4)
+    assert runs[0].test_acc == runs[1].test_acc

@@ -14,6 +14,7 @@ buffers, laid out once by index so a forward is a single gather.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
 import torch
@@ -171,9 +172,10 @@ class PromptLearner(nn.Module):
     def length(self) -> int:
         return int(self.token_part.shape[1])
 
-    def forward(self) -> torch.Tensor:
-        """All prompts (C, L, D), positional embedding added; L = longest EOS + 1."""
-        ctx = self.ctx if self.csc else self.ctx.unsqueeze(0).expand(self.n_cls, -1, -1)
+    def forward(self, ctx: torch.Tensor | None = None) -> torch.Tensor:
+        """All prompts (C, L, D), positional embedding added; L = longest EOS + 1. `ctx` defaults to ours."""
+        ctx = self.ctx if ctx is None else ctx
+        ctx = ctx if self.csc else ctx.unsqueeze(0).expand(self.n_cls, -1, -1)
         index = self.ctx_index.unsqueeze(-1).expand(-1, -1, ctx.shape[-1])
         from_ctx = torch.gather(ctx, 1, index) + self.pos_emb
         return torch.where(self.is_ctx.unsqueeze(-1), from_ctx, self.token_part)
@@ -223,10 +225,15 @@ class CoOp(nn.Module):
         self.logit_scale = backbone.logit_scale
         # Sharing SOS alone saves nothing worth a second code path.
         self.shared_prefix = shared_prefix and self.prompt_learner.shared_len > 1
+        self._graphed: Callable[[torch.Tensor], torch.Tensor] | None = None
 
     def text_features(self) -> torch.Tensor:
         """(C, E) L2-normalised class text features, fp32."""
-        prompts = self.prompt_learner()
+        encode = self._graphed if self._graphed is not None else self._encode
+        return encode(self.prompt_learner.ctx)
+
+    def _encode(self, ctx: torch.Tensor) -> torch.Tensor:
+        prompts = self.prompt_learner(ctx)
         eos = self.prompt_learner.eos
         if self.shared_prefix:
             p = self.prompt_learner.shared_len
@@ -234,6 +241,18 @@ class CoOp(nn.Module):
         else:
             features = self.text(prompts, eos)
         return F.normalize(features, dim=-1)
+
+    def capture_cuda_graph(self) -> None:
+        """Record the text path (forward and backward) as a CUDA graph and replay it from then on.
+
+        A CoOp step is a few hundred small kernels; on a GPU their launch cost exceeds their work unless
+        the number of classes is large, and a graph replays them with one launch. Shapes never change
+        during training, which is what graphs need.
+        """
+        if self.prompt_learner.ctx.device.type != "cuda":
+            raise ValueError("CUDA graphs need the model on a CUDA device")
+        sample = self.prompt_learner.ctx.detach().clone().requires_grad_(True)
+        self._graphed = torch.cuda.make_graphed_callables(self._encode, (sample,))
 
     def forward(self, image_features: torch.Tensor) -> torch.Tensor:
         """Normalised image features (B, E) -> logits (B, C)."""

@@ -39,6 +39,7 @@ class TrainConfig:
     precision: str = "fp32"  # fp32 | bf16 | fp16 | amp
     seed: int = 1
     shared_prefix: bool = True
+    cuda_graph: bool = True  # on CUDA (not amp): replay the text path as one CUDA graph
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -137,12 +138,14 @@ def train_coop(
     torch.manual_seed(cfg.seed)
     generator = torch.Generator().manual_seed(cfg.seed)
     model = CoOp(backbone, data.classnames, prompt_cfg, cfg.precision, cfg.shared_prefix, generator)
+    use_amp = cfg.precision == "amp"
+    if cfg.cuda_graph and device.type == "cuda" and not use_amp:
+        model.capture_cuda_graph()
     tensors = _prepare(data, device)
     train_x, train_y = tensors["train"], tensors["train_labels"]
     n_train, n_views = train_x.shape[0], train_x.shape[1]
     optimizer = torch.optim.SGD([model.prompt_learner.ctx], lr=cfg.lr, momentum=cfg.momentum,
                                 weight_decay=cfg.weight_decay)
-    use_amp = cfg.precision == "amp"
     scaler = torch.amp.GradScaler("cuda", enabled=dtype == torch.float16 or use_amp)
     # Dassl drops the last incomplete batch when there is at least one full batch.
     batch = min(cfg.batch_size, n_train)
