@@ -21,6 +21,8 @@ import pytest
 import yaml
 
 REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))  # the DVC stage modules (stages/) live in the checkout, not the package
 PYTHON = sys.executable
 DATASET = "FashionMNIST"
 SHOTS = [1, 2]

@@ -1,8 +1,6 @@
-"""The sweep end to end on the demo dataset: real Ray Tune (local), real MLflow (SQLite), real feature caches.
-
-Subprocess tests (CLI, interrupt + resume) run first, before this module's in-process Ray session starts,
-so two Ray instances never compete for the two cores.
-"""
+"""The sweep end to end on the demo dataset: real Ray Tune (one local session for the module), real MLflow
+(SQLite), real feature caches built by the prepare/features stages. The CLI's full run on a Ray cluster and
+an MLflow server is in test_cluster.py."""
 
 from __future__ import annotations
 
@@ -12,7 +10,7 @@ import math
 import os
 import signal
 import statistics
-import subprocess
+import threading
 import time
 from collections import defaultdict
 from pathlib import Path
@@ -21,7 +19,7 @@ from typing import Any
 import pytest
 import ray
 from mlflow import MlflowClient
-from sweep_helpers import PYTHON, REPO, DemoWorkspace, demo_ws, free_port, run_cli, wait_for  # noqa: F401
+from sweep_helpers import DemoWorkspace, demo_ws, free_port  # noqa: F401
 
 from pipeline.config import load_params
 from pipeline.engine.backbone import count_tokens
@@ -84,19 +82,24 @@ def test_help_explains_every_flag() -> None:
                  "--dry-run", "--tracking-uri"):
         assert flag in text
     assert "optuna" in text and "Ray" in text and "MLflow" in text
+    parser = build_parser()
+    assert parser.parse_args(["--resume"]).resume == "latest"
+    assert parser.parse_args(["--resume", "grid-1"]).resume == "grid-1"
+    assert parser.parse_args([]).config == "params.yaml"
 
 
-def test_dry_run_prints_the_trials_and_their_count(demo_ws: DemoWorkspace) -> None:  # noqa: F811
+def test_dry_run_prints_the_trials_and_their_count(demo_ws: DemoWorkspace,  # noqa: F811
+                                                   capsys: pytest.CaptureFixture) -> None:
     space = {"n_ctx": [4, 8], "ctx_init": ["", WORDS], "csc": [False, True]}
     params = demo_ws.params("dry", sweep={"space": space, "storage": str(demo_ws.root / "dry-ray")})
-    done = run_cli(["--config", str(params), "--dry-run", "--search", "grid"])
-    assert done.returncode == 0, done.stderr
+    assert cli_main(["--config", str(params), "--dry-run", "--search", "grid"]) == 0
+    out = capsys.readouterr().out
     expected = build_space(load_params(params)).enumerate()
     # 2 shots x 2 seeds x (4 random-init variants + 1 word-init variant)
     assert len(expected) == 2 * 2 * 5
-    assert f"{len(expected)} trial(s) would run" in done.stdout
+    assert f"{len(expected)} trial(s) would run" in out
     for config in expected:
-        assert trial_key(config) in done.stdout
+        assert trial_key(config) in out
     assert not (demo_ws.root / "dry-ray").exists()  # a dry run starts nothing
 
 
@@ -113,54 +116,68 @@ def test_cli_errors_name_the_problem(demo_ws: DemoWorkspace, caplog: pytest.LogC
     assert "does not exist" in caplog.text
 
 
-# ------------------------------------------------------------------------------ interruption and resume
+# ------------------------------------------------------------------------- in-process, one Ray session
 
 
-def test_interrupted_sweep_resumes_without_duplicates(demo_ws: DemoWorkspace) -> None:  # noqa: F811
+@pytest.fixture(scope="module")
+def ray_session() -> Any:
+    ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="WARNING")
+    yield
+    ray.shutdown()
+
+
+def test_interrupted_sweep_resumes_without_duplicates(demo_ws: DemoWorkspace,  # noqa: F811
+                                                      ray_session: Any) -> None:
+    """Interrupt a sweep the way Ctrl-C does (Tune's graceful stop), then --resume it."""
     epochs = 150
     root = demo_ws.root / "resume"
-    params = demo_ws.params(
+    params = load_params(demo_ws.params(
         "resume",
         data={"shots": [1]},
         train={"epochs": epochs, "eval_every": 0},
         sweep={"space": {"n_ctx": [4, 8]}, "max_concurrent": 1, "storage": str(root / "ray"),
                "results_dir": str(root / "results"), "name": "resumable"},
         tracking={"uri": f"sqlite:///{root}/mlflow.db", "experiment": "resume"},
-    )
+    ))
     uri = f"sqlite:///{root}/mlflow.db"
     n_trials = 4  # n_ctx x seeds
-    log = (demo_ws.root / "resume-first.log").open("w")
-    first = subprocess.Popen([PYTHON, "-m", "pipeline.sweep", "--config", str(params), "--quiet"], cwd=REPO,
-                             stdout=log, stderr=subprocess.STDOUT)
-    try:
-        def one_finished() -> bool:
-            if first.poll() is not None:
-                return True
-            try:
-                return any(r.info.status == "FINISHED" for r in experiment_runs(uri, "resume")[1])
-            except Exception:  # the database is still being created
-                return False
+    stop = threading.Event()
 
-        wait_for(one_finished, 240, 0.3, "the first trial to finish")
-        first.send_signal(signal.SIGINT)
-        assert first.wait(120) == 130, (demo_ws.root / "resume-first.log").read_text()[-4000:]
+    def interrupt_after_first_trial() -> None:
+        while not stop.wait(0.3):
+            try:
+                if any(r.info.status == "FINISHED" for r in experiment_runs(uri, "resume")[1]):
+                    break
+            except Exception:  # the database is still being created
+                continue
+        else:
+            return
+        # Tune's own stop signal (what Ctrl-C triggers): it saves the experiment state and returns.
+        os.kill(os.getpid(), signal.SIGUSR1)
+
+    previous = signal.signal(signal.SIGUSR1, lambda *_: None)  # never let a stray SIGUSR1 kill pytest
+    watcher = threading.Thread(target=interrupt_after_first_trial, daemon=True)
+    watcher.start()
+    try:
+        first = run_sweep(params, SweepOptions(verbose=0))
     finally:
-        if first.poll() is None:
-            first.kill()
-        log.close()
+        stop.set()
+        watcher.join()
+        signal.signal(signal.SIGUSR1, previous)
+    assert first.interrupted
 
     _, children = experiment_runs(uri, "resume")
     done_before = {r.data.tags[KEY_TAG]: r for r in children if r.info.status == "FINISHED"}
     assert 1 <= len(done_before) < n_trials, "the interruption should leave unfinished trials"
     assert all(r.info.status != "RUNNING" for r in children)
     partial = read_csv(root / "results" / "trials.csv")
-    assert {r["state"] for r in partial} - {"FINISHED"}, "trials.csv should show the unfinished trials"
+    assert len(partial) == n_trials and {r["state"] for r in partial} == {"FINISHED", "UNFINISHED"}
 
-    second = run_cli(["--config", str(params), "--resume", "--quiet"], timeout=400)
-    assert second.returncode == 0, second.stderr[-4000:]
+    second = run_sweep(params, SweepOptions(resume="latest", verbose=0))
+    assert not second.interrupted and second.counts["finished"] == n_trials
 
     parents, children = experiment_runs(uri, "resume")
-    assert len(parents) == 1
+    assert len(parents) == 1 and parents[0].info.run_id == first.parent_run_id == second.parent_run_id
     keys = [r.data.tags[KEY_TAG] for r in children]
     assert len(keys) == len(set(keys)) == n_trials
     assert all(r.info.status == "FINISHED" for r in children)
@@ -173,16 +190,6 @@ def test_interrupted_sweep_resumes_without_duplicates(demo_ws: DemoWorkspace) ->
     rows = read_csv(root / "results" / "trials.csv")
     assert len(rows) == n_trials and {r["state"] for r in rows} == {"FINISHED"}
     assert sorted(p.name for p in (root / "ray").iterdir() if p.is_dir()) == ["resumable"]
-
-
-# ------------------------------------------------------------------------- in-process, one Ray session
-
-
-@pytest.fixture(scope="module")
-def ray_session() -> Any:
-    ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="WARNING")
-    yield
-    ray.shutdown()
 
 
 def test_optuna_sweep_end_to_end(demo_ws: DemoWorkspace, ray_session: Any) -> None:  # noqa: F811
@@ -321,10 +328,12 @@ def test_unreachable_services_and_missing_features_fail_before_any_trial(demo_ws
     assert not (root / "ray").exists() and not (root / "res").exists()
 
 
-def test_stage_entry_point_runs_the_params_search(demo_ws: DemoWorkspace) -> None:  # noqa: F811
-    """stages.sweep is the DVC stage: same code, params' search; checked via its plan (no second Ray)."""
+def test_stage_entry_point_runs_the_params_search(demo_ws: DemoWorkspace,  # noqa: F811
+                                                  capsys: pytest.CaptureFixture) -> None:
+    """stages.sweep is the DVC stage: same code, the params' search (checked through its plan)."""
+    from stages.sweep import main as stage_main
+
     params = demo_ws.params("stage", sweep={"search": "random", "num_samples": 3, "space": {"n_ctx": [4, 8]}})
-    done = subprocess.run([PYTHON, "-m", "stages.sweep", "--params", str(params), "--dry-run"], cwd=REPO,
-                          capture_output=True, text=True, timeout=120, env={**os.environ})
-    assert done.returncode == 0, done.stderr
-    assert "random: 3 trials" in done.stdout and "3 trial(s) would run" in done.stdout
+    assert stage_main(["--params", str(params), "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "random: 3 trials" in out and "3 trial(s) would run" in out

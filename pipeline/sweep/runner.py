@@ -283,7 +283,7 @@ def _scheduler(plan: SweepPlan, params: Params, asha: bool) -> Any:
                          reduction_factor=params.sweep.asha_reduction_factor)
 
 
-def _records(results: Any, children: dict[str, Any], plan: SweepPlan) -> list[TrialRecord]:
+def _records(results: Any, children: dict[str, Any], plan: SweepPlan, ended: set[str]) -> list[TrialRecord]:
     """One record per trial, with its final state, accuracies and MLflow run.
 
     Planned grid/random trials that Ray never created (the sweep was interrupted first) are listed as
@@ -305,7 +305,7 @@ def _records(results: Any, children: dict[str, Any], plan: SweepPlan) -> list[Tr
             state = "FAILED"
         elif isinstance(test, (int, float)) and math.isfinite(test):
             state = "FINISHED"
-        elif status == "TERMINATED":
+        elif status == "TERMINATED" and trial_id in ended:
             state = "STOPPED"
         else:
             state = "UNFINISHED"
@@ -416,6 +416,7 @@ def _fit(params: Params, options: SweepOptions, plan: SweepPlan, inputs: Any, pa
     import ray
     from ray import tune
 
+    from pipeline.sweep.callbacks import WATCHERS, EndWatcher
     from pipeline.sweep.trial import TrialContext, run_name, run_trial, trial_params
 
     _check_resources(params)
@@ -466,14 +467,17 @@ def _fit(params: Params, options: SweepOptions, plan: SweepPlan, inputs: Any, pa
                 name=name,
                 storage_path=str(storage),
                 failure_config=tune.FailureConfig(max_failures=params.sweep.retries),
+                callbacks=[EndWatcher(name)],
                 verbose=options.verbose,
             ),
         )
     results = tuner.fit()
     fit_seconds = time.perf_counter() - fit_start
+    watcher = WATCHERS.pop(name, None)
+    ended = watcher.all_ended() if watcher is not None else set()
 
     children = {r.data.tags.get("sweep.trial_key"): r for r in parent.children()}
-    records = _records(results, children, plan)
+    records = _records(results, children, plan, ended)
     outcomes = {}
     for record in records:
         outcomes[record.trial_key] = TrialOutcome(
@@ -488,7 +492,7 @@ def _fit(params: Params, options: SweepOptions, plan: SweepPlan, inputs: Any, pa
         )
     parent.settle(outcomes)
     children = {r.data.tags.get("sweep.trial_key"): r for r in parent.children()}
-    records = _records(results, children, plan)
+    records = _records(results, children, plan, ended)
 
     files = write_results(Path(params.sweep.results_dir).resolve(), records)
     tally = counts(records)

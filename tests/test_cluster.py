@@ -1,0 +1,146 @@
+"""docs/cluster.md for real, on one machine: a Ray head and a worker raylet on distinct loopback addresses
+(token auth on both), an `mlflow server` on loopback, and the sweep CLI driving trials onto both nodes.
+Every process is started here and stopped by process group at the end."""
+
+from __future__ import annotations
+
+import csv
+import os
+import secrets
+import shutil
+import socket
+import subprocess
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from mlflow import MlflowClient
+from sweep_helpers import (
+    PYTHON,
+    DemoWorkspace,
+    demo_ws,  # noqa: F401
+    free_port,
+    group_members,
+    mlflow_server,
+    pids_mentioning,
+    run_cli,
+    stop_group,
+    wait_for,
+)
+
+from pipeline.engine.context import load_context
+from pipeline.tracking import KEY_TAG, NODE_TAG, PARENT_TAG
+
+HEAD_IP, WORKER_IP = "127.0.0.2", "127.0.0.3"
+RAY = str(Path(PYTHON).parent / "ray")
+
+
+def _listening(host: str, port: int) -> bool:
+    try:
+        with socket.create_connection((host, port), timeout=1):
+            return True
+    except OSError:
+        return False
+
+
+def _alive_nodes(address: str, env: dict[str, str]) -> int:
+    status = subprocess.run([RAY, "status", f"--address={address}"], env=env, capture_output=True, text=True,
+                            timeout=60)
+    active = status.stdout.split("Active:", 1)[-1].split("Pending:", 1)[0]
+    return sum(" node_" in line for line in active.splitlines())
+
+
+@dataclass
+class Cluster:
+    address: str
+    env: dict[str, str]
+
+
+@pytest.fixture(scope="module")
+def cluster() -> Iterator[Cluster]:
+    # Short private temp dirs: Ray's socket paths must fit in 107 bytes, and they identify our processes.
+    head_tmp = tempfile.mkdtemp(prefix="rh-", dir="/tmp")
+    worker_tmp = tempfile.mkdtemp(prefix="rw-", dir="/tmp")
+    env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(16)}
+    env.pop("RAY_ADDRESS", None)
+    port = free_port(HEAD_IP)
+    common = ["--block", "--num-cpus=1", "--disable-usage-stats"]
+    logs = [open(Path(head_tmp) / "start.log", "w"), open(Path(worker_tmp) / "start.log", "w")]  # noqa: SIM115
+    head = subprocess.Popen(
+        [RAY, "start", "--head", f"--node-ip-address={HEAD_IP}", f"--port={port}", "--include-dashboard=false",
+         f"--temp-dir={head_tmp}", *common],
+        env=env, stdout=logs[0], stderr=subprocess.STDOUT, start_new_session=True,
+    )
+    procs = [head]
+    try:
+        wait_for(lambda: _listening(HEAD_IP, port) or head.poll() is not None, 120, 0.5, "the Ray head")
+        assert head.poll() is None, (Path(head_tmp) / "start.log").read_text()[-3000:]
+        manager_port = free_port(WORKER_IP)
+        worker = subprocess.Popen(
+            [RAY, "start", f"--address={HEAD_IP}:{port}", f"--node-ip-address={WORKER_IP}",
+             f"--node-manager-port={manager_port}", f"--temp-dir={worker_tmp}", *common],
+            env=env, stdout=logs[1], stderr=subprocess.STDOUT, start_new_session=True,
+        )
+        procs.insert(0, worker)
+        wait_for(lambda: _listening(WORKER_IP, manager_port) or worker.poll() is not None, 120, 0.5,
+                 "the worker raylet")
+        assert worker.poll() is None, (Path(worker_tmp) / "start.log").read_text()[-3000:]
+        address = f"{HEAD_IP}:{port}"
+        # The sweep must see both nodes from its start, or the head's warm worker takes every trial.
+        wait_for(lambda: _alive_nodes(address, env) == 2, 120, 1.0, "both Ray nodes to register")
+        yield Cluster(address, env)
+    finally:
+        for proc in procs:  # worker first, so it does not try to drain from a dead head
+            stop_group(proc)
+        for f in logs:
+            f.close()
+        leftovers = [pid for proc in procs for pid in group_members(proc.pid)]
+        leftovers += pids_mentioning(head_tmp) + pids_mentioning(worker_tmp)
+        shutil.rmtree(head_tmp, ignore_errors=True)
+        shutil.rmtree(worker_tmp, ignore_errors=True)
+        assert not leftovers, f"Ray processes survived: {leftovers}"
+
+
+def test_sweep_spreads_over_two_nodes_and_logs_to_an_mlflow_server(
+    demo_ws: DemoWorkspace, cluster: Cluster, tmp_path: Path  # noqa: F811
+) -> None:
+    root = tmp_path / "sweep"
+    params = demo_ws.params(
+        "cluster",
+        data={"shots": [1], "seeds": [1, 2]},
+        train={"epochs": 30, "eval_every": 10},
+        sweep={"space": {"n_ctx": [4, 8], "class_token_position": ["end", "front"]}, "max_concurrent": 2,
+               "storage": str(root / "ray"), "results_dir": str(root / "results")},
+        tracking={"experiment": "cluster"},
+    )
+    with mlflow_server(tmp_path / "mlflow") as uri:
+        done = run_cli(["--config", str(params), "--address", cluster.address, "--tracking-uri", uri, "--quiet"],
+                       env=cluster.env, timeout=400, cwd=tmp_path)
+        assert done.returncode == 0, done.stderr[-5000:]
+
+        with (root / "results" / "trials.csv").open() as f:
+            rows = list(csv.DictReader(f))
+        assert len(rows) == 8 and {r["state"] for r in rows} == {"FINISHED"}
+        assert {r["node_ip"] for r in rows} == {HEAD_IP, WORKER_IP}
+
+        client = MlflowClient(uri)
+        experiment = client.get_experiment_by_name("cluster")
+        runs = client.search_runs([experiment.experiment_id])
+        parents = [r for r in runs if PARENT_TAG not in r.data.tags]
+        children = [r for r in runs if PARENT_TAG in r.data.tags]
+        assert len(parents) == 1 and parents[0].info.status == "FINISHED"
+        assert len(children) == 8 and {c.info.status for c in children} == {"FINISHED"}
+        assert {c.data.tags[KEY_TAG] for c in children} == {r["trial_key"] for r in rows}
+        assert {c.data.tags[NODE_TAG] for c in children} == {HEAD_IP, WORKER_IP}
+
+        # Artifacts went through the server (a worker node has no path to the driver's disk).
+        remote = next(c for c in children if c.data.tags[NODE_TAG] == WORKER_IP)
+        names = {a.path for a in client.list_artifacts(remote.info.run_id)}
+        assert {"ctx.safetensors", "ctx.json", "nearest_words.json", "nearest_words.txt", "config.json"} <= names
+        local = Path(client.download_artifacts(remote.info.run_id, "", str(tmp_path / "dl")))
+        ctx, meta = load_context(local / "ctx.safetensors")
+        assert ctx.shape[-2] == int(remote.data.params["n_ctx"]) and meta.dataset == "FashionMNIST"
+        assert any((tmp_path / "mlflow" / "artifacts").rglob("ctx.safetensors"))
+        assert not (tmp_path / "mlruns").exists()
