@@ -22,6 +22,7 @@ import argparse
 import csv
 import logging
 import math
+import os
 import shutil
 import sys
 import warnings
@@ -197,6 +198,8 @@ def trial_artifacts(row: dict[str, str], results_dir: Path, dest: Path, tracking
     if all((target / n).is_file() for n in names):
         return target
     target.mkdir(parents=True, exist_ok=True)
+    # One progress bar per tiny file would drown the stage's own log.
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     client = MlflowClient(tracking_uri)
     try:
         for name in names:
