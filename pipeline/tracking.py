@@ -241,6 +241,9 @@ class SweepRun:
                 )
                 self.client.log_batch(run.info.run_id, params=_params(outcome.params))
             elif run.info.status != "RUNNING":
+                if outcome.state == "STOPPED" and run.info.status == "KILLED" and outcome.reason:
+                    # The worker only knew Tune stopped it; the driver knows it was the scheduler.
+                    self.client.set_tag(run.info.run_id, REASON_TAG, outcome.reason[:5000])
                 continue
             status = "FAILED" if outcome.state == "FAILED" else "KILLED" if outcome.state != "FINISHED" else "FINISHED"
             if outcome.reason:

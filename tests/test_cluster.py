@@ -93,7 +93,7 @@ def cluster() -> Iterator[Cluster]:
         yield Cluster(address, env)
     finally:
         for proc in procs:  # worker first, so it does not try to drain from a dead head
-            stop_group(proc)
+            stop_group(proc, timeout=10)  # an idle raylet drains in about a second; do not wait out 30s
         for f in logs:
             f.close()
         leftovers = [pid for proc in procs for pid in group_members(proc.pid)]

@@ -28,8 +28,8 @@ from pipeline.sweep.space import CONFIG_KEYS, HYPER_KEYS, config_label
 
 STATES = ("FINISHED", "FAILED", "STOPPED", "UNFINISHED")
 TRIAL_COLUMNS = [
-    "trial_id", "trial_key", "state", *CONFIG_KEYS, "config", "val_acc", "test_acc", "train_seconds",
-    "node_ip", "mlflow_run_id", "reason",
+    "trial_id", "trial_key", "state", *CONFIG_KEYS, "config", "last_epoch", "val_acc", "test_acc",
+    "train_seconds", "node_ip", "mlflow_run_id", "reason",
 ]
 SUMMARY_COLUMNS = [
     "dataset", "shots", "config", *HYPER_KEYS, "n_seeds", "seeds",
@@ -49,6 +49,7 @@ class TrialRecord:
     val_acc: float | None = None
     test_acc: float | None = None
     train_seconds: float | None = None
+    last_epoch: int | None = None  # last epoch reported to Tune (an evaluation epoch, or the final one)
     node_ip: str = ""
     mlflow_run_id: str = ""
     reason: str = ""
@@ -60,6 +61,7 @@ class TrialRecord:
             "trial_key": self.trial_key,
             "state": self.state,
             "config": config_label(self.config),
+            "last_epoch": "" if self.last_epoch is None else self.last_epoch,
             "val_acc": _fmt(self.val_acc),
             "test_acc": _fmt(self.test_acc),
             "train_seconds": _fmt(self.train_seconds),

@@ -316,6 +316,7 @@ def _records(results: Any, children: dict[str, Any], plan: SweepPlan, ended: set
             config=config, trial_id=trial_id, trial_key=key, state=state,
             val_acc=metrics.get("val_acc"), test_acc=test if state == "FINISHED" else None,
             train_seconds=metrics.get("train_seconds"),
+            last_epoch=metrics.get("epoch"),
             node_ip=(run.data.tags.get(NODE_TAG, "") if run is not None else "") or str(metrics.get("node_ip", "")),
             mlflow_run_id=run.info.run_id if run is not None else str(metrics.get("mlflow_run_id", "")),
             reason=reason if state != "FINISHED" else "",
@@ -325,6 +326,16 @@ def _records(results: Any, children: dict[str, Any], plan: SweepPlan, ended: set
         records += [TrialRecord(config=dict(c), trial_key=trial_key(c), reason="not started")
                     for c in plan.configs if trial_key(c) not in created]
     return records
+
+
+def _reason(record: TrialRecord) -> str:
+    """What MLflow's sweep.failure_reason tag should say about a trial that did not finish."""
+    if record.state == "STOPPED":
+        return (f"stopped early by ASHA at epoch {record.last_epoch} of {record.config['epochs']} "
+                f"(val_acc {record.val_acc} below its rung)")
+    if record.state == "UNFINISHED":
+        return "the sweep was interrupted before this trial finished; resume it with --resume"
+    return record.reason
 
 
 def _parent_metrics(records: list[TrialRecord]) -> dict[str, float]:
@@ -482,9 +493,7 @@ def _fit(params: Params, options: SweepOptions, plan: SweepPlan, inputs: Any, pa
     for record in records:
         outcomes[record.trial_key] = TrialOutcome(
             state=record.state,
-            reason=record.reason or ("stopped early by ASHA (val_acc below its rung)" if record.state == "STOPPED"
-                                     else "the sweep was interrupted before this trial finished"
-                                     if record.state == "UNFINISHED" else ""),
+            reason=_reason(record),
             run_name=run_name(record.config),
             params=trial_params(record.config, context),
             tags={"sweep.name": name, "ray.trial_id": record.trial_id, "dataset": record.config["dataset"],
