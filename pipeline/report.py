@@ -436,9 +436,10 @@ def table(header: Sequence[str], rows: Sequence[Sequence[str]], caption: str = "
 
     head = "".join(cell("th", h) for h in header)
     body = "".join("<tr>" + "".join(cell("td", v) for v in row) + "</tr>" for row in rows)
-    cap = f"<caption>{escape(caption)}</caption>" if caption else ""
-    return (f'<div class="scroll"><table class="{classes}">{cap}<thead><tr>{head}</tr></thead>'
-            f"<tbody>{body}</tbody></table></div>")
+    # The caption goes below as a paragraph: a <caption> is as narrow as its table.
+    cap = f'<p class="caption">{escape(caption)}</p>' if caption else ""
+    return (f'<div class="scroll"><table class="{classes}"><thead><tr>{head}</tr></thead>'
+            f"<tbody>{body}</tbody></table></div>{cap}")
 
 
 def empty(text: str) -> str:
@@ -640,8 +641,8 @@ h1{font-size:1.6em;margin-bottom:4px}h2{margin-top:36px;border-bottom:1px solid 
 table{border-collapse:collapse;margin:12px 0;font-size:13px}th,td{border:1px solid #ddd;padding:4px 8px}
 th{background:#f4f4f4;text-align:left}table.numbers td{text-align:right}table.numbers td:first-child,
 table.numbers td:nth-child(2){text-align:left}table.meta th{display:none}table.meta td:first-child{font-weight:600}
-table.words td small{color:#888;margin-left:3px;font-size:10px}table.words td:nth-child(2){white-space:nowrap}caption{caption-side:bottom;text-align:left;
-color:#555;font-size:12px;padding-top:4px}.scroll{overflow-x:auto}figure{margin:12px 0}figure img{max-width:100%}
+table.words{font-size:11px}table.words td{padding:3px 5px}table.words td small{color:#888;margin-left:2px;
+font-size:9px}table.words td:nth-child(2){white-space:nowrap}p.caption{color:#555;font-size:12px;margin-top:-6px}.scroll{overflow-x:auto}figure{margin:12px 0}figure img{max-width:100%}
 figcaption{color:#555;font-size:12px}.empty{color:#777;font-style:italic}
 .warn{background:#fff4e5;border-left:4px solid #f0a030;padding:6px 10px}
 """

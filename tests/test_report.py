@@ -254,3 +254,13 @@ def test_stage_entry_points_answer_help(module: str) -> None:
     done = subprocess.run([sys.executable, "-m", module, "--help"], cwd=REPO, capture_output=True, text=True,
                           timeout=120)
     assert done.returncode == 0 and "--params" in done.stdout and "DVC stage" in done.stdout
+
+
+def test_domain_shift_without_imagenet_writes_an_empty_table(workspace: dict[str, Any], tmp_path: Path) -> None:
+    from pipeline.domain_shift import COLUMNS, run_domain_shift
+
+    out = tmp_path / "ds"
+    assert run_domain_shift(workspace["params"], out, progress=False) == []
+    with (out / "domain_shift.csv").open() as f:
+        assert f.read().strip() == ",".join(COLUMNS)
+    assert "No domain-shift results" in sections(render(collect(workspace["params"], baselines_dir=out)))["domain"]
