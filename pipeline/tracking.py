@@ -296,6 +296,14 @@ class TrialRun:
 
         An unfinished run of the same key (crash, retry, interrupted sweep) is reused and set RUNNING.
         """
+        if uri.startswith("sqlite:///"):
+            db = Path(uri[len("sqlite:///") :])
+            if not db.is_file():
+                # A worker on another machine would silently start an empty database of its own.
+                raise TrackingError(
+                    f"the tracking database {db} is not on this node ({socket.gethostname()}); trials on other "
+                    "machines need an MLflow server: see docs/cluster.md and pass --tracking-uri http://host:5000"
+                )
         client = MlflowClient(uri)
         found = client.search_runs(
             [experiment_id],

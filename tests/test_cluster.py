@@ -31,6 +31,7 @@ from sweep_helpers import (
 )
 
 from pipeline.engine.context import load_context
+from pipeline.sweep.runner import SweepError, check_ray_address
 from pipeline.tracking import KEY_TAG, NODE_TAG, PARENT_TAG
 
 HEAD_IP, WORKER_IP = "127.0.0.2", "127.0.0.3"
@@ -144,3 +145,13 @@ def test_sweep_spreads_over_two_nodes_and_logs_to_an_mlflow_server(
         assert ctx.shape[-2] == int(remote.data.params["n_ctx"]) and meta.dataset == "FashionMNIST"
         assert any((tmp_path / "mlflow" / "artifacts").rglob("ctx.safetensors"))
         assert not (tmp_path / "mlruns").exists()
+
+
+def test_driver_with_another_auth_token_is_refused_quickly(cluster: Cluster, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("RAY_AUTH_MODE", "token")
+    monkeypatch.setenv("RAY_AUTH_TOKEN", cluster.env["RAY_AUTH_TOKEN"])
+    check_ray_address(cluster.address)  # the head's token passes (the probe inherits this environment)
+    monkeypatch.setenv("RAY_AUTH_TOKEN", secrets.token_hex(16))
+    with pytest.raises(SweepError, match="RAY_AUTH_TOKEN"):
+        check_ray_address(cluster.address)
+

@@ -9,6 +9,7 @@ import json
 import math
 import os
 import signal
+import socket
 import statistics
 import threading
 import time
@@ -28,7 +29,7 @@ from pipeline.sweep.__main__ import build_parser
 from pipeline.sweep.__main__ import main as cli_main
 from pipeline.sweep.inputs import MissingInputsError
 from pipeline.sweep.results import ConfigSummary, TrialRecord, select_best, summarize
-from pipeline.sweep.runner import SweepError, SweepOptions, run_sweep
+from pipeline.sweep.runner import SweepError, SweepOptions, check_ray_address, run_sweep
 from pipeline.sweep.space import build_space, trial_key
 from pipeline.tracking import KEY_TAG, PARENT_TAG, REASON_TAG
 
@@ -318,6 +319,16 @@ def test_unreachable_services_and_missing_features_fail_before_any_trial(demo_ws
             run_sweep(params, options)
         assert time.monotonic() - start < 15
         assert dead in str(info.value)
+    listener = socket.socket()  # accepts connections, never speaks Ray
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(8)
+    try:
+        start = time.monotonic()
+        with pytest.raises(SweepError, match="does not answer as a Ray cluster"):
+            check_ray_address(f"127.0.0.1:{listener.getsockname()[1]}", timeout=2, probe_timeout=5)
+        assert time.monotonic() - start < 12
+    finally:
+        listener.close()
     no_features = load_params(demo_ws.params(
         "nofeat", features={"dir": str(root / "empty")}, sweep={"storage": str(root / "ray")},
         tracking={"uri": f"sqlite:///{root}/mlflow.db"},

@@ -123,3 +123,11 @@ def test_settle_closes_orphans_and_records_failures_without_runs(tmp_path: Path)
     assert runs["k-failed"].info.status == "FAILED" and runs["k-failed"].data.params["lr"] == "0.1"
     parent.finish("FINISHED", {"trials_total": 2.0})
     assert MlflowClient(uri).get_run(parent.run_id).info.status == "FINISHED"
+
+
+def test_trial_on_a_node_without_the_sqlite_file_fails_clearly(tmp_path: Path) -> None:
+    missing = f"sqlite:///{tmp_path}/elsewhere/mlflow.db"
+    with pytest.raises(TrackingError, match="MLflow server"):
+        TrialRun.open(missing, "1", "parent", "key", "name", {}, {})
+    assert not (tmp_path / "elsewhere").exists()
+

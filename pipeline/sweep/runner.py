@@ -12,6 +12,8 @@ import logging
 import math
 import os
 import socket
+import subprocess
+import sys
 import time
 import warnings
 from dataclasses import asdict, dataclass, field
@@ -170,14 +172,25 @@ def resolve_address(options: SweepOptions, params: Params) -> str | None:
     return None if address in (None, "", "local") else address
 
 
-def check_ray_address(address: str, timeout: float = 5.0) -> None:
-    """One bounded TCP connect to the head's GCS port, so a dead address fails in seconds, not minutes."""
+_GCS_PROBE = (
+    "import sys\n"
+    "from ray._raylet import GcsClient\n"
+    "GcsClient(address=sys.argv[1]).internal_kv_get(b'coop-sweep-probe', None)\n"
+)
+
+
+def check_ray_address(address: str, timeout: float = 5.0, probe_timeout: float = 20.0) -> None:
+    """Fail in seconds, not minutes, when a Ray address is dead, is not a Ray head, or refuses our auth.
+
+    ray.init retries an unresponsive GCS for many minutes, so first one bounded TCP connect, then one
+    request to the GCS from a short-lived process that is killed after `probe_timeout` seconds.
+    """
     if address == "auto":
         return
-    target = address if "://" in address else f"ray://{address}"
-    parsed = urlparse(target)
+    client = address.startswith("ray://")
+    parsed = urlparse(address if "://" in address else f"ray://{address}")
     host = parsed.hostname
-    port = parsed.port or (10001 if address.startswith("ray://") else 6379)
+    port = parsed.port or (10001 if client else 6379)
     if not host:
         raise SweepError(f"cannot read a host from the Ray address {address!r}; use host:port, e.g. 10.0.0.1:6379")
     try:
@@ -189,6 +202,22 @@ def check_ray_address(address: str, timeout: float = 5.0) -> None:
             f"`ray start --head --port={port}` (see docs/cluster.md), check the address, "
             "or leave --address out to run on a local Ray instance."
         ) from None
+    if client:
+        return  # a Ray Client server speaks another protocol; ray.init reports its own errors quickly
+    try:
+        probe = subprocess.run([sys.executable, "-c", _GCS_PROBE, f"{host}:{port}"], capture_output=True,
+                               text=True, timeout=probe_timeout)
+    except subprocess.TimeoutExpired:
+        raise SweepError(
+            f"{address} accepts connections but does not answer as a Ray cluster within {probe_timeout:g}s; "
+            "give the head's GCS address (`ray start --head` prints it; port 6379 by default)"
+        ) from None
+    if probe.returncode != 0:
+        detail = " ".join(probe.stderr.strip().splitlines()[-3:])[-600:]
+        raise SweepError(
+            f"the Ray cluster at {address} refused this driver: {detail}\nThe driver must use the head's "
+            "RAY_AUTH_MODE and, with token auth, its RAY_AUTH_TOKEN (see docs/cluster.md)."
+        )
 
 
 def _init_ray(address: str | None) -> bool:
