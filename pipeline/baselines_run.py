@@ -74,10 +74,8 @@ class StageError(RuntimeError):
 
 
 def baselines_dir(params: Params) -> Path:
-    """Home of baselines.csv and domain_shift.csv: report.baselines_dir where the params schema has that
-    key, else ``baselines/`` beside sweep.results_dir (outputs/baselines for the default params)."""
-    configured = getattr(params.report, "baselines_dir", None)
-    return Path(configured) if configured else Path(params.sweep.results_dir).parent / "baselines"
+    """Home of baselines.csv and domain_shift.csv (report.baselines_dir)."""
+    return Path(params.report.baselines_dir)
 
 
 def dataset_folder(name: str) -> str:

@@ -91,6 +91,7 @@ class TrackingParams:
 @dataclass(frozen=True)
 class ReportParams:
     dir: str = "outputs/report"
+    baselines_dir: str = "outputs/baselines"  # zero-shot / linear-probe / domain-shift tables
 
 
 @dataclass(frozen=True)
