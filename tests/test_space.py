@@ -5,22 +5,30 @@ from __future__ import annotations
 
 import itertools
 import random
+from pathlib import Path
 
 import optuna
 import pytest
 from ray.tune.search import Searcher
 from ray.tune.search.optuna import OptunaSearch
 
-from pipeline.config import ParamsError, params_from_dict
+from pipeline.config import Params, ParamsError, params_from_dict
 from pipeline.engine.backbone import count_tokens
 from pipeline.sweep.runner import SweepOptions, plan_sweep
 from pipeline.sweep.searchers import ConfigListSearcher, UniqueSearcher
-from pipeline.sweep.space import CONFIG_KEYS, SpaceError, build_space, check_searchable, trial_key
+from pipeline.sweep.space import (
+    CONFIG_KEYS,
+    SearchSpace,
+    SpaceError,
+    build_space,
+    check_searchable,
+    trial_key,
+)
 
 WORDS = "a photo of a"
 
 
-def make_params(space: dict, **sections: dict) -> object:
+def make_params(space: dict, **sections: dict) -> Params:
     raw = {"data": {"datasets": ["FashionMNIST"], "shots": [1], "seeds": [1, 2]}, "sweep": {"space": space}}
     for name, values in sections.items():
         raw.setdefault(name, {}).update(values)
@@ -104,9 +112,9 @@ def test_optuna_never_offers_word_init_when_csc_must_be_true() -> None:
         assert define_ok(space, study)
 
 
-def define_ok(space: object, study: optuna.Study) -> bool:
+def define_ok(space: SearchSpace, study: optuna.Study) -> bool:
     trial = study.ask()
-    config = space.define_by_run()(trial)  # type: ignore[attr-defined]
+    config = space.define_by_run()(trial)
     study.tell(trial, 0.0)
     return valid(config) and not config["ctx_init"]
 
@@ -160,10 +168,10 @@ def test_plan_caps_samples_and_grid_ignores_them() -> None:
     assert "4 trial(s) would run" in listing and listing.count("FashionMNIST") == 4
 
 
-def _optuna_searcher(space: object, seed: int = 0) -> UniqueSearcher:
-    inner = OptunaSearch(space=space.define_by_run(), metric="val_acc", mode="max",  # type: ignore[attr-defined]
+def _optuna_searcher(space: SearchSpace, seed: int = 0) -> UniqueSearcher:
+    inner = OptunaSearch(space=space.define_by_run(), metric="val_acc", mode="max",
                          sampler=optuna.samplers.TPESampler(seed=seed, n_startup_trials=2))
-    return UniqueSearcher(inner, space)  # type: ignore[arg-type]
+    return UniqueSearcher(inner, space)
 
 
 def test_unique_searcher_hands_out_each_configuration_once_then_finishes() -> None:
@@ -194,11 +202,11 @@ def test_unique_searcher_with_pending_trials_and_restored_state() -> None:
     assert set(clone.get_state()["handed"]) == {trial_key(c) for c in first}
 
 
-def test_config_list_searcher_resumes_from_its_json_state(tmp_path: object) -> None:
+def test_config_list_searcher_resumes_from_its_json_state(tmp_path: Path) -> None:
     configs = build_space(make_params({"n_ctx": [4, 8]})).enumerate()
     searcher = ConfigListSearcher(configs)
     assert searcher.suggest("a") == configs[0] and searcher.suggest("b") == configs[1]
-    path = tmp_path / "state.json"  # type: ignore[operator]
+    path = tmp_path / "state.json"
     searcher.save(str(path))
     restored = ConfigListSearcher([])
     restored.restore(str(path))

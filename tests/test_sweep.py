@@ -191,6 +191,7 @@ def test_interrupted_sweep_resumes_without_duplicates(demo_ws: DemoWorkspace,  #
     rows = read_csv(root / "results" / "trials.csv")
     assert len(rows) == n_trials and {r["state"] for r in rows} == {"FINISHED"}
     assert sorted(p.name for p in (root / "ray").iterdir() if p.is_dir()) == ["resumable"]
+    assert sorted(p.name for p in (root / "results" / "contexts").iterdir()) == sorted(keys)
 
 
 def test_optuna_sweep_end_to_end(demo_ws: DemoWorkspace, ray_session: Any) -> None:  # noqa: F811
@@ -244,6 +245,14 @@ def test_optuna_sweep_end_to_end(demo_ws: DemoWorkspace, ray_session: Any) -> No
     words = json.loads((local / "nearest_words.json").read_text())
     assert len(words["vectors"]) == ctx.shape[-2] * (len(meta.classnames) if meta.csc else 1)
     assert (local / "nearest_words.txt").read_text().count("\n") == len(words["vectors"])
+
+    # Every finished trial's context was copied next to the tables, as predict/report expect.
+    contexts = root / "res" / "contexts"
+    assert sorted(p.name for p in contexts.iterdir()) == sorted(r["trial_key"] for r in rows)
+    for r in rows:
+        ctx, meta = load_context(contexts / r["trial_key"] / "ctx.safetensors")
+        assert meta.extra["trial_key"] == r["trial_key"] and meta.seed == int(r["seed"])
+        assert ctx.shape[-2] == int(r["n_ctx"])
 
     # summary.csv: mean/std over seeds recomputed here from trials.csv; best by validation.
     groups: dict[tuple, list[dict]] = defaultdict(list)

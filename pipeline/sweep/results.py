@@ -9,6 +9,8 @@ Files (all written atomically under sweep.results_dir):
 * ``plots.csv``    shots vs mean test accuracy per dataset and configuration (plus each dataset's best), for
                    ``dvc plots``
 
+(``contexts/<trial_key>/`` beside them holds each finished trial's learned context: `pipeline.sweep.contexts`.)
+
 The best configuration is chosen on VALIDATION accuracy only, among the configurations with the most
 finished seeds in their dataset x shots (a lucky single seed cannot win over a full set); test accuracy is
 reported beside it and never consulted. Std is over seeds, with ddof=0 as in CoOp's result parser.

@@ -457,6 +457,7 @@ def _fit(params: Params, options: SweepOptions, plan: SweepPlan, inputs: Any, pa
     from ray import tune
 
     from pipeline.sweep.callbacks import WATCHERS, EndWatcher
+    from pipeline.sweep.contexts import export_contexts
     from pipeline.sweep.trial import TrialContext, run_name, run_trial, trial_params
 
     _check_resources(params)
@@ -532,7 +533,10 @@ def _fit(params: Params, options: SweepOptions, plan: SweepPlan, inputs: Any, pa
     children = {r.data.tags.get("sweep.trial_key"): r for r in parent.children()}
     records = _records(results, children, plan, ended)
 
-    files = write_results(Path(params.sweep.results_dir).resolve(), records)
+    results_dir = Path(params.sweep.results_dir).resolve()
+    exported = export_contexts(parent.uri, records, results_dir / "contexts", progress=options.verbose > 0)
+    log.info("copied %d learned context(s) from MLflow into %s", exported, results_dir / "contexts")
+    files = write_results(results_dir, records)
     tally = counts(records)
     # Fewer optuna trials than asked for means Tune stopped early (the searcher caps num_samples itself).
     interrupted = tally["unfinished"] > 0 or len(records) < plan.num_samples
