@@ -423,7 +423,8 @@ def run_sweep(params: Params, options: SweepOptions) -> SweepOutcome:
                     "backbone": f"{params.backbone.arch}/{params.backbone.pretrained}", "cpus_per_trial": params.sweep.cpus_per_trial,
                     "gpus_per_trial": params.sweep.gpus_per_trial},
             tags={"git_commit": commit, "search": plan.search, "backbone_fingerprint": inputs.backbone.fingerprint,
-                  "ray_experiment": str(experiment_path)},
+                  "ray_experiment": str(experiment_path),
+                  **{f"feature_cache.{d}": fp for d, fp in inputs.cache_fingerprints.items()}},
         )
         storage.mkdir(parents=True, exist_ok=True)
         write_json_atomic(_state_path(storage, name), {
@@ -436,8 +437,9 @@ def run_sweep(params: Params, options: SweepOptions) -> SweepOutcome:
         parent = SweepRun.reopen(uri, state["parent_run_id"])
     log.info("sweep %s: MLflow parent run %s in %s", name, parent.run_id, uri)
 
-    started_ray = _init_ray(address)
+    started_ray = False
     try:
+        started_ray = _init_ray(address)
         outcome = _fit(params, options, plan, inputs, parent, name, experiment_path, commit, resume=state is not None)
     except BaseException:
         parent.client.set_terminated(parent.run_id, "FAILED")
