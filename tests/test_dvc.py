@@ -48,7 +48,8 @@ def project(tmp_path_factory) -> Path:
 
 def test_repro_runs_every_stage_then_nothing_then_only_what_changed(project):
     first = _dvc(project, "repro")
-    assert _ran(first) == ["features@FashionMNIST", "prepare@FashionMNIST", "report", "sweep"]
+    assert _ran(first) == ["baselines", "domain_shift", "features@FashionMNIST", "prepare@FashionMNIST", "report",
+                           "sweep"]
     trials = (project / "outputs/sweep/trials.csv").read_text().splitlines()
     assert len(trials) == 1 + 2 * 2 * 2  # header + configs x shots x seeds
     assert (project / "outputs/report/index.html").stat().st_size > 0
@@ -60,7 +61,7 @@ def test_repro_runs_every_stage_then_nothing_then_only_what_changed(project):
     params["sweep"]["space"]["n_ctx"] = [2]
     (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     changed = _dvc(project, "repro")
-    assert _ran(changed) == ["report", "sweep"]
+    assert _ran(changed) == ["domain_shift", "report", "sweep"]  # not prepare, features or baselines
 
 
 def test_metrics_and_plots_show_the_demo_results(project):

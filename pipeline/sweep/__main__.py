@@ -10,6 +10,7 @@ import sys
 from collections.abc import Sequence
 
 from pipeline.config import ParamsError, load_params
+from pipeline.costmodel import estimate_gpu_hours
 
 log = logging.getLogger("pipeline.sweep")
 
@@ -123,7 +124,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         params = load_params(args.config)
         if args.dry_run:
-            print(plan_sweep(params, options).describe())
+            plan = plan_sweep(params, options)
+            print(plan.describe())
+            configs = plan.configs[: plan.num_samples] if plan.search == "optuna" else plan.configs
+            print(estimate_gpu_hours(params, configs).summary())
             return 0
         if hasattr(signal, "SIGUSR1"):
             signal.signal(signal.SIGTERM, _terminate_like_interrupt)

@@ -233,7 +233,8 @@ def _init_ray(address: str | None) -> bool:
         if address:
             ray.init(address=address, **kwargs)
         else:
-            ray.init(address="local", **kwargs)
+            # A sweep on this machine alone: keep every Ray socket on loopback.
+            ray.init(address="local", _node_ip_address="127.0.0.1", **kwargs)
     except (ConnectionError, RuntimeError, ValueError) as error:
         raise SweepError(
             f"could not connect to Ray at {address or 'a new local instance'}: {error}. A joining node and the "
@@ -473,7 +474,7 @@ def _fit(params: Params, options: SweepOptions, plan: SweepPlan, inputs: Any, pa
         device=train.device,
         train={"momentum": train.momentum, "weight_decay": train.weight_decay, "warmup_epochs": train.warmup_epochs,
                "warmup_lr": train.warmup_lr, "batch_size": train.batch_size, "eval_every": train.eval_every,
-               "shared_prefix": train.shared_prefix},
+               "shared_prefix": train.shared_prefix, "cuda_graph": train.cuda_graph},
         tracking_uri=parent.uri,
         experiment_id=parent.experiment_id,
         parent_run_id=parent.run_id,
