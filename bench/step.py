@@ -6,7 +6,7 @@ features, truncated / shared-prefix text path. Also: cost against the number of 
 of our text path against this machine's measured matrix-product peak, and feature-extraction throughput.
 
     python bench/step.py                    # CPU, RN50 text tower, 100 classes, 16 context words, batch 32
-    python bench/step.py --device cuda      # the same on a GPU (official in fp16 autocast, as CoOp trains)
+    python bench/step.py --device cuda      # the same on a GPU (official in fp16, as CoOp trains)
     python bench/step.py --quick            # fewer repeats and configurations, for a smoke run
 
 Absolute times on a shared machine drift; the ratios are measured in the same run, interleaved.
@@ -32,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pipeline.engine.backbone import Backbone, load_backbone  # noqa: E402
 from pipeline.engine.prompt import CoOp, PromptConfig, native_cpu_bf16  # noqa: E402
-from pipeline.engine.reference import official_prompts, official_text_features  # noqa: E402
+from pipeline.engine.reference import official_train_step  # noqa: E402
 
 log = logging.getLogger("bench.step")
 
@@ -75,28 +75,6 @@ def count_flops(fn: Callable[[], None]) -> int:
     with FlopCounterMode(display=False) as counter:
         fn()
     return counter.get_total_flops()
-
-
-def official_step(bb: Backbone, names: list[str], batch: int, n_ctx: int, csc: bool, position: str,
-                  autocast: torch.dtype | None) -> Callable[[], None]:
-    """One CoOp step as the official trainer runs it: image encoder + full 77-token prompts + backward."""
-    device = bb.device
-    shape = (len(names), n_ctx, bb.text_width) if csc else (n_ctx, bb.text_width)
-    ctx = (0.02 * torch.randn(shape, device=device)).requires_grad_(True)
-    images = torch.randn(batch, 3, bb.image_size, bb.image_size, device=device)
-    labels = torch.randint(len(names), (batch,), device=device)
-
-    def step() -> None:
-        with torch.autocast(device.type, dtype=autocast or torch.float32, enabled=autocast is not None):
-            with torch.no_grad():
-                image_features = F.normalize(bb.model.encode_image(images).float(), dim=-1)
-            prompts, eos = official_prompts(bb, names, ctx, position)
-            text = F.normalize(official_text_features(bb, prompts, eos).float(), dim=-1)
-            loss = F.cross_entropy(bb.logit_scale * image_features @ text.t(), labels)
-        loss.backward()
-        ctx.grad = None
-
-    return step
 
 
 def our_step(bb: Backbone, names: list[str], batch: int, n_ctx: int, csc: bool, position: str,
@@ -185,7 +163,7 @@ def main() -> None:
         log.info("This CPU (%s) has no native bf16: bf16 is emulated, so only fp32 is measured.",
                  torch.backends.cpu.get_cpu_capability())
         precisions = ["fp32"]
-    official_autocast = torch.float16 if on_gpu else None  # the official trainer runs CLIP in fp16 on GPUs
+    official_dtype = torch.float16 if on_gpu else torch.float32  # the official trainer runs CLIP in fp16 on GPUs
     results: dict = {"device": str(torch.cuda.get_device_name() if on_gpu else torch.backends.cpu.get_cpu_capability()),
                      "threads": torch.get_num_threads(), "arch": args.arch, "steps": [], "scaling": []}
 
@@ -197,7 +175,7 @@ def main() -> None:
              f" {'graph ms':>12s} {'ratio':>8s}" if on_gpu else "")
     for position in positions:
         for csc in (False, True):
-            official = official_step(bb, names, args.batch, args.n_ctx, csc, position, official_autocast)
+            official, _ = official_train_step(bb, names, args.n_ctx, csc, position, args.batch, official_dtype)
             for precision in precisions:
                 ours, _ = our_step(bb, names, args.batch, args.n_ctx, csc, position, precision)
                 t_official = timed(official, device, repeats)
@@ -221,8 +199,9 @@ def main() -> None:
         ours, _ = our_step(bb, classnames(n), args.batch, args.n_ctx, False, "end", "fp32", graph=on_gpu)
         t_ours = timed(ours, device, repeats)
         if n <= 100 or on_gpu:
-            t_official = timed(official_step(bb, classnames(n), args.batch, args.n_ctx, False, "end",
-                                             official_autocast), device, repeats)
+            official, _ = official_train_step(bb, classnames(n), args.n_ctx, False, "end", args.batch,
+                                              official_dtype)
+            t_official = timed(official, device, repeats)
             per_class_official = t_official / n
             note = ""
         else:  # 77k tokens of activations do not fit 24 GiB of RAM: the official text cost is linear in classes

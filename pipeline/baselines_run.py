@@ -31,7 +31,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
 from mlflow import MlflowClient
 from mlflow.entities import Metric, Param
 from tqdm import tqdm
@@ -39,7 +38,7 @@ from tqdm import tqdm
 from pipeline.config import Params, ParamsError, load_params
 from pipeline.data.datasets import DatasetError, resolve_name
 from pipeline.data.fewshot import eval_list_path, read_eval_list, split_path
-from pipeline.engine.backbone import Backbone, WeightsUnavailableError, load_backbone
+from pipeline.engine.backbone import Backbone, WeightsUnavailableError, load_backbone, resolve_device
 from pipeline.features import (
     FeatureCache,
     FeatureCacheError,
@@ -81,12 +80,6 @@ def baselines_dir(params: Params) -> Path:
 def dataset_folder(name: str) -> str:
     info = resolve_name(name)
     return info.name if info is not None else name
-
-
-def resolve_device(setting: str) -> str:
-    if setting == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return setting
 
 
 def stage_backbone(params: Params, device: str | None = None) -> Backbone:

@@ -474,19 +474,16 @@ def measure(
     ImageNet's (open_clip's list), numbered beyond 1000. `graph` replays our text path as a CUDA graph, as
     train_coop does on a GPU (train.cuda_graph; never with amp); the official step always runs eagerly.
     """
-    import copy
-
     import torch
     from open_clip.zero_shot_metadata import IMAGENET_CLASSNAMES
 
     from pipeline.engine.backbone import count_tokens, load_backbone
+    from pipeline.engine.reference import official_train_step
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         backbone = load_backbone(arch, None, device=device)
-    official_model = copy.deepcopy(backbone.model).to(
-        torch.float16 if device.startswith("cuda") and precision != "fp32" else torch.float32
-    )
+    official_dtype = torch.float16 if device.startswith("cuda") and precision != "fp32" else torch.float32
     names = [IMAGENET_CLASSNAMES[i % 1000] + ("" if i < 1000 else f" {i // 1000}") for i in range(n_classes)]
     # CLIP's list names two classes "missile" (and a few other pairs); prompts must differ.
     seen: dict[str, int] = {}
@@ -509,7 +506,7 @@ def measure(
         paths += ["official"] if position == "end" else []
         for path in paths:
             if path == "official":
-                step = _official_step(backbone, official_model, names, n_ctx, csc, image_features, labels)
+                step, _ = official_train_step(backbone, names, n_ctx, csc, position, batch, official_dtype)
             else:
                 step = _our_step(backbone, names, n_ctx, csc, position, precision, path, image_features, labels,
                                  graph)
@@ -524,7 +521,7 @@ def measure(
             flops = step_flops(shape, n_classes, layout, path, batch, image_gflops)
             rows.append({
                 "arch": arch, "classes": n_classes, "n_ctx": n_ctx, "csc": csc, "position": position,
-                "path": path, "precision": str(official_model.positional_embedding.dtype) if path == "official"
+                "path": path, "precision": str(official_dtype) if path == "official"
                 else precision,
                 "seconds_per_step": seconds, "model_tflops_per_step": flops.total / 1e12,
                 "model_text_tflops_per_step": (flops.dense + flops.attention) / 1e12,
@@ -566,49 +563,6 @@ def _our_step(backbone: Any, names: list[str], n_ctx: int, csc: bool, position: 
         scaler.update()
 
     return step
-
-
-def _official_step(backbone: Any, model: Any, names: list[str], n_ctx: int, csc: bool, image_features: Any,
-                   labels: Any) -> Any:
-    """The official CoOp step for the "end" position: the whole CLIP in `model`'s dtype (fp16 on a GPU, as
-    CoOp's default PREC), [prefix, ctx, suffix] concatenated to 77 tokens, open_clip's transformer with its
-    77x77 mask, and the batch's images through the image encoder (CoOp caches nothing)."""
-    import dataclasses
-
-    import torch
-    import torch.nn.functional as F
-
-    from pipeline.engine.backbone import tokenize
-    from pipeline.engine.reference import official_text_features
-
-    dtype = model.positional_embedding.dtype
-    official = dataclasses.replace(backbone, model=model)
-    tokens = tokenize([" ".join(["X"] * n_ctx) + " " + n + "." for n in names], backbone.context_length)
-    tokens = tokens.to(backbone.device)
-    with torch.no_grad():
-        embedding = model.token_embedding(tokens)
-    prefix, suffix, eos = embedding[:, :1], embedding[:, 1 + n_ctx :], tokens.argmax(dim=-1)
-    shape = (len(names), n_ctx, backbone.text_width) if csc else (n_ctx, backbone.text_width)
-    ctx = torch.nn.Parameter(0.02 * torch.randn(shape, device=backbone.device, dtype=dtype))
-    optimizer = torch.optim.SGD([ctx], lr=0.002, momentum=0.9, weight_decay=5e-4)
-    size = backbone.image_size
-    images = torch.randn(len(labels), 3, size, size, device=backbone.device, dtype=dtype)
-
-    def step() -> None:
-        with torch.no_grad():
-            image = F.normalize(model.encode_image(images).float(), dim=-1)
-        context = ctx if csc else ctx.unsqueeze(0).expand(len(names), -1, -1)
-        prompts = torch.cat([prefix, context, suffix], dim=1)
-        text = F.normalize(official_text_features(official, prompts, eos).float(), dim=-1)
-        loss = F.cross_entropy(backbone.logit_scale * image @ text.t(), labels)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-
-    return step
-
-
-# ------------------------------------------------------------------------------------------------- CLI
 
 
 def build_parser() -> argparse.ArgumentParser:

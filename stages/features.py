@@ -21,10 +21,8 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-import torch
-
 from pipeline.data.datasets import DatasetError, resolve_name
-from pipeline.engine.backbone import WeightsUnavailableError, load_backbone
+from pipeline.engine.backbone import WeightsUnavailableError, load_backbone, resolve_device
 from pipeline.features import (
     DTYPE_ALIASES,
     DTYPES,
@@ -139,9 +137,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         pretrained = pick(args.pretrained, params, "backbone.pretrained")
         views = int(pick(args.views, params, "features.views", 1))
         dtype = canonical_dtype(str(pick(args.dtype, params, "features.dtype", "fp16")))
-        device = str(pick(args.device, params, "train.device", "auto"))
-        if device == "auto":
-            device = "cuda" if torch.cuda.is_available() else "cpu"
+        device = resolve_device(str(pick(args.device, params, "train.device", "auto")))
         backbone = load_backbone(str(arch), pretrained, device=device)
         for dataset in datasets:
             info = resolve_name(dataset)

@@ -17,7 +17,6 @@ from pipeline.config import load_params
 from pipeline.costmodel import (
     GPUS,
     PATHS,
-    _official_step,
     estimate_gpu_hours,
     estimate_trial,
     image_encoder_gflops,
@@ -30,7 +29,7 @@ from pipeline.costmodel import (
 )
 from pipeline.engine.backbone import Backbone, count_tokens
 from pipeline.engine.prompt import CoOp, PromptConfig
-from pipeline.engine.reference import official_prompts, official_text_features
+from pipeline.engine.reference import official_prompts, official_text_features, official_train_step
 
 REPO = Path(__file__).resolve().parents[1]
 NAMES = ["cat", "golden retriever", "sports car", "oak tree", "sail boat", "lighthouse keeper house"]
@@ -85,9 +84,10 @@ def test_image_encoder_flops_and_the_official_step(tiny: Backbone) -> None:
     assert image_encoder_gflops("coop-tiny") * 1e9 == pytest.approx(counter.get_total_flops())
     assert image_encoder_gflops("RN50") == pytest.approx(12.2, abs=0.1)  # CLIP RN50 at 224 px, counted on meta
     # The official step runs (CPU, fp32 here) and trains its context.
-    features = F.normalize(torch.randn(4, tiny.embed_dim), dim=-1)
-    step = _official_step(tiny, copy.deepcopy(tiny.model), NAMES, 16, False, features, torch.arange(4))
+    step, ctx = official_train_step(tiny, NAMES, 16, False, "end", batch=4)
+    before = ctx.detach().clone()
     step()
+    assert ctx.grad is not None and not torch.equal(before, ctx.detach())
 
 
 def test_steps_and_step_time_follow_the_recipe_and_the_gpu() -> None:

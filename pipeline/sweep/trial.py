@@ -22,7 +22,7 @@ import ray
 import torch
 from ray import tune
 
-from pipeline.engine.backbone import Backbone, load_backbone
+from pipeline.engine.backbone import Backbone, load_backbone, resolve_device
 from pipeline.engine.context import ContextMeta, save_context
 from pipeline.engine.interpret import nearest_words
 from pipeline.engine.prompt import PromptConfig, resolve_n_ctx
@@ -91,16 +91,15 @@ def trial_tags(config: dict[str, Any], context: TrialContext, key: str, trial_id
     }
 
 
-def resolve_device(setting: str) -> str:
+def trial_device(setting: str) -> torch.device:
     """train.device as a torch device for this worker; Ray exposes only the GPUs it assigned the trial."""
-    if setting == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if setting.startswith("cuda") and not torch.cuda.is_available():
+    try:
+        return resolve_device(setting)
+    except ValueError:
         raise RuntimeError(
             f"train.device is {setting!r} but this trial sees no GPU (Ray assigned {ray.get_gpu_ids()}); "
             "set sweep.gpus_per_trial > 0 (fractions allowed) or train.device: auto"
-        )
-    return setting
+        ) from None
 
 
 @functools.lru_cache(maxsize=2)
@@ -199,7 +198,7 @@ def run_trial(config: dict[str, Any], context: TrialContext, features: dict[str,
     last_epoch = 0
     try:
         data: FewShotFeatures = ray.get(features[feature_key(config["dataset"], config["shots"], config["seed"])])
-        backbone = _backbone(context.arch, context.pretrained, resolve_device(context.device))
+        backbone = _backbone(context.arch, context.pretrained, trial_device(context.device))
         if backbone.fingerprint != context.backbone_fingerprint:
             raise RuntimeError(
                 f"this worker's backbone weights ({backbone.fingerprint}) differ from the driver's "
