@@ -38,6 +38,7 @@ REASON_TAG = "sweep.failure_reason"
 ATTEMPT_TAG = "sweep.attempt"
 RAY_TRIAL_TAG = "ray.trial_id"
 NODE_TAG = "node_ip"
+GPU_TAG = "ray.gpu_ids"
 MAX_PARAM_LENGTH = 6000  # MLflow's limit on a param value
 
 

@@ -29,7 +29,7 @@ from pipeline.engine.prompt import PromptConfig, resolve_n_ctx
 from pipeline.engine.train import EpochMetrics, TrainConfig, TrainResult, train_coop
 from pipeline.features import FewShotFeatures
 from pipeline.sweep.space import config_label, trial_key
-from pipeline.tracking import NODE_TAG, RAY_TRIAL_TAG, SWEEP_TAG, TrialRun
+from pipeline.tracking import GPU_TAG, NODE_TAG, RAY_TRIAL_TAG, SWEEP_TAG, TrialRun
 
 log = logging.getLogger(__name__)
 
@@ -79,6 +79,7 @@ def trial_tags(config: dict[str, Any], context: TrialContext, key: str, trial_id
         SWEEP_TAG: context.sweep_name,
         RAY_TRIAL_TAG: trial_id,
         NODE_TAG: node_ip,
+        GPU_TAG: ",".join(str(g) for g in ray.get_gpu_ids()) or "none",  # shared GPUs show the same id
         "hostname": socket.gethostname(),
         "git_commit": context.git_commit,
         "feature_cache": context.cache_fingerprints.get(config["dataset"], "unknown"),
