@@ -48,7 +48,7 @@ from pipeline.features import (
     load_fewshot_features,
     open_feature_cache,
 )
-from pipeline.sweep.files import write_csv_atomic
+from pipeline.files import write_csv_atomic
 from pipeline.tracking import (
     PARENT_TAG,
     TrackingError,

@@ -624,7 +624,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                   "wall_hours": {str(n): estimate.wall_hours(n) for n in args.gpus},
                   "by_dataset": estimate.by_dataset(), "trials": len(estimate.trials)}
     if args.out:
-        from pipeline.sweep.files import write_json_atomic
+        from pipeline.files import write_json_atomic
 
         write_json_atomic(args.out, result)
     return 0

@@ -47,7 +47,7 @@ from pipeline.engine.backbone import Backbone
 from pipeline.engine.context import ContextFileError, ContextMeta, context_model, load_context
 from pipeline.engine.train import evaluate
 from pipeline.features import EvalFeatures, load_eval_features
-from pipeline.sweep.files import write_csv_atomic
+from pipeline.files import write_csv_atomic
 from pipeline.tracking import resolve_tracking_uri
 
 log = logging.getLogger(__name__)

@@ -24,7 +24,6 @@ import json
 import logging
 import os
 import re
-import tempfile
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,14 +38,8 @@ from torchvision import transforms as T
 from tqdm import tqdm
 
 from pipeline.data.datasets import DEFAULT_TEMPLATE, DatasetError, Item
-from pipeline.data.fewshot import (
-    eval_list_path,
-    file_mode,
-    read_eval_list,
-    read_fewshot_split,
-    split_path,
-    write_json_atomic,
-)
+from pipeline.data.fewshot import eval_list_path, read_eval_list, read_fewshot_split, split_path
+from pipeline.files import atomic_write, write_json_atomic
 
 if TYPE_CHECKING:
     from pipeline.engine.backbone import Backbone
@@ -279,15 +272,7 @@ def _paths_checksum(paths: Iterable[str]) -> str:
 
 
 def _save_atomic(tensors: dict[str, torch.Tensor], metadata: dict[str, str], path: Path) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata=metadata)
-        os.chmod(tmp, file_mode())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
 
 
 # ---------------------------------------------------------------------------------------------- cache
@@ -565,7 +550,7 @@ def _write_update(
         all_paths = cached[store] + paths
         entry["count"] = len(all_paths)
         entry["paths_sha256"] = _paths_checksum(all_paths)
-    write_json_atomic(manifest, cache_dir / "manifest.json")
+    write_json_atomic(cache_dir / "manifest.json", manifest)
     # Only now that the new manifest is in place are superseded and orphaned shards safe to delete.
     referenced = {s["file"] for store in STORES for s in manifest["stores"][store]["shards"]}
     for path in cache_dir.glob("*.safetensors"):

@@ -16,15 +16,14 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import random
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from pipeline.data.datasets import DatasetError, DatasetSplits, Item
+from pipeline.files import write_text_atomic
 
 log = logging.getLogger(__name__)
 
@@ -147,34 +146,17 @@ def eval_list_path(splits_dir: Path | str, dataset: str) -> Path:
     return Path(splits_dir) / dataset / "test.json"
 
 
-def file_mode() -> int:
-    """Permissions of a newly created file under the current umask (mkstemp's temp files are 0600)."""
-    umask = os.umask(0)
-    os.umask(umask)
-    return 0o666 & ~umask
-
-
-def write_json_atomic(data: Any, path: Path) -> None:
-    """Write JSON to a temp file beside `path`, then rename, so readers never see half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(data, f, ensure_ascii=False, separators=(",", ":"))
-            f.write("\n")
-        os.chmod(tmp, file_mode())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+def _write_compact_json(data: Any, path: Path) -> None:
+    # Compact: ImageNet-size split files are written and read many times.
+    write_text_atomic(path, json.dumps(data, ensure_ascii=False, separators=(",", ":")) + "\n")
 
 
 def write_fewshot_split(split: FewShotSplit, path: Path | str) -> None:
-    write_json_atomic(split.to_json(), Path(path))
+    _write_compact_json(split.to_json(), Path(path))
 
 
 def write_eval_list(test: EvalList, path: Path | str) -> None:
-    write_json_atomic(test.to_json(), Path(path))
+    _write_compact_json(test.to_json(), Path(path))
 
 
 def _load_json(path: Path, what: str) -> dict[str, Any]:

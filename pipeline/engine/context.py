@@ -8,8 +8,6 @@ where it came from (dataset, shots, seed, accuracies). Both files are written at
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -19,6 +17,7 @@ from safetensors.torch import load_file, save_file
 
 from pipeline.engine.backbone import Backbone
 from pipeline.engine.prompt import CoOp, PromptConfig
+from pipeline.files import atomic_write
 
 FORMAT_VERSION = 1
 
@@ -54,18 +53,6 @@ def metadata_path(path: str | Path) -> Path:
     return Path(path).with_suffix(".json")
 
 
-def _atomic_write(path: Path, write: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def save_context(path: str | Path, ctx: torch.Tensor, meta: ContextMeta) -> Path:
     """Write `path` (.safetensors) and its .json metadata; returns the tensor file's path."""
     path = Path(path)
@@ -75,9 +62,9 @@ def save_context(path: str | Path, ctx: torch.Tensor, meta: ContextMeta) -> Path
     if ctx.dim() != expected_dims or ctx.shape[-2] != meta.n_ctx:
         raise ContextFileError(f"context of shape {tuple(ctx.shape)} does not match n_ctx={meta.n_ctx}, csc={meta.csc}")
     tensor = ctx.detach().to("cpu", torch.float32).contiguous()
-    _atomic_write(path, lambda tmp: save_file({"ctx": tensor}, tmp))
+    atomic_write(path, lambda tmp: save_file({"ctx": tensor}, tmp))
     text = json.dumps(asdict(meta), indent=2, sort_keys=True)
-    _atomic_write(metadata_path(path), lambda tmp: Path(tmp).write_text(text))
+    atomic_write(metadata_path(path), lambda tmp: Path(tmp).write_text(text))
     return path
 
 

@@ -23,7 +23,7 @@ from typing import Any
 from urllib.parse import urlparse
 
 from pipeline.config import Params
-from pipeline.sweep.files import write_json_atomic
+from pipeline.files import write_json_atomic
 from pipeline.sweep.results import ResultFiles, TrialRecord, counts, summarize, write_results
 from pipeline.sweep.space import (
     CONFIG_KEYS,

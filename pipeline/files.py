@@ -1,4 +1,4 @@
-"""Atomic file writes for the sweep's outputs: temp file beside the target, then os.replace."""
+"""Atomic file writes: a temp file beside the target, then os.replace, so readers never see half a file."""
 
 from __future__ import annotations
 
@@ -7,23 +7,35 @@ import io
 import json
 import os
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 
-def write_text_atomic(path: Path, text: str) -> None:
-    """Readers (DVC, a dashboard, a concurrent resume) never see half a file."""
+def file_mode() -> int:
+    """Permissions of a newly created file under the current umask (mkstemp's temp files are 0600)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
+def atomic_write(path: Path, write: Callable[[str], None]) -> None:
+    """Call `write(temp_path)`, then move the finished file onto `path`; on any error remove the temp file."""
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
     try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="") as f:
-            f.write(text)
-        os.chmod(tmp, 0o644)
+        write(tmp)
+        os.chmod(tmp, file_mode())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    atomic_write(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8", newline=""))
 
 
 def write_json_atomic(path: Path, data: Any) -> None:
