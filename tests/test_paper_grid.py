@@ -79,7 +79,7 @@ def miniature_params(root: Path) -> dict[str, Any]:
                            results_dir=str(root / "out" / "sweep"))
     params["sweep"]["space"]["dataset"] = TRAINED
     params["tracking"] = {"uri": f"sqlite:///{root}/mlflow.db", "experiment": "paper-miniature"}
-    params["report"] = {"dir": str(root / "out" / "report")}
+    params["report"] = {"dir": str(root / "out" / "report"), "baselines_dir": str(root / "out" / "baselines")}
     assert params["sweep"]["space"]["ctx_init"] == raw["sweep"]["space"]["ctx_init"]  # the variants stay
     params_from_dict(params)  # still valid
     return params

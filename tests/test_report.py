@@ -113,7 +113,7 @@ def params_for(tmp_path: Path, datasets: list[str] | None = None) -> Any:
         "backbone": {"arch": "RN50", "pretrained": "openai"},
         "sweep": {"results_dir": str(tmp_path / "out" / "sweep"), "storage": str(tmp_path / "ray")},
         "tracking": {"uri": f"sqlite:///{tmp_path}/mlflow.db", "experiment": "report-test"},
-        "report": {"dir": str(tmp_path / "out" / "report")},
+        "report": {"dir": str(tmp_path / "out" / "report"), "baselines_dir": str(tmp_path / "out" / "baselines")},
     })
 
 
