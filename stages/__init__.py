@@ -1,0 +1,1 @@
+"""DVC stage entry points: thin CLIs over pipeline/ (prepare, features, sweep, baselines, report)."""
