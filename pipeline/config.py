@@ -52,7 +52,7 @@ class TrainParams:
     eval_every: int = 0
     precision: str = "fp32"
     device: str = "auto"  # auto | cpu | cuda | cuda:N
-    shared_prefix: bool = True
+    shared_prefix: bool | None = None  # null: automatic (always on CPUs; on GPUs when it saves enough)
     cuda_graph: bool = True  # on a GPU, replay each step's text path as one CUDA graph (not with amp)
 
 

@@ -328,14 +328,16 @@ def estimate_trial(
     path: str | None = None,
     splits_dir: str | Path | None = None,
     classes: dict[str, int] | None = None,
-    shared_prefix: bool = True,
+    shared_prefix: bool | None = None,
 ) -> TrialEstimate:
     """GPU seconds of one trial configuration (keys as in the sweep: dataset, shots, n_ctx, csc, ...).
 
-    `path` None picks what our engine runs: the shared-prefix path for unified contexts when
-    `shared_prefix` (train.shared_prefix), the truncated path otherwise.
+    `path` None picks what our engine runs on a GPU: the shared-prefix path for unified contexts where
+    `shared_prefix` (train.shared_prefix) allows it (None: where the engine's own rule prefers it),
+    the truncated path otherwise.
     """
     from pipeline.engine.backbone import count_tokens
+    from pipeline.engine.prompt import prefers_shared_prefix
     from pipeline.engine.train import default_epochs
 
     dataset, shots = str(config["dataset"]), int(config["shots"])
@@ -355,6 +357,9 @@ def estimate_trial(
     csc = bool(config.get("csc", False))
     layout = prompt_layout(n_ctx, name_tokens, csc, str(config.get("class_token_position", "end")))
     if path is None:
+        if shared_prefix is None:
+            precision = str(config.get("precision") or "fp16")
+            shared_prefix = prefers_shared_prefix("cuda", precision, n_classes, layout.prefix)
         path = "shared" if layout.prefix > 0 and shared_prefix else "truncated"
     epochs = config.get("epochs") or default_epochs(dataset, shots)
     steps = int(epochs) * steps_per_epoch(shots * n_classes, batch)

@@ -263,3 +263,19 @@ def test_training_results_unchanged_by_the_exact_fast_paths(tiny):
     assert torch.allclose(runs[0].ctx, runs[1].ctx, atol=1e-4)
     assert runs[0].test_acc == runs[1].test_acc
     assert [m.loss for m in runs[0].epochs] == pytest.approx([m.loss for m in runs[1].epochs], rel=1e-4)
+
+
+def test_automatic_path_choice_follows_the_measured_gpu_crossover(tiny):
+    from pipeline.engine.prompt import prefers_shared_prefix
+
+    # CPU: compute-bound, the shared prefix always wins when there is one.
+    assert prefers_shared_prefix("cpu", "fp32", 2, 2) and not prefers_shared_prefix("cpu", "fp32", 100, 1)
+    # H100 measurements (RN50, graphed): end = 17 shared positions, middle = 9.
+    for precision, n_cls, shared_len, faster in [
+        ("fp32", 10, 17, False), ("fp32", 100, 17, True), ("fp32", 10, 9, False), ("fp32", 100, 9, True),
+        ("bf16", 100, 17, False), ("bf16", 300, 17, True), ("bf16", 300, 9, False), ("bf16", 1000, 9, True),
+    ]:
+        assert prefers_shared_prefix("cuda", precision, n_cls, shared_len) == faster, (precision, n_cls)
+    auto = CoOp(tiny, CLASSNAMES, PromptConfig(n_ctx=4))  # None: the CPU rule
+    forced_off = CoOp(tiny, CLASSNAMES, PromptConfig(n_ctx=4), shared_prefix=False)
+    assert auto.shared_prefix and not forced_off.shared_prefix

@@ -207,6 +207,22 @@ def compute_dtype(precision: str, device: torch.device | str) -> torch.dtype:
     raise ValueError(f"unknown precision {precision!r}; choose fp32, bf16, fp16 or amp")
 
 
+# On a GPU the shared-prefix path costs two dependent passes per layer (prefix, then suffixes), so it
+# pays only when it saves enough tokens: (classes - 1) x (shared length - 1). Thresholds from CUDA-graphed
+# steps of the RN50 tower on an H100 (BENCHMARKS.md): fp32 between 144 and 792 saved tokens, bf16/fp16
+# between 2392 and 4784. On the CPU the step is compute-bound and fewer tokens always win.
+GPU_SHARED_PREFIX_MIN_SAVED_TOKENS = {"fp32": 500, "bf16": 4000, "fp16": 4000, "amp": 4000}
+
+
+def prefers_shared_prefix(device_type: str, precision: str, n_cls: int, shared_len: int) -> bool:
+    """Whether the shared-prefix path is the faster exact path for this problem on this device."""
+    if shared_len <= 1:
+        return False
+    if device_type != "cuda":
+        return True
+    return (n_cls - 1) * (shared_len - 1) >= GPU_SHARED_PREFIX_MIN_SAVED_TOKENS[precision]
+
+
 class CoOp(nn.Module):
     """Prompt learner + frozen text tower; logits for (normalised) cached image features."""
 
@@ -216,15 +232,19 @@ class CoOp(nn.Module):
         classnames: list[str],
         cfg: PromptConfig,
         precision: str = "fp32",
-        shared_prefix: bool = True,
+        shared_prefix: bool | None = None,
         generator: torch.Generator | None = None,
     ) -> None:
+        """`shared_prefix`: None picks the faster exact path for the device; True/False force it on/off."""
         super().__init__()
         self.prompt_learner = PromptLearner(backbone, classnames, cfg, generator)
         self.text = TextTower(backbone, compute_dtype(precision, backbone.device))
         self.logit_scale = backbone.logit_scale
+        shared_len = self.prompt_learner.shared_len
+        if shared_prefix is None:
+            shared_prefix = prefers_shared_prefix(backbone.device.type, precision, len(classnames), shared_len)
         # Sharing SOS alone saves nothing worth a second code path.
-        self.shared_prefix = shared_prefix and self.prompt_learner.shared_len > 1
+        self.shared_prefix = shared_prefix and shared_len > 1
         self._graphed: Callable[[torch.Tensor], torch.Tensor] | None = None
 
     def text_features(self) -> torch.Tensor:

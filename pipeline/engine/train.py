@@ -38,7 +38,7 @@ class TrainConfig:
     eval_every: int = 0  # evaluate on val every k epochs; 0: only at the end
     precision: str = "fp32"  # fp32 | bf16 | fp16 | amp
     seed: int = 1
-    shared_prefix: bool = True
+    shared_prefix: bool | None = None  # None: the faster exact text path for the device
     cuda_graph: bool = True  # on CUDA (not amp): replay the text path as one CUDA graph
 
     def to_dict(self) -> dict:
