@@ -279,3 +279,11 @@ def test_automatic_path_choice_follows_the_measured_gpu_crossover(tiny):
     auto = CoOp(tiny, CLASSNAMES, PromptConfig(n_ctx=4))  # None: the CPU rule
     forced_off = CoOp(tiny, CLASSNAMES, PromptConfig(n_ctx=4), shared_prefix=False)
     assert auto.shared_prefix and not forced_off.shared_prefix
+
+
+def test_epochs_come_from_the_argument_or_the_config(tiny):
+    data = separable_problem(tiny, CLASSNAMES)
+    assert len(train_coop(tiny, data, PromptConfig(n_ctx=2), TrainConfig(epochs=3), progress=False).epochs) == 3
+    assert len(train_coop(tiny, data, PromptConfig(n_ctx=2), TrainConfig(epochs=3), 2, progress=False).epochs) == 2
+    with pytest.raises(ValueError, match="epochs is not set"):
+        train_coop(tiny, data, PromptConfig(n_ctx=2), TrainConfig(), progress=False)

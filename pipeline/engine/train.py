@@ -118,11 +118,17 @@ def train_coop(
     data: FewShotFeatures,
     prompt_cfg: PromptConfig,
     cfg: TrainConfig,
-    epochs: int,
+    epochs: int | None = None,
     on_epoch: Callable[[EpochMetrics], None] | None = None,
     progress: bool = True,
 ) -> TrainResult:
-    """Train a CoOp context on cached features; returns the model, per-epoch curves and accuracies."""
+    """Train a CoOp context on cached features; returns the model, per-epoch curves and accuracies.
+
+    `epochs` defaults to `cfg.epochs`; one of them must be set (CoOp's schedule: `default_epochs`).
+    """
+    epochs = epochs if epochs is not None else cfg.epochs
+    if epochs is None:
+        raise ValueError("epochs is not set: pass epochs or TrainConfig.epochs (CoOp's: default_epochs(dataset, shots))")
     if epochs < 1:
         raise ValueError(f"epochs must be >= 1 (got {epochs})")
     if cfg.batch_size < 1:
