@@ -1,0 +1,57 @@
+"""params.yaml validation: every bad key or value is named, the shipped files load."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from pipeline.config import ParamsError, load_params, params_from_dict
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.parametrize("path", ["params.yaml", "configs/paper_rn50.yaml", "configs/paper_vitb16.yaml"])
+def test_shipped_params_files_load(path):
+    params = load_params(ROOT / path)
+    assert params.data.datasets and params.backbone.arch
+
+
+@pytest.mark.parametrize(
+    ("raw", "message"),
+    [
+        ({"trian": {}}, "unknown key 'trian'"),
+        ({"train": {"lrr": 0.1}}, "unknown key 'train.lrr'"),
+        ({"train": {"epochs": "many"}}, "train.epochs: expected an integer"),
+        ({"train": {"shared_prefix": "yes"}}, "train.shared_prefix"),
+        ({"data": {"shots": [1, "two"]}}, r"data.shots\[1\]: expected an integer"),
+        ({"data": {"datasets": []}}, "data.datasets is empty"),
+        ({"features": {"views": 0}}, "features.views must be >= 1"),
+        ({"train": {"precision": "fp8"}}, "train.precision must be"),
+        ({"sweep": {"search": "bayes"}}, "sweep.search must be"),
+        ({"backbone": {"pretrained": 5}}, "backbone.pretrained: expected str"),
+    ],
+)
+def test_bad_params_name_the_key(raw, message):
+    with pytest.raises(ParamsError, match=message):
+        params_from_dict(raw)
+
+
+def test_file_errors_name_the_file(tmp_path):
+    with pytest.raises(ParamsError, match="does not exist"):
+        load_params(tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train: [unclosed")
+    with pytest.raises(ParamsError, match="bad.yaml is not valid YAML"):
+        load_params(bad)
+    wrong = tmp_path / "wrong.yaml"
+    wrong.write_text(yaml.safe_dump({"train": {"batch_size": True}}))
+    with pytest.raises(ParamsError, match=r"wrong.yaml: train.batch_size: expected an integer"):
+        load_params(wrong)
+
+
+def test_defaults_are_coops_recipe():
+    train = params_from_dict({}).train
+    assert (train.lr, train.momentum, train.weight_decay, train.batch_size) == (0.002, 0.9, 5e-4, 32)
+    assert (train.warmup_epochs, train.warmup_lr, train.epochs) == (1, 1e-5, None)
