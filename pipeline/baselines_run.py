@@ -303,7 +303,7 @@ def build_parser() -> argparse.ArgumentParser:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--params", default="params.yaml", help="params file (default: %(default)s)")
     parser.add_argument("--out", type=Path,
-                        help="folder for baselines.csv (default: baselines/ beside sweep.results_dir)")
+                        help="folder for baselines.csv (default: report.baselines_dir)")
     parser.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS),
                         help="which baselines to run (default: all three)")
     parser.add_argument("--probe-views", type=int, metavar="V",

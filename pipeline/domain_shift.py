@@ -200,7 +200,7 @@ def build_parser() -> argparse.ArgumentParser:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--params", default="params.yaml", help="params file (default: %(default)s)")
     parser.add_argument("--out", type=Path,
-                        help="folder for domain_shift.csv (default: baselines/ beside sweep.results_dir)")
+                        help="folder for domain_shift.csv (default: report.baselines_dir)")
     parser.add_argument("--shots", type=int,
                         help="evaluate the ImageNet contexts trained with this many shots (default: the largest)")
     parser.add_argument("--tracking-uri",

@@ -693,8 +693,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--out", type=Path, help="folder for index.html (default: report.dir)")
     parser.add_argument("--results-dir", type=Path, help="the sweep's results folder (default: sweep.results_dir)")
     parser.add_argument("--baselines-dir", type=Path,
-                        help="folder with baselines.csv and domain_shift.csv (default: baselines/ beside "
-                        "sweep.results_dir)")
+                        help="folder with baselines.csv and domain_shift.csv (default: "
+                        "report.baselines_dir)")
     parser.add_argument("--tracking-uri",
                         help="MLflow tracking URI, for the trials' artifacts and the report run (default: "
                         "MLFLOW_TRACKING_URI, else tracking.uri)")
