@@ -176,6 +176,10 @@ def collect(params: Params, results_dir: Path | None = None, baselines_dir: Path
     else:
         notes.append(f"{trials_path} does not exist: run the sweep (dvc repro sweep).")
     trials = [typed_trial(r) for r in all_trials if r.get("state") == "FINISHED"]
+    if any(r.get("dataset") == "ImageNet" for r in all_trials):
+        # CoOp's ImageNet has no val split: its few-shot "val" comes from the test images (val_is_test).
+        notes.append("ImageNet has no validation split: as in the official code its few-shot val images come from "
+                     "the test set, so the best ImageNet configuration is selected on test images.")
     baselines = _read_csv(baselines_dir / "baselines.csv") if (baselines_dir / "baselines.csv").is_file() else []
     domain = _read_csv(baselines_dir / "domain_shift.csv") if (baselines_dir / "domain_shift.csv").is_file() else []
     published = json.loads(PUBLISHED.read_text(encoding="utf-8"))

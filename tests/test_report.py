@@ -264,3 +264,13 @@ def test_domain_shift_without_imagenet_writes_an_empty_table(workspace: dict[str
     with (out / "domain_shift.csv").open() as f:
         assert f.read().strip() == ",".join(COLUMNS)
     assert "No domain-shift results" in sections(render(collect(workspace["params"], baselines_dir=out)))["domain"]
+
+
+def test_imagenet_selection_on_test_images_is_flagged(tmp_path: Path) -> None:
+    params = params_for(tmp_path, ["ImageNet", "Caltech101"])
+    plain = collect(params)
+    assert not any("ImageNet has no validation split" in n for n in plain.notes)
+    rows = [trial_row("ImageNet", 16, 1, val=60.0, test=61.0)]
+    write_csv(tmp_path / "out" / "sweep" / "trials.csv", TRIAL_COLUMNS, rows)
+    html = render(collect(params))
+    assert "ImageNet has no validation split" in html
