@@ -31,8 +31,9 @@ from torch.utils.flop_counter import FlopCounterMode
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pipeline.engine.backbone import Backbone, load_backbone  # noqa: E402
-from pipeline.engine.prompt import CoOp, PromptConfig, native_cpu_bf16  # noqa: E402
+from pipeline.engine.prompt import PromptConfig, native_cpu_bf16  # noqa: E402
 from pipeline.engine.reference import official_train_step  # noqa: E402
+from pipeline.engine.train import TrainConfig, TrainStep, build_model  # noqa: E402
 
 log = logging.getLogger("bench.step")
 
@@ -80,16 +81,14 @@ def count_flops(fn: Callable[[], None]) -> int:
 def our_step(bb: Backbone, names: list[str], batch: int, n_ctx: int, csc: bool, position: str,
              precision: str, graph: bool = False) -> tuple[Callable[[], None], Callable[[], None]]:
     """(training step on cached features, text path alone) for our CoOp model, optionally CUDA-graphed."""
-    model = CoOp(bb, names, PromptConfig(n_ctx, "", csc, position), precision)
-    if graph:
-        model.capture_cuda_graph()
+    cfg = TrainConfig(precision=precision, cuda_graph=graph)
+    model = build_model(bb, names, PromptConfig(n_ctx, "", csc, position), cfg)
+    train_step = TrainStep(model, cfg)
     features = F.normalize(torch.randn(batch, bb.embed_dim, device=bb.device), dim=-1)
     labels = torch.randint(len(names), (batch,), device=bb.device)
 
     def step() -> None:
-        loss = F.cross_entropy(model(features), labels)
-        loss.backward()
-        model.prompt_learner.ctx.grad = None
+        train_step(features, labels)
 
     def text_only() -> None:
         model.text_features().sum().backward()

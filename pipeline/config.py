@@ -53,6 +53,7 @@ class TrainParams:
     precision: str = "fp32"
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     shared_prefix: bool | None = None  # null: automatic (always on CPUs; on GPUs when it saves enough)
+    pack_tokens: bool | None = None  # null: automatic (CPU: whenever prompts differ in length; GPU: by size)
     cuda_graph: bool = True  # on a GPU, replay each step's text path as one CUDA graph (not with amp)
 
 

@@ -42,8 +42,10 @@ log = logging.getLogger(__name__)
 PATHS = ("official", "truncated", "shared")
 OFFICIAL_TOKENS = 77
 # Class names are tokenised only when the prepared split files are at hand; otherwise the longest class
-# name is assumed to be this many BPE tokens (ImageNet's longest CLIP class name is 12 tokens, mean 2.2).
+# name is assumed to be this many BPE tokens, and names this long on average (ImageNet's CLIP class names:
+# longest 12 tokens, mean 2.2).
 ASSUMED_MAX_NAME_TOKENS = 12
+ASSUMED_MEAN_NAME_TOKENS = 2.2
 
 # Classes per dataset (CoOp's Table 1 statistics), so a dry run works before any data is prepared.
 DATASET_CLASSES: dict[str, int] = {
@@ -162,11 +164,19 @@ def layer_flops(queries: int, keys: int, shape: TowerShape) -> tuple[float, floa
 
     `queries` tokens are computed, attending to `keys` tokens (keys = queries without a cached prefix).
     """
-    d = shape.width
-    hidden = shape.mlp_ratio * d
-    dense = 2.0 * queries * (3 * d * d + d * d + 2 * d * hidden)  # qkv, out proj, MLP up + down
-    attention = 2.0 * 2.0 * queries * keys * d  # q @ k^T and attn @ v over all heads
+    dense = queries * (_qkv_flops(shape) + _out_mlp_flops(shape))
+    attention = 2.0 * 2.0 * queries * keys * shape.width  # q @ k^T and attn @ v over all heads
     return dense, attention
+
+
+def _qkv_flops(shape: TowerShape) -> float:
+    """Per token: the packed q/k/v projection."""
+    return 2.0 * 3 * shape.width**2
+
+
+def _out_mlp_flops(shape: TowerShape) -> float:
+    """Per token: the attention output projection and the MLP (up and down)."""
+    return 2.0 * (shape.width**2 + 2 * shape.width * shape.mlp_ratio * shape.width)
 
 
 @dataclass(frozen=True)
@@ -175,16 +185,34 @@ class PromptLayout:
 
     length: int  # L: positions up to the longest EOS, inclusive
     prefix: int  # P: SOS + context before the class name, identical in every prompt (0: nothing shared)
+    mean_length: float | None = None  # mean positions up to each prompt's own EOS; None: all are L long
+
+    @property
+    def real_length(self) -> float:
+        return float(self.length) if self.mean_length is None else self.mean_length
 
 
-def prompt_layout(n_ctx: int, max_name_tokens: int, csc: bool, position: str) -> PromptLayout:
+def prompt_layout(
+    n_ctx: int, max_name_tokens: int, csc: bool, position: str, mean_name_tokens: float | None = None
+) -> PromptLayout:
     """Our prompt geometry (pipeline.engine.prompt): SOS, n_ctx context, class name, '.', EOS."""
     length = 1 + n_ctx + max_name_tokens + 2
+    mean = None if mean_name_tokens is None else 1 + n_ctx + mean_name_tokens + 2
     if csc:
-        return PromptLayout(length, 0)
+        return PromptLayout(length, 0, mean)
     shared_ctx = {"end": n_ctx, "middle": n_ctx // 2, "front": 0}[position]
     # The engine skips sharing when only SOS would be shared: it saves nothing.
-    return PromptLayout(length, 1 + shared_ctx if shared_ctx > 0 else 0)
+    return PromptLayout(length, 1 + shared_ctx if shared_ctx > 0 else 0, mean)
+
+
+def packs_tokens(n_classes: int, layout: PromptLayout, path: str, precision: str, device_type: str = "cuda") -> bool:
+    """Whether the engine runs only the real tokens (pipeline.engine.text.Packing) on this path."""
+    from pipeline.engine.prompt import prefers_packing
+
+    skipped = layout.prefix if path == "shared" else 0
+    padded = n_classes * (layout.length - skipped)
+    real = round(n_classes * (layout.real_length - skipped))
+    return path != "official" and prefers_packing(device_type, precision, padded, real)
 
 
 @dataclass(frozen=True)
@@ -208,33 +236,39 @@ def step_flops(
     path: str,
     batch: int = 32,
     image_gflops: float = 0.0,
+    packed: bool = False,
 ) -> StepFlops:
     """FLOPs of one CoOp step on `path` (official | truncated | shared).
 
-    Backward runs only to the inputs (the tower is frozen): a linear layer's input gradient costs what its
-    forward did, attention's backward (dQ, dK, dV, dP) twice its forward. Elementwise work (layer norms,
-    softmax, GELU) is not counted, as in ``torch.utils.flop_counter``.
+    Our paths: projections and MLPs run on `layout.real_length` tokens per prompt when `packed` (else on
+    all L positions), attention on the padded grid, and in the last layer the output projection and MLP
+    only on each prompt's EOS row. Backward runs only to the inputs (the tower is frozen): a linear layer's
+    input gradient costs what its forward did, attention's backward (dQ, dK, dV, dP) twice its forward.
+    Elementwise work (layer norms, softmax, GELU) is not counted, as in ``torch.utils.flop_counter``.
     """
     if path not in PATHS:
         raise ValueError(f"path must be one of {', '.join(PATHS)}, got {path!r}")
     if path == "official":
         dense, attention = layer_flops(shape.context_length, shape.context_length, shape)
-        dense, attention = n_classes * dense, n_classes * attention
-    elif path == "truncated" or layout.prefix == 0:
-        dense, attention = layer_flops(layout.length, layout.length, shape)
-        dense, attention = n_classes * dense, n_classes * attention
+        dense, attention = shape.layers * n_classes * dense, shape.layers * n_classes * attention
     else:
-        p, s = layout.prefix, layout.length - layout.prefix
-        prefix_dense, prefix_attention = layer_flops(p, p, shape)
-        suffix_dense, suffix_attention = layer_flops(s, p + s, shape)
-        dense = prefix_dense + n_classes * suffix_dense
-        attention = prefix_attention + n_classes * suffix_attention
-    dense_total, attention_total = shape.layers * 2.0 * dense, shape.layers * 3.0 * attention
+        p = layout.prefix if path == "shared" else 0
+        s = layout.length - p  # padded positions per prompt in the per-class pass
+        rows = n_classes * ((layout.real_length if packed else layout.length) - p)
+        dense = shape.layers * rows * _qkv_flops(shape) + (
+            ((shape.layers - 1) * rows + n_classes) * _out_mlp_flops(shape)
+        )
+        attention = shape.layers * n_classes * layer_flops(s, p + s, shape)[1]
+        if p:
+            prefix_dense, prefix_attention = layer_flops(p, p, shape)
+            dense += shape.layers * prefix_dense
+            attention += shape.layers * prefix_attention
+    dense_total, attention_total = 2.0 * dense, 3.0 * attention
     if path == "shared" and layout.prefix > 0:
         # The prefix's output of the last layer is never read, so its MLP, output projection and attention
         # get no backward pass (its keys and values do, through the suffix).
         p = layout.prefix
-        dense_total -= 2.0 * p * (shape.width**2 + 2 * shape.width * shape.mlp_ratio * shape.width)
+        dense_total -= p * _out_mlp_flops(shape)
         attention_total -= 2.0 * layer_flops(p, p, shape)[1]
     head = 2.0 * (2.0 * n_classes * shape.width * shape.embed_dim + 2.0 * batch * n_classes * shape.embed_dim)
     image = batch * image_gflops * 1e9 if path == "official" else 0.0
@@ -304,8 +338,8 @@ class GridEstimate:
         return "\n".join(lines)
 
 
-def _class_name_tokens(splits_dir: str | Path | None, dataset: str) -> tuple[int, int] | None:
-    """(classes, longest class name in tokens) from the prepare stage's test.json, if it exists."""
+def _class_name_tokens(splits_dir: str | Path | None, dataset: str) -> tuple[int, int, float] | None:
+    """(classes, longest and mean class name in tokens) from the prepare stage's test.json, if it exists."""
     if splits_dir is None:
         return None
     from pipeline.data.datasets import resolve_name
@@ -317,7 +351,8 @@ def _class_name_tokens(splits_dir: str | Path | None, dataset: str) -> tuple[int
     from pipeline.engine.backbone import count_tokens
 
     names = json.loads(path.read_text(encoding="utf-8"))["classnames"]
-    return len(names), max(count_tokens(str(n).replace("_", " ")) for n in names)
+    tokens = [count_tokens(str(n).replace("_", " ")) for n in names]
+    return len(names), max(tokens), sum(tokens) / len(tokens)
 
 
 def estimate_trial(
@@ -329,12 +364,14 @@ def estimate_trial(
     splits_dir: str | Path | None = None,
     classes: dict[str, int] | None = None,
     shared_prefix: bool | None = None,
+    pack_tokens: bool | None = None,
 ) -> TrialEstimate:
     """GPU seconds of one trial configuration (keys as in the sweep: dataset, shots, n_ctx, csc, ...).
 
     `path` None picks what our engine runs on a GPU: the shared-prefix path for unified contexts where
     `shared_prefix` (train.shared_prefix) allows it (None: where the engine's own rule prefers it),
-    the truncated path otherwise.
+    the truncated path otherwise. `pack_tokens` (train.pack_tokens) likewise: None follows the engine's
+    rule for running only each prompt's real tokens.
     """
     from pipeline.engine.backbone import count_tokens
     from pipeline.engine.prompt import prefers_shared_prefix
@@ -343,7 +380,7 @@ def estimate_trial(
     dataset, shots = str(config["dataset"]), int(config["shots"])
     found = _class_name_tokens(splits_dir, dataset)
     if found is not None:
-        n_classes, name_tokens = found
+        n_classes, name_tokens, mean_name_tokens = found
     else:
         table = {**DATASET_CLASSES, **(classes or {})}
         if dataset not in table:
@@ -351,22 +388,23 @@ def estimate_trial(
                 f"no class count for dataset {dataset!r}: prepare it first (so test.json exists) or pass "
                 f"classes={{{dataset!r}: N}}"
             )
-        n_classes, name_tokens = table[dataset], ASSUMED_MAX_NAME_TOKENS
+        n_classes, name_tokens, mean_name_tokens = table[dataset], ASSUMED_MAX_NAME_TOKENS, ASSUMED_MEAN_NAME_TOKENS
     init = str(config.get("ctx_init") or "").strip()
     n_ctx = count_tokens(init) if init else int(config.get("n_ctx", 16))
     csc = bool(config.get("csc", False))
-    layout = prompt_layout(n_ctx, name_tokens, csc, str(config.get("class_token_position", "end")))
+    position = str(config.get("class_token_position", "end"))
+    layout = prompt_layout(n_ctx, name_tokens, csc, position, mean_name_tokens)
+    precision = str(config.get("precision") or "fp16")
     if path is None:
         if shared_prefix is None:
-            precision = str(config.get("precision") or "fp16")
             shared_prefix = prefers_shared_prefix("cuda", precision, n_classes, layout.prefix)
         path = "shared" if layout.prefix > 0 and shared_prefix else "truncated"
+    packed = packs_tokens(n_classes, layout, path, precision) if pack_tokens is None else pack_tokens
     epochs = config.get("epochs") or default_epochs(dataset, shots)
     steps = int(epochs) * steps_per_epoch(shots * n_classes, batch)
     shape = tower_shape(arch)
     image = image_encoder_gflops(arch) if path == "official" else 0.0
-    flops = step_flops(shape, n_classes, layout, path, batch, image).total
-    precision = str(config.get("precision", "fp16"))
+    flops = step_flops(shape, n_classes, layout, path, batch, image, packed and path != "official").total
     seconds = steps * gpu.step_seconds(flops, path, precision) + gpu.trial_overhead_s
     return TrialEstimate(dict(config), n_classes, steps, layout, path, flops, seconds)
 
@@ -379,7 +417,9 @@ def _assumptions(gpu: GPU, splits_dir: str | Path | None) -> list[str]:
         + f" (CUDA-graphed ours, eager official), {gpu.trial_overhead_s:g} s per trial",
         "class counts and name lengths from "
         + (f"{splits_dir}/<dataset>/test.json where prepared, else " if splits_dir else "")
-        + f"CoOp's dataset statistics with a {ASSUMED_MAX_NAME_TOKENS}-token longest class name",
+        + f"CoOp's dataset statistics with class names of {ASSUMED_MEAN_NAME_TOKENS:g} tokens on average, "
+        f"{ASSUMED_MAX_NAME_TOKENS} at most",
+        "packed steps (only real tokens) reach the utilisation fitted on padded ones",
         "feature encoding (one pass over the images, views x train + test) is not included",
     ]
 
@@ -408,7 +448,7 @@ def estimate_gpu_hours(
     splits_dir = params.data.splits_dir
     estimates = [
         estimate_trial(c, params.backbone.arch, spec, params.train.batch_size, path, splits_dir,
-                       shared_prefix=params.train.shared_prefix)
+                       shared_prefix=params.train.shared_prefix, pack_tokens=params.train.pack_tokens)
         for c in configs
     ]
     return GridEstimate(spec, estimates, _assumptions(spec, splits_dir))
@@ -430,9 +470,10 @@ def imagenet_16shot_estimate(gpu: str | GPU = "H100", arch: str = "RN50") -> dic
     for path in PATHS:
         estimate = estimate_trial(config, arch, spec, 32, path, classes={"ImageNet": 1000})
         if names is not None and path != "official":
-            # Use the real longest ImageNet class name rather than the generic assumption.
-            layout = prompt_layout(16, names, False, "end")
-            flops = step_flops(tower_shape(arch), 1000, layout, path, 32).total
+            # Use the real ImageNet class names' lengths rather than the generic assumption.
+            layout = prompt_layout(16, names[0], False, "end", names[1])
+            packed = packs_tokens(1000, layout, path, "fp16")
+            flops = step_flops(tower_shape(arch), 1000, layout, path, 32, packed=packed).total
             seconds = estimate.steps * spec.step_seconds(flops, path) + spec.trial_overhead_s
             estimate = TrialEstimate(config, 1000, estimate.steps, layout, path, flops, seconds)
         out["paths"][path] = {"tflops_per_step": estimate.flops_per_step / 1e12, "hours": estimate.gpu_hours,
@@ -443,14 +484,16 @@ def imagenet_16shot_estimate(gpu: str | GPU = "H100", arch: str = "RN50") -> dic
     return out
 
 
-def _imagenet_name_tokens() -> int | None:
+def _imagenet_name_tokens() -> tuple[int, float] | None:
+    """(longest, mean) ImageNet class name in CLIP tokens, from open_clip's class list."""
     try:
         from open_clip.zero_shot_metadata import IMAGENET_CLASSNAMES
 
         from pipeline.engine.backbone import count_tokens
     except ImportError:
         return None
-    return max(count_tokens(n) for n in IMAGENET_CLASSNAMES)
+    tokens = [count_tokens(n) for n in IMAGENET_CLASSNAMES]
+    return max(tokens), sum(tokens) / len(tokens)
 
 
 def load_published() -> dict[str, Any]:
@@ -496,7 +539,7 @@ def measure(
         seen[name] = seen.get(name, 0) + 1
         if seen[name] > 1:
             names[i] = f"{name} {seen[name]}"
-    max_name = max(count_tokens(n) for n in names)
+    name_tokens = [count_tokens(n) for n in names]
     shape = tower_shape(arch)
     image_gflops = image_encoder_gflops(arch)
     generator = torch.Generator().manual_seed(0)
@@ -506,14 +549,15 @@ def measure(
     sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
     rows = []
     for n_ctx, csc, position in variants:
-        layout = prompt_layout(n_ctx, max_name, csc, position)
+        layout = prompt_layout(n_ctx, max(name_tokens), csc, position, sum(name_tokens) / len(name_tokens))
         paths = [p for p in ("shared", "truncated") if p != "shared" or layout.prefix > 0]
         paths += ["official"] if position == "end" else []
         for path in paths:
+            packed = False
             if path == "official":
                 step, _ = official_train_step(backbone, names, n_ctx, csc, position, batch, official_dtype)
             else:
-                step = _our_step(backbone, names, n_ctx, csc, position, precision, path, image_features, labels,
+                step, packed = _our_step(backbone, names, n_ctx, csc, position, precision, path, image_features, labels,
                                  graph)
             for _ in range(3):
                 step()
@@ -523,7 +567,7 @@ def measure(
                 step()
             sync()
             seconds = (time.perf_counter() - start) / repeats
-            flops = step_flops(shape, n_classes, layout, path, batch, image_gflops)
+            flops = step_flops(shape, n_classes, layout, path, batch, image_gflops, packed)
             rows.append({
                 "arch": arch, "classes": n_classes, "n_ctx": n_ctx, "csc": csc, "position": position,
                 "path": path, "precision": str(official_dtype) if path == "official"
@@ -531,7 +575,7 @@ def measure(
                 "seconds_per_step": seconds, "model_tflops_per_step": flops.total / 1e12,
                 "model_text_tflops_per_step": (flops.dense + flops.attention) / 1e12,
                 "achieved_tflops": flops.total / seconds / 1e12,
-                "tokens": OFFICIAL_TOKENS if path == "official" else layout.length,
+                "tokens": OFFICIAL_TOKENS if path == "official" else layout.length, "packed": packed,
                 "prefix": layout.prefix if path == "shared" else 0,
                 "cuda_graph": path != "official" and graph and device.startswith("cuda") and precision != "amp",
                 "device": torch.cuda.get_device_name() if device.startswith("cuda") else device,
@@ -544,30 +588,15 @@ def measure(
 
 
 def _our_step(backbone: Any, names: list[str], n_ctx: int, csc: bool, position: str, precision: str,
-              path: str, image_features: Any, labels: Any, graph: bool = False) -> Any:
-    """One step of pipeline.engine.train's inner loop, as a closure."""
-    import torch
-    import torch.nn.functional as F
+              path: str, image_features: Any, labels: Any, graph: bool = False) -> tuple[Any, bool]:
+    """(one step of pipeline.engine.train's inner loop as a closure, whether it packs tokens)."""
+    from pipeline.engine.prompt import PromptConfig
+    from pipeline.engine.train import TrainConfig, TrainStep, build_model
 
-    from pipeline.engine.prompt import CoOp, PromptConfig
-
-    cfg = PromptConfig(n_ctx=n_ctx, csc=csc, class_token_position=position)
-    model = CoOp(backbone, names, cfg, precision, shared_prefix=path == "shared")
-    use_amp = precision == "amp"
-    if graph and backbone.device.type == "cuda" and not use_amp:
-        model.capture_cuda_graph()
-    optimizer = torch.optim.SGD([model.prompt_learner.ctx], lr=0.002, momentum=0.9, weight_decay=5e-4)
-    scaler = torch.amp.GradScaler("cuda", enabled=precision in ("fp16", "amp") and backbone.device.type == "cuda")
-
-    def step() -> None:
-        with torch.autocast(backbone.device.type, dtype=torch.float16, enabled=use_amp):
-            loss = F.cross_entropy(model(image_features).float(), labels)
-        optimizer.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        scaler.step(optimizer)
-        scaler.update()
-
-    return step
+    cfg = TrainConfig(precision=precision, shared_prefix=path == "shared", cuda_graph=graph)
+    model = build_model(backbone, names, PromptConfig(n_ctx=n_ctx, csc=csc, class_token_position=position), cfg)
+    step = TrainStep(model, cfg)
+    return (lambda: step(image_features, labels)), model.pack_tokens
 
 
 def build_parser() -> argparse.ArgumentParser:

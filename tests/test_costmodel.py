@@ -22,6 +22,7 @@ from pipeline.costmodel import (
     image_encoder_gflops,
     imagenet_16shot_estimate,
     main,
+    packs_tokens,
     prompt_layout,
     step_flops,
     steps_per_epoch,
@@ -43,23 +44,29 @@ def counted(fn: object) -> int:
     return counter.get_total_flops()
 
 
+@pytest.mark.parametrize("pack", [True, False], ids=["packed", "padded"])
 @pytest.mark.parametrize(
     ("n_ctx", "csc", "position", "shared"),
     [(16, False, "end", True), (16, False, "middle", True), (8, False, "end", False), (16, True, "end", False),
      (16, True, "middle", False), (4, False, "front", True)],
 )
 def test_step_flops_match_torchs_count_of_our_step(tiny: Backbone, n_ctx: int, csc: bool, position: str,
-                                                   shared: bool) -> None:
-    model = CoOp(tiny, NAMES, PromptConfig(n_ctx, "", csc, position), shared_prefix=shared)
+                                                   shared: bool, pack: bool) -> None:
+    model = CoOp(tiny, NAMES, PromptConfig(n_ctx, "", csc, position), shared_prefix=shared, pack_tokens=pack)
+    assert model.pack_tokens == pack  # NAMES differ in length, so there is padding to skip
     features = F.normalize(torch.randn(32, tiny.embed_dim), dim=-1)
     labels = torch.arange(32) % len(NAMES)
-    layout = prompt_layout(n_ctx, max(count_tokens(n) for n in NAMES), csc, position)
+    name_tokens = [count_tokens(n) for n in NAMES]
+    layout = prompt_layout(n_ctx, max(name_tokens), csc, position, sum(name_tokens) / len(name_tokens))
     assert layout.length == model.prompt_learner.length
+    assert layout.real_length * len(NAMES) == pytest.approx(sum(model.prompt_learner.lengths))
     path = "shared" if model.shared_prefix else "truncated"
     if path == "shared":
         assert layout.prefix == model.prompt_learner.shared_len
-    expected = step_flops(tower_shape("coop-tiny"), len(NAMES), layout, path, batch=32)
-    assert counted(lambda: F.cross_entropy(model(features), labels).backward()) == expected.total
+    assert packs_tokens(len(NAMES), layout, path, "fp32", "cpu") == pack or not pack
+    expected = step_flops(tower_shape("coop-tiny"), len(NAMES), layout, path, batch=32, packed=pack)
+    assert counted(lambda: F.cross_entropy(model(features), labels).backward()) == pytest.approx(expected.total,
+                                                                                               rel=1e-12)
 
 
 def test_official_text_path_flops_match_torchs_count(tiny: Backbone) -> None:

@@ -24,10 +24,10 @@ def _variant_id(v: tuple) -> str:
     return f"{pos}-{'csc' if csc else 'unified'}-{'words' if init else 'random'}"
 
 
-def _model(backbone, classnames, variant, n_ctx=6, shared=True, seed=3, precision="fp32") -> CoOp:
+def _model(backbone, classnames, variant, n_ctx=6, shared=True, seed=3, precision="fp32", pack=None) -> CoOp:
     pos, csc, init = variant
     cfg = PromptConfig(n_ctx=n_ctx, ctx_init=init, csc=csc, class_token_position=pos)
-    model = CoOp(backbone, classnames, cfg, precision, shared, torch.Generator().manual_seed(seed))
+    model = CoOp(backbone, classnames, cfg, precision, shared, torch.Generator().manual_seed(seed), pack)
     if init:  # word init starts every class from the same words; perturb so the test sees real differences
         with torch.no_grad():
             model.prompt_learner.ctx.add_(
@@ -39,8 +39,10 @@ def _model(backbone, classnames, variant, n_ctx=6, shared=True, seed=3, precisio
 
 @pytest.mark.parametrize("variant", VARIANTS, ids=_variant_id)
 @pytest.mark.parametrize("shared", [False, True], ids=["truncated", "shared-prefix"])
-def test_fast_paths_equal_official_77_token_reference(tiny, variant, shared):
-    model = _model(tiny, CLASSNAMES, variant, shared=shared)
+@pytest.mark.parametrize("pack", [False, True], ids=["padded", "packed"])
+def test_fast_paths_equal_official_77_token_reference(tiny, variant, shared, pack):
+    model = _model(tiny, CLASSNAMES, variant, shared=shared, pack=pack)
+    assert model.pack_tokens == pack  # CLASSNAMES are 1 and 2 tokens long: there is padding to skip
     pos, _, init = variant
     images = F.normalize(torch.randn(9, tiny.embed_dim, generator=torch.Generator().manual_seed(0)), dim=-1)
     ctx_ref = model.prompt_learner.ctx.detach().clone().requires_grad_(True)
@@ -254,15 +256,41 @@ def test_local_checkpoint_file_loads_the_same_weights(tiny, tmp_path):
 
 
 def test_training_results_unchanged_by_the_exact_fast_paths(tiny):
-    """Shared-prefix and truncated training follow the same trajectory up to float rounding."""
+    """Every combination of shared prefix and token packing follows the plain truncated path's trajectory
+    up to float rounding."""
     cfg = PromptConfig(n_ctx=4, class_token_position="middle")
     data = separable_problem(tiny, CLASSNAMES, means=teacher_means(tiny, CLASSNAMES, cfg))
-    runs = [train_coop(tiny, data, cfg, TrainConfig(lr=0.02, shared_prefix=s, warmup_epochs=0), epochs=10,
-                       progress=False) for s in (False, True)]
-    assert runs[1].model.shared_prefix and not runs[0].model.shared_prefix
-    assert torch.allclose(runs[0].ctx, runs[1].ctx, atol=1e-4)
-    assert runs[0].test_acc == runs[1].test_acc
-    assert [m.loss for m in runs[0].epochs] == pytest.approx([m.loss for m in runs[1].epochs], rel=1e-4)
+    runs = {
+        (shared, pack): train_coop(
+            tiny, data, cfg, TrainConfig(lr=0.02, shared_prefix=shared, pack_tokens=pack, warmup_epochs=0),
+            epochs=10, progress=False,
+        )
+        for shared in (False, True) for pack in (False, True)
+    }
+    plain = runs[False, False]
+    for (shared, pack), run in runs.items():
+        assert (run.model.shared_prefix, run.model.pack_tokens) == (shared, pack)
+        assert torch.allclose(plain.ctx, run.ctx, atol=1e-4)
+        assert run.test_acc == plain.test_acc
+        assert [m.loss for m in run.epochs] == pytest.approx([m.loss for m in plain.epochs], rel=1e-4)
+
+
+def test_packing_runs_only_real_tokens_and_is_chosen_where_it_pays(tiny):
+    from pipeline.engine.prompt import prefers_packing
+    from pipeline.engine.text import Packing
+
+    packing, eos = Packing.build([3, 1, 2], 3, torch.device("cpu"), pack=True)
+    assert packing.index.tolist() == [0, 1, 2, 3, 6, 7]  # rows b * 3 + t for t < lengths[b]
+    assert eos.tolist() == [2, 3, 5]  # the last real token of each prompt among the packed rows
+    unpacked, eos = Packing.build([3, 3], 3, torch.device("cpu"), pack=True)
+    assert unpacked is None and eos.tolist() == [2, 5]  # nothing padded: nothing to pack
+    # CPU: any saved token pays; GPU: only past the saved-token count where a second pass per layer pays.
+    assert prefers_packing("cpu", "fp32", 101, 100) and not prefers_packing("cpu", "fp32", 100, 100)
+    assert not prefers_packing("cuda", "fp32", 400, 100) and prefers_packing("cuda", "fp32", 700, 100)
+    assert not prefers_packing("cuda", "bf16", 3000, 100) and prefers_packing("cuda", "bf16", 5000, 100)
+    # Names of one token each ("cat", "dog") leave no padding, so the engine does not pack them.
+    assert not CoOp(tiny, ["cat", "dog"], PromptConfig(n_ctx=4)).pack_tokens
+    assert CoOp(tiny, CLASSNAMES, PromptConfig(n_ctx=4)).pack_tokens
 
 
 def test_automatic_path_choice_follows_the_measured_gpu_crossover(tiny):

@@ -163,7 +163,7 @@ class PromptLearner(nn.Module):
         self.register_buffer("pos_emb", pos_emb, persistent=False)
         self.register_buffer("is_ctx", is_ctx.to(backbone.device), persistent=False)
         self.register_buffer("ctx_index", ctx_index.to(backbone.device), persistent=False)
-        self.register_buffer("eos", eos.to(backbone.device), persistent=False)
+        self.lengths = tuple(int(e) + 1 for e in eos)  # tokens of each prompt up to and including EOS
         # Positions identical in every prompt: SOS, plus the context before the class name if unified.
         shared_ctx = 0 if cfg.csc else {"end": n_ctx, "middle": half, "front": 0}[self.position]
         self.shared_len = 1 + shared_ctx
@@ -211,7 +211,7 @@ def compute_dtype(precision: str, device: torch.device | str) -> torch.dtype:
 # pays only when it saves enough tokens: (classes - 1) x (shared length - 1). Thresholds from CUDA-graphed
 # steps of the RN50 tower on an H100 (BENCHMARKS.md): fp32 between 144 and 792 saved tokens, bf16/fp16
 # between 2392 and 4784. On the CPU the step is compute-bound and fewer tokens always win.
-GPU_SHARED_PREFIX_MIN_SAVED_TOKENS = {"fp32": 500, "bf16": 4000, "fp16": 4000, "amp": 4000}
+GPU_MIN_SAVED_TOKENS = {"fp32": 500, "bf16": 4000, "fp16": 4000, "amp": 4000}
 
 
 def prefers_shared_prefix(device_type: str, precision: str, n_cls: int, shared_len: int) -> bool:
@@ -220,7 +220,21 @@ def prefers_shared_prefix(device_type: str, precision: str, n_cls: int, shared_l
         return False
     if device_type != "cuda":
         return True
-    return (n_cls - 1) * (shared_len - 1) >= GPU_SHARED_PREFIX_MIN_SAVED_TOKENS[precision]
+    return (n_cls - 1) * (shared_len - 1) >= GPU_MIN_SAVED_TOKENS[precision]
+
+
+def prefers_packing(device_type: str, precision: str, padded_tokens: int, real_tokens: int) -> bool:
+    """Whether running only the real tokens (text.Packing) beats running the padded grid.
+
+    On the CPU it pays whenever a token is saved (measured: 7% faster with 8% of tokens padding, 1.2x
+    with 36%). On a GPU packing adds three index kernels per layer; a second pass per layer (the shared
+    prefix) adds more kernels than that, so its measured crossover bounds packing's from above. Not yet
+    measured on a GPU by itself.
+    """
+    saved = padded_tokens - real_tokens
+    if saved <= 0:
+        return False
+    return device_type != "cuda" or saved >= GPU_MIN_SAVED_TOKENS[precision]
 
 
 class CoOp(nn.Module):
@@ -234,17 +248,25 @@ class CoOp(nn.Module):
         precision: str = "fp32",
         shared_prefix: bool | None = None,
         generator: torch.Generator | None = None,
+        pack_tokens: bool | None = None,
     ) -> None:
-        """`shared_prefix`: None picks the faster exact path for the device; True/False force it on/off."""
+        """`shared_prefix`, `pack_tokens`: None picks what is faster for the device; True/False force it."""
         super().__init__()
         self.prompt_learner = PromptLearner(backbone, classnames, cfg, generator)
-        self.text = TextTower(backbone, compute_dtype(precision, backbone.device))
         self.logit_scale = backbone.logit_scale
-        shared_len = self.prompt_learner.shared_len
+        device_type = backbone.device.type
+        learner = self.prompt_learner
         if shared_prefix is None:
-            shared_prefix = prefers_shared_prefix(backbone.device.type, precision, len(classnames), shared_len)
+            shared_prefix = prefers_shared_prefix(device_type, precision, len(classnames), learner.shared_len)
         # Sharing SOS alone saves nothing worth a second code path.
-        self.shared_prefix = shared_prefix and shared_len > 1
+        self.shared_prefix = shared_prefix and learner.shared_len > 1
+        skipped = learner.shared_len if self.shared_prefix else 0  # positions the per-class pass skips
+        padded = learner.n_cls * (learner.length - skipped)
+        real = sum(learner.lengths) - learner.n_cls * skipped
+        if pack_tokens is None:
+            pack_tokens = prefers_packing(device_type, precision, padded, real)
+        self.pack_tokens = pack_tokens and real < padded
+        self.text = TextTower(backbone, compute_dtype(precision, backbone.device), self.pack_tokens)
         self._graphed: Callable[[torch.Tensor], torch.Tensor] | None = None
 
     def text_features(self) -> torch.Tensor:
@@ -254,12 +276,12 @@ class CoOp(nn.Module):
 
     def _encode(self, ctx: torch.Tensor) -> torch.Tensor:
         prompts = self.prompt_learner(ctx)
-        eos = self.prompt_learner.eos
+        lengths = self.prompt_learner.lengths
         if self.shared_prefix:
             p = self.prompt_learner.shared_len
-            features = self.text.forward_shared(prompts[:1, :p], prompts[:, p:], eos - p)
+            features = self.text.forward_shared(prompts[:1, :p], prompts[:, p:], [n - p for n in lengths])
         else:
-            features = self.text(prompts, eos)
+            features = self.text(prompts, lengths)
         return F.normalize(features, dim=-1)
 
     def capture_cuda_graph(self) -> None:

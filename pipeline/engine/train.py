@@ -39,6 +39,7 @@ class TrainConfig:
     precision: str = "fp32"  # fp32 | bf16 | fp16 | amp
     seed: int = 1
     shared_prefix: bool | None = None  # None: the faster exact text path for the device
+    pack_tokens: bool | None = None  # None: skip prompts' padding where that is faster on the device
     cuda_graph: bool = True  # on CUDA (not amp): replay the text path as one CUDA graph
 
     def to_dict(self) -> dict:
@@ -99,6 +100,50 @@ def evaluate(model: CoOp, features: torch.Tensor, labels: torch.Tensor, chunk: i
     return 100.0 * correct / len(labels)
 
 
+def build_model(
+    backbone: Backbone,
+    classnames: list[str],
+    prompt_cfg: PromptConfig,
+    cfg: TrainConfig,
+    generator: torch.Generator | None = None,
+) -> CoOp:
+    """The CoOp model a training config runs: its precision and exact text path, CUDA-graphed where set."""
+    model = CoOp(backbone, classnames, prompt_cfg, cfg.precision, cfg.shared_prefix, generator, cfg.pack_tokens)
+    if cfg.cuda_graph and backbone.device.type == "cuda" and cfg.precision != "amp":
+        model.capture_cuda_graph()
+    return model
+
+
+class TrainStep:
+    """One step of CoOp's recipe on a batch of cached features: forward, backward, SGD update of the context."""
+
+    def __init__(self, model: CoOp, cfg: TrainConfig) -> None:
+        self.model = model
+        self.use_amp = cfg.precision == "amp"
+        self.device_type = model.prompt_learner.ctx.device.type
+        self.optimizer = torch.optim.SGD([model.prompt_learner.ctx], lr=cfg.lr, momentum=cfg.momentum,
+                                         weight_decay=cfg.weight_decay)
+        fp16 = compute_dtype(cfg.precision, model.prompt_learner.ctx.device) == torch.float16
+        self.scaler = torch.amp.GradScaler("cuda", enabled=fp16 or self.use_amp)
+
+    def set_lr(self, lr: float) -> None:
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+
+    def __call__(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Image features (B, E), labels (B,) -> (loss, logits (B, C)), after updating the context."""
+        with torch.autocast(self.device_type, dtype=torch.float16, enabled=self.use_amp):
+            logits = self.model(x)
+            loss = F.cross_entropy(logits.float(), y)
+        if not torch.isfinite(loss):
+            raise NonFiniteLossError(f"loss became {loss.item()}")
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        return loss, logits
+
+
 def _prepare(data: FewShotFeatures, device: torch.device) -> dict[str, torch.Tensor]:
     def norm(t: torch.Tensor) -> torch.Tensor:
         return F.normalize(t.to(device=device, dtype=torch.float32), dim=-1)
@@ -134,7 +179,6 @@ def train_coop(
     if cfg.batch_size < 1:
         raise ValueError(f"batch_size must be >= 1 (got {cfg.batch_size})")
     device = backbone.device
-    dtype = compute_dtype(cfg.precision, device)
     n_cls = len(data.classnames)
     if len(data.train_labels) == 0:
         raise ValueError("the few-shot training split is empty")
@@ -143,16 +187,11 @@ def train_coop(
 
     torch.manual_seed(cfg.seed)
     generator = torch.Generator().manual_seed(cfg.seed)
-    model = CoOp(backbone, data.classnames, prompt_cfg, cfg.precision, cfg.shared_prefix, generator)
-    use_amp = cfg.precision == "amp"
-    if cfg.cuda_graph and device.type == "cuda" and not use_amp:
-        model.capture_cuda_graph()
+    model = build_model(backbone, data.classnames, prompt_cfg, cfg, generator)
+    train_step = TrainStep(model, cfg)
     tensors = _prepare(data, device)
     train_x, train_y = tensors["train"], tensors["train_labels"]
     n_train, n_views = train_x.shape[0], train_x.shape[1]
-    optimizer = torch.optim.SGD([model.prompt_learner.ctx], lr=cfg.lr, momentum=cfg.momentum,
-                                weight_decay=cfg.weight_decay)
-    scaler = torch.amp.GradScaler("cuda", enabled=dtype == torch.float16 or use_amp)
     # Dassl drops the last incomplete batch when there is at least one full batch.
     batch = min(cfg.batch_size, n_train)
     steps = n_train // batch
@@ -162,8 +201,7 @@ def train_coop(
     bar = tqdm(range(epochs), desc="CoOp epochs", disable=not progress, leave=False)
     for epoch in bar:
         lr = lr_at_epoch(epoch, cfg, epochs)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
+        train_step.set_lr(lr)
         t0 = time.perf_counter()
         order = torch.randperm(n_train, generator=generator).to(device)
         views = torch.randint(n_views, (n_train,), generator=generator).to(device)
@@ -171,15 +209,10 @@ def train_coop(
         for step in range(steps):
             idx = order[step * batch : (step + 1) * batch]
             x, y = train_x[idx, views[idx]], train_y[idx]
-            with torch.autocast(device.type, dtype=torch.float16, enabled=use_amp):
-                logits = model(x)
-                loss = F.cross_entropy(logits.float(), y)
-            if not torch.isfinite(loss):
-                raise NonFiniteLossError(f"loss became {loss.item()} at epoch {epoch + 1}, step {step + 1}")
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
+            try:
+                loss, logits = train_step(x, y)
+            except NonFiniteLossError as e:
+                raise NonFiniteLossError(f"{e} at epoch {epoch + 1}, step {step + 1}") from None
             loss_sum += loss.item() * len(idx)
             correct += int((logits.argmax(dim=-1) == y).sum())
         seen = steps * batch
