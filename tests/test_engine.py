@@ -10,6 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import CLASSNAMES, separable_problem, teacher_means
+from sweep_helpers import demo_ws  # noqa: F401
 
 from pipeline.engine.backbone import WeightsUnavailableError, count_tokens, load_backbone, weights_fingerprint
 from pipeline.engine.prompt import CoOp, PromptConfig
@@ -315,3 +316,26 @@ def test_epochs_come_from_the_argument_or_the_config(tiny):
     assert len(train_coop(tiny, data, PromptConfig(n_ctx=2), TrainConfig(epochs=3), 2, progress=False).epochs) == 2
     with pytest.raises(ValueError, match="epochs is not set"):
         train_coop(tiny, data, PromptConfig(n_ctx=2), TrainConfig(), progress=False)
+
+
+def test_demo_accuracy_unchanged_by_the_exact_paths_and_close_in_bf16(demo_ws):  # noqa: F811
+    """The bundled demo (Fashion-MNIST, features from the real prepare/features stages): a fixed number of
+    steps gives the same test accuracy with every exact path, and within 5 points of it in bf16."""
+    from pipeline.config import load_params
+    from pipeline.sweep.inputs import load_inputs
+
+    inputs = load_inputs(load_params(demo_ws.params("paths")), [("FashionMNIST", 2, 1)])
+    data = next(iter(inputs.features.values()))
+    cfg = PromptConfig(n_ctx=4)  # end, unified: every exact path applies
+
+    def train(**kwargs):
+        return train_coop(inputs.backbone, data, cfg, TrainConfig(lr=0.02, warmup_epochs=0, **kwargs), epochs=30,
+                          progress=False)
+
+    plain = train(shared_prefix=False, pack_tokens=False)
+    assert plain.model.prompt_learner.lengths != (plain.model.prompt_learner.length,) * 10  # names differ
+    for shared, pack in [(True, False), (False, True), (True, True)]:
+        run = train(shared_prefix=shared, pack_tokens=pack)
+        assert run.test_acc == plain.test_acc, (shared, pack)
+        assert torch.allclose(run.ctx, plain.ctx, atol=1e-4)
+    assert abs(train(precision="bf16").test_acc - plain.test_acc) <= 5.0

@@ -311,6 +311,51 @@ def test_failing_trial_is_marked_failed_retried_and_the_sweep_goes_on(demo_ws: D
     assert failed.data.tags["sweep.attempt"] == "2"
 
 
+def test_asha_stops_weak_trials_at_its_rungs_and_says_so(demo_ws: DemoWorkspace,  # noqa: F811
+                                                          ray_session: Any) -> None:
+    """9 epochs, grace 1, reduction factor 3: ASHA's rungs are epochs 1 and 3. Trials run one at a time so
+    each rung decision compares against the trials before it."""
+    root = demo_ws.root / "asha"
+    uri = f"sqlite:///{root}/mlflow.db"
+    params_path = demo_ws.params(
+        "asha",
+        data={"shots": [2], "seeds": [1, 2]},
+        train={"epochs": 9, "eval_every": 1},
+        sweep={"space": {"lr": [0.0005, 0.002, 0.01, 0.05, 0.2]}, "max_concurrent": 1, "asha": True, "asha_grace_epochs": 1,
+               "asha_reduction_factor": 3, "storage": str(root / "ray"), "results_dir": str(root / "res")},
+        tracking={"uri": uri, "experiment": "asha"},
+    )
+    outcome = run_sweep(load_params(params_path), SweepOptions(search="grid", verbose=0))
+    rows = read_csv(root / "res" / "trials.csv")
+    assert len(rows) == 10 and {r["state"] for r in rows} <= {"FINISHED", "STOPPED"}
+    stopped = [r for r in rows if r["state"] == "STOPPED"]
+    assert stopped, "ASHA stopped no trial"
+    assert outcome.counts["finished"] == 10 - len(stopped) and outcome.counts["stopped"] == len(stopped)
+    for row in rows:
+        assert int(row["last_epoch"]) in ((1, 3) if row["state"] == "STOPPED" else (9,))
+
+    _, children = experiment_runs(uri, "asha")
+    client = MlflowClient(uri)
+    curves = {}
+    for child in children:
+        history = client.get_metric_history(child.info.run_id, "val_acc")
+        curves[child.data.tags[KEY_TAG]] = {m.step: m.value for m in history}
+    by_key = {r["trial_key"]: r for r in rows}
+    assert set(curves) == set(by_key)
+    for key, row in by_key.items():
+        last = int(row["last_epoch"])
+        assert sorted(curves[key]) == list(range(1, last + 1))  # one validation per epoch run, none after
+        if row["state"] == "STOPPED":
+            run = next(c for c in children if c.data.tags[KEY_TAG] == key)
+            assert f"stopped early by ASHA at epoch {last}" in run.data.tags[REASON_TAG]
+            # Stopped at a rung only for being below another trial's accuracy at that rung.
+            assert any(other[last] > curves[key][last] for k, other in curves.items() if k != key and last in other)
+    # The best trial at the first rung is never stopped there.
+    rung1 = {k: c[1] for k, c in curves.items()}
+    leader = max(rung1, key=rung1.get)
+    assert int(by_key[leader]["last_epoch"]) > 1
+
+
 def test_unreachable_services_and_missing_features_fail_before_any_trial(demo_ws: DemoWorkspace,  # noqa: F811
                                                                          ray_session: Any) -> None:
     root = demo_ws.root / "errors"
