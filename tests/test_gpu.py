@@ -44,9 +44,12 @@ def tiny_cuda():
 @cuda
 @pytest.mark.parametrize("position", ["end", "middle", "front"])
 @pytest.mark.parametrize("csc", [False, True])
-def test_cuda_fast_paths_equal_reference_fp32(tiny_cuda, position, csc):
+@pytest.mark.parametrize("pack", [False, True], ids=["padded", "packed"])
+def test_cuda_fast_paths_equal_reference_fp32(tiny_cuda, position, csc, pack):
     torch.backends.cuda.matmul.allow_tf32 = False
-    model = CoOp(tiny_cuda, CLASSNAMES, PromptConfig(6, "", csc, position), generator=torch.Generator().manual_seed(0))
+    model = CoOp(tiny_cuda, CLASSNAMES, PromptConfig(6, "", csc, position), generator=torch.Generator().manual_seed(0),
+                 pack_tokens=pack)
+    assert model.pack_tokens == pack
     images = F.normalize(torch.randn(9, tiny_cuda.embed_dim, device="cuda"), dim=-1)
     with torch.no_grad():
         ref = official_logits(tiny_cuda, CLASSNAMES, model.prompt_learner.ctx, position, images)
@@ -69,11 +72,13 @@ def test_cuda_reduced_precision_trains_like_fp32(tiny_cuda, precision):
 
 
 @cuda
-@pytest.mark.parametrize("shared", [False, True])
-def test_cuda_graph_replays_the_eager_text_path(tiny_cuda, shared):
+@pytest.mark.parametrize(("shared", "pack"), [(False, False), (True, False), (False, True), (True, True)])
+def test_cuda_graph_replays_the_eager_text_path(tiny_cuda, shared, pack):
     cfg = PromptConfig(n_ctx=4, class_token_position="middle")
-    eager = CoOp(tiny_cuda, CLASSNAMES, cfg, shared_prefix=shared, generator=torch.Generator().manual_seed(0))
-    graphed = CoOp(tiny_cuda, CLASSNAMES, cfg, shared_prefix=shared, generator=torch.Generator().manual_seed(0))
+    eager = CoOp(tiny_cuda, CLASSNAMES, cfg, shared_prefix=shared, generator=torch.Generator().manual_seed(0),
+                 pack_tokens=pack)
+    graphed = CoOp(tiny_cuda, CLASSNAMES, cfg, shared_prefix=shared, generator=torch.Generator().manual_seed(0),
+                   pack_tokens=pack)
     graphed.capture_cuda_graph()
     images = F.normalize(torch.randn(5, tiny_cuda.embed_dim, device="cuda"), dim=-1)
     for step in range(3):  # replays see the context's in-place updates
