@@ -24,6 +24,7 @@ import warnings
 from collections.abc import Callable
 from pathlib import Path
 
+import open_clip
 import torch
 import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
@@ -119,11 +120,13 @@ def feature_throughput(bb: Backbone, n_images: int, tmp: Path) -> dict:
         Image.fromarray(rng.integers(0, 255, (256, 320, 3), dtype=np.uint8)).save(root / f"{i}.jpg")
         paths.append(f"images/{i}.jpg")
     _, test_transform = build_transforms(bb.image_size, bb.mean, bb.std)
+    plain_model = open_clip.create_model(bb.arch, device=bb.device).eval()  # as open_clip builds it
 
+    @torch.no_grad()
     def plain() -> None:
         for start in range(0, n_images, 64):
             batch = torch.stack([test_transform(Image.open(tmp / p).convert("RGB")) for p in paths[start:start + 64]])
-            bb.encode_images(batch)
+            plain_model.encode_image(batch.to(bb.device))
 
     config = FeatureConfig.from_backbone(bb, views=1, dtype="fp16")
     run = [0]

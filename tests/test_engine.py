@@ -339,3 +339,22 @@ def test_demo_accuracy_unchanged_by_the_exact_paths_and_close_in_bf16(demo_ws): 
         assert run.test_acc == plain.test_acc, (shared, pack)
         assert torch.allclose(run.ctx, plain.ctx, atol=1e-4)
     assert abs(train(precision="bf16").test_acc - plain.test_acc) <= 5.0
+
+
+def test_channels_last_image_encoder_matches_plain_open_clip(tiny, rn50):
+    """The backbone runs its image tower channels-last (faster convolutions); features equal open_clip's own
+    contiguous-layout forward with the same weights."""
+    import copy
+
+    for backbone in (tiny, rn50):
+        conv = next(m for m in backbone.model.visual.modules() if isinstance(m, torch.nn.Conv2d))
+        assert conv.weight.is_contiguous(memory_format=torch.channels_last)
+        plain = copy.deepcopy(backbone.model).to(memory_format=torch.contiguous_format)
+        assert not next(m for m in plain.visual.modules() if isinstance(m, torch.nn.Conv2d)).weight.is_contiguous(
+            memory_format=torch.channels_last
+        )
+        images = torch.randn(2, 3, backbone.image_size, backbone.image_size, generator=torch.Generator().manual_seed(0))
+        with torch.no_grad():
+            expected = plain.encode_image(images)
+        ours = backbone.encode_images(images)
+        assert (ours - expected).abs().max().item() <= 1e-5 * expected.abs().max().item()
