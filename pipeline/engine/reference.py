@@ -89,6 +89,8 @@ def official_train_step(backbone: Backbone, classnames: list[str], n_ctx: int, c
     device = backbone.device
     model = backbone.model if dtype == torch.float32 else copy.deepcopy(backbone.model).to(dtype)
     official = dataclasses.replace(backbone, model=model)
+    # The official code runs CLIP's image tower as built, in the contiguous layout (ours is channels-last).
+    visual = copy.deepcopy(model.visual).to(memory_format=torch.contiguous_format)
     shape = (len(classnames), n_ctx, backbone.text_width) if csc else (n_ctx, backbone.text_width)
     ctx = torch.nn.Parameter(0.02 * torch.randn(shape, device=device, dtype=dtype))
     optimizer = torch.optim.SGD([ctx], lr=0.002, momentum=0.9, weight_decay=5e-4)
@@ -97,7 +99,7 @@ def official_train_step(backbone: Backbone, classnames: list[str], n_ctx: int, c
 
     def step() -> None:
         with torch.no_grad():
-            image = F.normalize(model.encode_image(images).float(), dim=-1)
+            image = F.normalize(visual(images).float(), dim=-1)
         prompts, eos = official_prompts(official, classnames, ctx, position)
         text = F.normalize(official_text_features(official, prompts, eos).float(), dim=-1)
         loss = F.cross_entropy(backbone.logit_scale * image @ text.t(), labels)
