@@ -226,8 +226,9 @@ def prefers_shared_prefix(device_type: str, precision: str, n_cls: int, shared_l
 def prefers_packing(device_type: str, precision: str, padded_tokens: int, real_tokens: int) -> bool:
     """Whether running only the real tokens (text.Packing) beats running the padded grid.
 
-    On the CPU it pays whenever a token is saved (measured: 7% faster with 8% of tokens padding, 1.2x
-    with 36%). On a GPU packing adds three index kernels per layer; a second pass per layer (the shared
+    On the CPU the step is compute-bound and the index copies cost ~1% of it (bench/packing.py: 1.2x with
+    36% of positions padding, 2.2x with 68%, within noise at 8%), so it packs whenever a token is saved.
+    On a GPU packing adds three index kernels per layer; a second pass per layer (the shared
     prefix) adds more kernels than that, so its measured crossover bounds packing's from above. Not yet
     measured on a GPU by itself.
     """
@@ -263,6 +264,7 @@ class CoOp(nn.Module):
         skipped = learner.shared_len if self.shared_prefix else 0  # positions the per-class pass skips
         padded = learner.n_cls * (learner.length - skipped)
         real = sum(learner.lengths) - learner.n_cls * skipped
+        self.per_class_tokens = (real, padded)  # of the per-class pass: up to each EOS, and padded to L
         if pack_tokens is None:
             pack_tokens = prefers_packing(device_type, precision, padded, real)
         self.pack_tokens = pack_tokens and real < padded
