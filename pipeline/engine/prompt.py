@@ -226,11 +226,11 @@ def prefers_shared_prefix(device_type: str, precision: str, n_cls: int, shared_l
 def prefers_packing(device_type: str, precision: str, padded_tokens: int, real_tokens: int) -> bool:
     """Whether running only the real tokens (text.Packing) beats running the padded grid.
 
-    On the CPU the step is compute-bound and the index copies cost ~1% of it (bench/packing.py: 1.2x with
-    36% of positions padding, 2.2x with 68%, within noise at 8%), so it packs whenever a token is saved.
-    On a GPU packing adds three index kernels per layer; a second pass per layer (the shared
-    prefix) adds more kernels than that, so its measured crossover bounds packing's from above. Not yet
-    measured on a GPU by itself.
+    On the CPU the step is compute-bound and the index copies and zero-fill cost 1-3% of it (profiled;
+    bench/packing.py: 1.2x with 36% of positions padding, 2.2x with 68%, within noise at 8%), so it packs
+    whenever a token is saved. On a GPU packing adds three index kernels per layer; a second pass per
+    layer (the shared prefix) adds more kernels than that, so its measured crossover bounds packing's from
+    above. Not yet measured on a GPU by itself.
     """
     saved = padded_tokens - real_tokens
     if saved <= 0:
