@@ -122,9 +122,13 @@ def run_domain_shift(params: Params, out_dir: Path, shots: int | None = None, tr
         raise StageError(f"{trials_path} is missing; run the sweep first (dvc repro sweep)")
     targets = variant_targets(params)
     trials = [r for r in read_csv(trials_path) if dataset_folder(r["dataset"]) == SOURCE and r["state"] == "FINISHED"]
-    why_not = ("data.datasets has no ImageNet" if SOURCE not in [dataset_folder(d) for d in params.data.datasets]
-               else "data.datasets lists no prepared ImageNet variant (ImageNetV2, ImageNetSketch, ImageNetA, "
-               "ImageNetR)" if not targets else f"{trials_path} has no FINISHED ImageNet trial" if not trials else "")
+    why_not = ""
+    if SOURCE not in [dataset_folder(d) for d in params.data.datasets]:
+        why_not = "data.datasets has no ImageNet"
+    elif not targets:
+        why_not = "data.datasets lists no prepared ImageNet variant (ImageNetV2, ImageNetSketch, ImageNetA, ImageNetR)"
+    elif not trials:
+        why_not = f"{trials_path} has no FINISHED ImageNet trial"
     if why_not:
         # Not an error: a pipeline without ImageNet (the demo) has no domain-shift experiment to run.
         log.warning("domain shift: nothing to evaluate (%s); writing an empty table", why_not)
