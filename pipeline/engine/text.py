@@ -136,7 +136,7 @@ class TextTower(nn.Module):
         self.layers = nn.ModuleList(_Layer(b, dtype) for b in backbone.model.transformer.resblocks)
         self._project = backbone.project_text
         self._mask_cache: dict[tuple[int, int, str], torch.Tensor] = {}
-        self._packing_cache: dict[tuple[tuple[int, ...], int, bool, str], tuple[Packing | None, torch.Tensor]] = {}
+        self._packing_cache: dict[tuple[tuple[int, ...], int, int, bool, str], tuple[Packing | None, torch.Tensor]] = {}
 
     def forward(self, x: torch.Tensor, lengths: Sequence[int]) -> torch.Tensor:
         """Truncated path. x (C, L, D); lengths[c] <= L: prompt c's tokens up to its EOS -> features (C, E), fp32."""
@@ -167,10 +167,10 @@ class TextTower(nn.Module):
     ) -> tuple[torch.Tensor, tuple[int, int], Packing | None, torch.Tensor]:
         """(C, T, D) -> the rows the layers run ((N, D)), (C, T), the packing if any, and each EOS's row."""
         batch, tokens, width = x.shape
-        if len(lengths) != batch or not all(0 < n <= tokens for n in lengths):
-            raise ValueError(f"lengths must give 1..{tokens} tokens for each of {batch} prompts")
-        key = (tuple(lengths), tokens, self.pack, str(x.device))
-        if key not in self._packing_cache:
+        key = (tuple(lengths), batch, tokens, self.pack, str(x.device))
+        if key not in self._packing_cache:  # checked once per layout, not every step
+            if len(lengths) != batch or not all(0 < n <= tokens for n in lengths):
+                raise ValueError(f"lengths must give 1..{tokens} tokens for each of {batch} prompts")
             self._packing_cache[key] = Packing.build(lengths, tokens, x.device, self.pack)
         packing, eos = self._packing_cache[key]
         x = x.reshape(batch * tokens, width)
