@@ -23,6 +23,7 @@ class DataParams:
     shots: list[int] = field(default_factory=lambda: [1, 2, 4, 8, 16])
     seeds: list[int] = field(default_factory=lambda: [1, 2, 3])
     splits_dir: str = "outputs/splits"
+    fewshot_repeat: bool = False  # true: classes with < K images drawn with replacement (Dassl before Oct 2021)
 
 
 @dataclass(frozen=True)

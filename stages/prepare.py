@@ -135,6 +135,13 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="skip checking that every listed image exists (faster on huge datasets whose images are known present)",
     )
+    parser.add_argument(
+        "--repeat",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="draw classes with fewer than K images with replacement up to K, as Dassl did before October 2021 "
+        "(params: data.fewshot_repeat; default false: keep all their images, today's Dassl rule)",
+    )
     return parser
 
 
@@ -145,6 +152,7 @@ def prepare(
     shots: Sequence[int],
     seeds: Sequence[int],
     check_files: bool = True,
+    repeat: bool = False,
 ) -> list[Path]:
     """Write one dataset's few-shot split files and test list; returns the files written."""
     splits = load_dataset(dataset, data_root, check_files=check_files)
@@ -155,7 +163,7 @@ def prepare(
         return written
     for k in shots:
         for seed in seeds:
-            split = make_fewshot_split(splits, k, seed)
+            split = make_fewshot_split(splits, k, seed, repeat)
             path = split_path(out, splits.name, k, seed)
             write_fewshot_split(split, path)
             written.append(path)
@@ -182,8 +190,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         out = Path(pick(args.out, params, "data.splits_dir", DEFAULT_SPLITS_DIR))
         shots = as_int_list(pick(args.shots, params, "data.shots", DEFAULT_SHOTS), "shots")
         seeds = as_int_list(pick(args.seeds, params, "data.seeds", DEFAULT_SEEDS), "seeds")
+        repeat = pick(args.repeat, params, "data.fewshot_repeat", False)
+        if not isinstance(repeat, bool):
+            raise ValueError(f"data.fewshot_repeat must be true or false, got {repeat!r}.")
         for dataset in datasets:
-            prepare(dataset, Path(data_root), out, shots, seeds, check_files=not args.no_check_files)
+            prepare(dataset, Path(data_root), out, shots, seeds, check_files=not args.no_check_files, repeat=repeat)
     except (DatasetError, FileNotFoundError, ValueError) as error:
         log.error("%s", error)
         return 2

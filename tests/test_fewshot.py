@@ -24,8 +24,12 @@ from pipeline.data.fewshot import (
 from stages import prepare as prepare_stage
 
 
-def official_generate_fewshot(data_source: list, num_shots: int) -> list:
-    """Transcription of Dassl's DatasetBase.generate_fewshot_dataset (repeat=True, one data source)."""
+def official_generate_fewshot(data_source: list, num_shots: int, repeat: bool = False) -> list:
+    """Transcription of Dassl's DatasetBase.generate_fewshot_dataset for one data source.
+
+    Transcribed from Dassl.pytorch 0.6.3 (dassl/data/datasets/base_dataset.py at commit c61a1b5, 2022-10-06,
+    the version CoOp's README installs): `repeat` defaults to False since commit e3a15da (2021-10-09).
+    """
     if num_shots < 1:
         return data_source
     tracker = defaultdict(list)
@@ -35,17 +39,19 @@ def official_generate_fewshot(data_source: list, num_shots: int) -> list:
     for _label, items in tracker.items():
         if len(items) >= num_shots:
             sampled_items = random.sample(items, num_shots)
-        else:
+        elif repeat:
             sampled_items = random.choices(items, k=num_shots)
+        else:
+            sampled_items = items
         dataset.extend(sampled_items)
     return dataset
 
 
-def official_coop(train: list, val: list, num_shots: int, seed: int) -> tuple[list, list]:
+def official_coop(train: list, val: list, num_shots: int, seed: int, repeat: bool = False) -> tuple[list, list]:
     """What CoOp's train.py + dataset class do: set_random_seed(seed), then draw train, then val."""
     random.seed(seed)
-    train = official_generate_fewshot(train, num_shots=num_shots)
-    val = official_generate_fewshot(val, num_shots=min(num_shots, 4))
+    train = official_generate_fewshot(train, num_shots=num_shots, repeat=repeat)
+    val = official_generate_fewshot(val, num_shots=min(num_shots, 4), repeat=repeat)
     return train, val
 
 
@@ -62,12 +68,18 @@ def synthetic(n_classes: int = 7, rng_seed: int = 5) -> DatasetSplits:
     return DatasetSplits("Synthetic", names, items["train"], items["val"], items["test"])
 
 
+@pytest.mark.parametrize("repeat", [False, True])
 @pytest.mark.parametrize("shots", [1, 2, 4, 8, 16])
 @pytest.mark.parametrize("seed", [1, 2, 3])
-def test_matches_official_rule_on_synthetic(shots: int, seed: int) -> None:
+def test_matches_official_rule_on_synthetic(shots: int, seed: int, repeat: bool) -> None:
     splits = synthetic()
-    ours = make_fewshot_split(splits, shots, seed)
-    train, val = official_coop(splits.train, splits.val, shots, seed)
+    sizes = defaultdict(int)
+    for item in splits.train:
+        sizes[item.label] += 1
+    if shots >= 4:  # the train draw covers labels with at least and with fewer than K items
+        assert min(sizes.values()) < shots
+    ours = make_fewshot_split(splits, shots, seed, repeat=repeat)
+    train, val = official_coop(splits.train, splits.val, shots, seed, repeat=repeat)
     assert ours.train == train
     assert ours.val == val
 
@@ -83,14 +95,25 @@ def test_matches_official_rule_on_demo(shots: int) -> None:
 
 def test_counts_repeats_and_all() -> None:
     splits = synthetic()
+    by_label = defaultdict(list)
+    for item in splits.train:
+        by_label[item.label].append(item)
+    small = [lab for lab, items in by_label.items() if len(items) < 8]
+    assert small, "the synthetic set must have classes smaller than K"
+    # Today's rule (repeat=False): a class with fewer than K images keeps all of them, in order.
     split = make_fewshot_split(splits, 8, 1)
     per_label = defaultdict(list)
     for item in split.train:
         per_label[item.label].append(item)
+    assert len(per_label) == 7
+    assert all(per_label[lab] == by_label[lab] for lab in small)
+    assert all(len(set(v)) == 8 for lab, v in per_label.items() if lab not in small)
+    # repeat=True: such classes are drawn with replacement up to K (the pre-October-2021 rule).
+    split = make_fewshot_split(splits, 8, 1, repeat=True)
+    per_label = defaultdict(list)
+    for item in split.train:
+        per_label[item.label].append(item)
     assert all(len(v) == 8 for v in per_label.values()) and len(per_label) == 7
-    small = [lab for lab in range(7) if sum(1 for i in splits.train if i.label == lab) < 8]
-    assert small, "the synthetic set must have classes smaller than K"
-    # Classes with fewer than K images are drawn with replacement (Dassl's repeat=True), big ones without.
     assert any(len(set(per_label[lab])) < 8 for lab in small)
     assert all(len(set(v)) == 8 for lab, v in per_label.items() if lab not in small)
     val_counts = defaultdict(int)
@@ -100,6 +123,16 @@ def test_counts_repeats_and_all() -> None:
     for k in (0, -1):
         everything = make_fewshot_split(splits, k, 1)
         assert everything.train == splits.train and everything.val == splits.val and everything.shots == -1
+
+
+def test_small_labels_draw_no_random_numbers() -> None:
+    """A label kept whole consumes no draws: the next label's sample equals the one drawn without it."""
+    big = [Item(f"b/{i}.jpg", 1, "big") for i in range(10)]
+    small = [Item(f"s/{i}.jpg", 0, "small") for i in range(2)]
+    with_small = make_fewshot_split(DatasetSplits("X", ["small", "big"], small + big, [], []), 4, 3)
+    alone = make_fewshot_split(DatasetSplits("X", ["small", "big"], big, [], []), 4, 3)
+    assert with_small.train[:2] == small
+    assert with_small.train[2:] == alone.train
 
 
 def test_seeds_differ_and_global_random_untouched() -> None:
@@ -207,3 +240,20 @@ def test_flags_override_params() -> None:
     assert prepare_stage.pick(None, params, "fewshot.seeds", [1, 2, 3]) == [1, 2, 3]
     with pytest.raises(ValueError, match="shots must be a list of integers"):
         prepare_stage.as_int_list(["one"], "shots")
+
+
+def test_prepare_stage_repeat_from_params_and_flag(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    build_generic(tmp_path / "data", "mydata")
+    splits = load_dataset("mydata", tmp_path / "data")
+    params = tmp_path / "params.yaml"
+    out = tmp_path / "splits"
+    common = ["--dataset", "mydata", "--data-root", str(tmp_path / "data"), "--out", str(out), "--seeds", "1"]
+    params.write_text("data:\n  fewshot_repeat: true\n")
+    assert prepare_stage.main([*common, "--shots", "64", "--params", str(params)]) == 0
+    assert read_fewshot_split(out / "mydata" / "shot64_seed1.json") == make_fewshot_split(splits, 64, 1, repeat=True)
+    assert prepare_stage.main([*common, "--shots", "64", "--params", str(params), "--no-repeat"]) == 0
+    assert read_fewshot_split(out / "mydata" / "shot64_seed1.json") == make_fewshot_split(splits, 64, 1)
+    params.write_text("data:\n  fewshot_repeat: maybe\n")
+    with caplog.at_level(logging.ERROR):
+        assert prepare_stage.main([*common, "--shots", "64", "--params", str(params)]) == 2
+    assert "data.fewshot_repeat" in caplog.text

@@ -1,11 +1,12 @@
 """Draw CoOp few-shot train/val splits exactly as the official CoOp/Dassl code does, and store them as JSON.
 
-The official rule (Dassl ``DatasetBase.generate_fewshot_dataset``, called by every CoOp dataset after
-``random.seed(seed)``): group the items by label in order of first appearance, then for each label take
-``random.sample(items, K)``; a label with fewer than K items gets ``random.choices(items, k=K)`` (Dassl's
-default ``repeat=True``, so it is drawn with replacement and may repeat images). The train list is drawn
-first with K shots, then the val list with ``min(K, 4)`` shots, from the same random stream. K < 1 keeps
-every item. The random stream is a private ``random.Random(seed)``, which yields the same numbers as the
+The official rule (Dassl ``DatasetBase.generate_fewshot_dataset`` as of Dassl 0.6.3, the version CoOp's
+README installs, called by every CoOp dataset after ``random.seed(seed)``): group the items by label in
+order of first appearance, then for each label take ``random.sample(items, K)``; a label with fewer than K
+items keeps all of them, in order, and draws no random numbers (Dassl's default ``repeat=False`` since
+October 2021). ``repeat=True`` reproduces older runs: such a label gets ``random.choices(items, k=K)``, drawn
+with replacement. The train list is drawn first with K shots, then the val list with ``min(K, 4)`` shots,
+from the same random stream. K < 1 keeps every item. The random stream is a private ``random.Random(seed)``, which yields the same numbers as the
 official global ``random.seed(seed)`` without touching global state.
 
 Files: ``<splits dir>/<dataset>/shot<K>_seed<S>.json`` per shots x seed (``shotall`` for K < 1) and one
@@ -92,21 +93,27 @@ def split_by_label(items: Sequence[Item]) -> dict[int, list[Item]]:
     return groups
 
 
-def sample_fewshot(items: Sequence[Item], shots: int, rng: random.Random) -> list[Item]:
-    """Dassl's generate_fewshot_dataset for one data source, drawing from `rng`."""
+def sample_fewshot(items: Sequence[Item], shots: int, rng: random.Random, repeat: bool = False) -> list[Item]:
+    """Dassl's generate_fewshot_dataset for one data source, drawing from `rng`.
+
+    A label with fewer than `shots` items keeps them all (``repeat=False``, Dassl's default) or is drawn
+    with replacement up to `shots` (``repeat=True``, the rule before Dassl's October 2021 change).
+    """
     if shots < 1:
         return list(items)
     output: list[Item] = []
     for group in split_by_label(items).values():
         if len(group) >= shots:
             output.extend(rng.sample(group, shots))
-        else:
+        elif repeat:
             output.extend(rng.choices(group, k=shots))
+        else:
+            output.extend(group)
     return output
 
 
-def make_fewshot_split(splits: DatasetSplits, shots: int, seed: int) -> FewShotSplit:
-    """The K-shot split that official CoOp draws for `splits` with random seed `seed`."""
+def make_fewshot_split(splits: DatasetSplits, shots: int, seed: int, repeat: bool = False) -> FewShotSplit:
+    """The K-shot split that official CoOp draws for `splits` with random seed `seed` (see `sample_fewshot`)."""
     if splits.test_only:
         raise DatasetError(
             f"{splits.name} is a test-only dataset (CoOp evaluates ImageNet-trained contexts on it); "
@@ -114,8 +121,8 @@ def make_fewshot_split(splits: DatasetSplits, shots: int, seed: int) -> FewShotS
         )
     shots = normalize_shots(shots)
     rng = random.Random(seed)
-    train = sample_fewshot(splits.train, shots, rng)
-    val = sample_fewshot(splits.val, min(shots, MAX_VAL_SHOTS) if shots >= 1 else -1, rng)
+    train = sample_fewshot(splits.train, shots, rng, repeat)
+    val = sample_fewshot(splits.val, min(shots, MAX_VAL_SHOTS) if shots >= 1 else -1, rng, repeat)
     return FewShotSplit(splits.name, shots, seed, list(splits.classnames), train, val, splits.val_is_test)
 
 
