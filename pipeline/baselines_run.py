@@ -216,8 +216,8 @@ def run_baselines(params: Params, out_dir: Path, methods: Sequence[str] = METHOD
                   tracking_uri: str | None = None, progress: bool = True) -> list[dict[str, Any]]:
     """Evaluate `methods` on every trainable dataset x shots x seed; write ``out_dir/baselines.csv``."""
     from pipeline.engine.baselines import (
-        ENSEMBLE_TEMPLATES,
         ensemble_accuracy,
+        ensemble_templates,
         linear_probe,
         zero_shot_accuracy,
     )
@@ -258,7 +258,8 @@ def run_baselines(params: Params, out_dir: Path, methods: Sequence[str] = METHOD
                             if method not in methods:
                                 continue
                             test = evaluate()
-                            templates = [data.template] + (list(ENSEMBLE_TEMPLATES) if "ensemble" in method else [])
+                            templates = (ensemble_templates(data.dataset, data.template) if "ensemble" in method
+                                         else (data.template,))
                             rows.append(_row(run, params, method, folder, 0, 0, None, test, None, 0,
                                              {"templates": " | ".join(templates)}))
                     if "linear-probe" in methods:

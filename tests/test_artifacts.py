@@ -10,7 +10,13 @@ import torch.nn.functional as F
 from conftest import CLASSNAMES, separable_problem
 from PIL import Image
 
-from pipeline.engine.baselines import ensemble_accuracy, linear_probe, zero_shot_accuracy, zero_shot_weights
+from pipeline.engine.baselines import (
+    ensemble_accuracy,
+    ensemble_templates,
+    linear_probe,
+    zero_shot_accuracy,
+    zero_shot_weights,
+)
 from pipeline.engine.context import ContextFileError, ContextMeta, context_model, load_context, save_context
 from pipeline.engine.interpret import nearest_words
 from pipeline.engine.prompt import CoOp, PromptConfig
@@ -110,6 +116,35 @@ def test_zero_shot_uses_the_template_and_ensemble_averages(tiny):
     direct = F.normalize(tiny.encode_text(["a photo of a cat, a type of pet."]), dim=-1)[0]
     assert torch.allclose(weights[0], direct, atol=1e-6)
     assert 0.0 <= ensemble_accuracy(tiny, data) <= 100.0
+
+
+# The official CoOp code's IMAGENET_TEMPLATES_SELECT (trainers/imagenet_templates.py), in its order.
+OFFICIAL_TEMPLATES_SELECT = [
+    "itap of a {}.",
+    "a bad photo of the {}.",
+    "a origami {}.",
+    "a photo of the large {}.",
+    "a {} in a video game.",
+    "art of the {}.",
+    "a photo of the small {}.",
+]
+
+
+@pytest.mark.parametrize("dataset", ["ImageNet", "ImageNetV2", "OxfordPets"])
+def test_ensemble_uses_the_official_templates(tiny, dataset):
+    """ZeroshotCLIP2: the seven templates, plus the dataset's own one on every dataset but ImageNet."""
+    data = separable_problem(tiny, CLASSNAMES)
+    data.dataset, data.template = dataset, "a photo of a {}, a type of pet."
+    official = OFFICIAL_TEMPLATES_SELECT + ([] if dataset == "ImageNet" else [data.template])
+    assert list(ensemble_templates(dataset, data.template)) == official
+    # Test features between the official classifier and one built with the other template list: the two
+    # classifiers disagree on them, so the accuracy says which one ensemble_accuracy built.
+    other = OFFICIAL_TEMPLATES_SELECT + ([data.template] if dataset == "ImageNet" else [])
+    weights, other_weights = zero_shot_weights(tiny, CLASSNAMES, official), zero_shot_weights(tiny, CLASSNAMES, other)
+    data.test = torch.randn(400, weights.shape[1], generator=torch.Generator().manual_seed(0))
+    data.test_labels = (data.test @ weights.t()).argmax(-1)
+    assert (data.test_labels != (data.test @ other_weights.t()).argmax(-1)).any()
+    assert ensemble_accuracy(tiny, data) == 100.0
 
 
 def test_linear_probe_picks_c_on_val_like_sklearn(tiny):

@@ -13,7 +13,8 @@ from pipeline.features import FewShotFeatures
 
 log = logging.getLogger(__name__)
 
-# CLIP's seven ImageNet templates chosen for prompt ensembling (CLIP repository, "Prompt_Engineering").
+# CLIP's seven ImageNet templates chosen for prompt ensembling (CLIP repository, "Prompt_Engineering");
+# the official CoOp code calls them IMAGENET_TEMPLATES_SELECT.
 ENSEMBLE_TEMPLATES = (
     "itap of a {}.",
     "a bad photo of the {}.",
@@ -55,9 +56,18 @@ def zero_shot_accuracy(backbone: Backbone, data: FewShotFeatures, template: str 
     return accuracy(data.test, data.test_labels, weights)
 
 
+def ensemble_templates(dataset: str, template: str) -> tuple[str, ...]:
+    """The official ensemble: the seven templates, plus the dataset's hand-crafted one except on ImageNet.
+
+    As CoOp's ZeroshotCLIP2, which adds the custom template for every dataset whose name is not exactly
+    "ImageNet" (so ImageNet-V2/-Sketch/-A/-R do get it).
+    """
+    return ENSEMBLE_TEMPLATES if dataset == "ImageNet" else (*ENSEMBLE_TEMPLATES, template)
+
+
 def ensemble_accuracy(backbone: Backbone, data: FewShotFeatures) -> float:
-    """Zero-shot CLIP with the hand-crafted prompt plus CLIP's seven-template ensemble."""
-    weights = zero_shot_weights(backbone, data.classnames, (data.template, *ENSEMBLE_TEMPLATES))
+    """Zero-shot CLIP with the official prompt ensemble (`ensemble_templates`)."""
+    weights = zero_shot_weights(backbone, data.classnames, ensemble_templates(data.dataset, data.template))
     return accuracy(data.test, data.test_labels, weights)
 
 
