@@ -2,15 +2,16 @@
 
 CoOp never updates the image encoder, so every image is encoded once and training runs on cached
 features. Train images are cached in V augmented views (CoOp's random-resized-crop + flip; V = 1 means
-the plain test transform), val/test images in one test-transform view. Each view's randomness is seeded
-from (image path, view index, base seed), so a rebuilt cache is identical.
+the plain test transform), val/test images, and train images too, in one test-transform view (the
+"eval" store). Each view's randomness is seeded from (image path, view index, base seed), so a rebuilt
+cache is identical.
 
 Layout of one cache (one dataset x backbone), see `feature_cache_dir`::
 
     <cache root>/<dataset>/<arch>__<pretrained>/
         manifest.json                backbone, weights fingerprint, transform, views, dtype, shards
         train-00000.safetensors      "features" (N, V, D); metadata "paths": JSON list of N image paths
-        eval-00000.safetensors       "features" (N, D)     (val and test images)
+        eval-00000.safetensors       "features" (N, D)     (val, test and train images)
 
 Updates are incremental: only images missing from a valid cache are encoded, written as a new shard,
 then the manifest is replaced atomically. A cache built with another configuration is rebuilt by the
@@ -576,7 +577,9 @@ def split_image_paths(
 ) -> tuple[set[str], set[str]]:
     """(train paths, eval paths) needed by the given few-shot split files plus the dataset's test list.
 
-    Test-only datasets (ImageNet variants) need just their test list; `shots` and `seeds` are ignored.
+    Eval paths include the train images: their one test-transform view is what the official linear probe
+    (CoOp's lpclip/) trains on. Test-only datasets (ImageNet variants) need just their test list; `shots`
+    and `seeds` are ignored.
     """
     train: set[str] = set()
     evaluation_list = read_eval_list(eval_list_path(splits_dir, dataset))
@@ -587,7 +590,7 @@ def split_image_paths(
         for seed in seeds:
             split = read_fewshot_split(split_path(splits_dir, dataset, k, seed))
             train.update(item.path for item in split.train)
-            evaluation.update(item.path for item in split.val)
+            evaluation.update(item.path for item in (*split.val, *split.train))
     return train, evaluation
 
 
