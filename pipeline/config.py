@@ -176,8 +176,10 @@ def _validate(p: Params) -> None:
         raise ParamsError(f"features.views must be >= 1, got {p.features.views}")
     if p.features.dtype not in ("fp16", "fp32"):
         raise ParamsError(f"features.dtype must be fp16 or fp32, got {p.features.dtype!r}")
-    if p.train.precision not in ("fp32", "bf16", "fp16", "amp"):
-        raise ParamsError(f"train.precision must be fp32, bf16, fp16 or amp, got {p.train.precision!r}")
+    from pipeline.engine.prompt import PRECISIONS
+
+    if p.train.precision not in PRECISIONS:
+        raise ParamsError(f"train.precision must be one of {', '.join(PRECISIONS)}, got {p.train.precision!r}")
     if p.train.epochs is not None and p.train.epochs < 1:
         raise ParamsError(f"train.epochs must be >= 1 or null, got {p.train.epochs}")
     if p.sweep.search not in ("grid", "random", "optuna"):

@@ -186,6 +186,13 @@ def native_cpu_bf16() -> bool:
     return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
 
 
+# The official `PREC: fp16`: CLIP and the context parameter itself in fp16, plain SGD on it (no fp32 master
+# copy, no loss scaling), so updates below half an fp16 ulp of a context value are lost. Our `fp16` keeps an
+# fp32 master context with a GradScaler instead; see docs/fidelity.md.
+OFFICIAL_FP16 = "fp16-official"
+PRECISIONS = ("fp32", "bf16", "fp16", "amp", OFFICIAL_FP16)
+
+
 def compute_dtype(precision: str, device: torch.device | str) -> torch.dtype:
     """Weight/activation dtype of the text path for a precision setting (amp keeps fp32 weights)."""
     device_type = torch.device(device).type
@@ -204,14 +211,19 @@ def compute_dtype(precision: str, device: torch.device | str) -> torch.dtype:
         if device_type != "cuda":
             raise ValueError("precision 'fp16' needs a CUDA device (CPU fp16 matmuls are slow); use 'bf16'")
         return torch.float16
-    raise ValueError(f"unknown precision {precision!r}; choose fp32, bf16, fp16 or amp")
+    if precision == OFFICIAL_FP16:
+        if device_type != "cuda":
+            log.warning("precision %s on the CPU: runs, slowly; it exists to reproduce the paper's GPU runs",
+                        OFFICIAL_FP16)
+        return torch.float16
+    raise ValueError(f"unknown precision {precision!r}; choose fp32, bf16, fp16, amp or {OFFICIAL_FP16}")
 
 
 # On a GPU the shared-prefix path costs two dependent passes per layer (prefix, then suffixes), so it
 # pays only when it saves enough tokens: (classes - 1) x (shared length - 1). Thresholds from CUDA-graphed
 # steps of the RN50 tower on an H100 (BENCHMARKS.md): fp32 between 144 and 792 saved tokens, bf16/fp16
 # between 2392 and 4784. On the CPU the step is compute-bound and fewer tokens always win.
-GPU_MIN_SAVED_TOKENS = {"fp32": 500, "bf16": 4000, "fp16": 4000, "amp": 4000}
+GPU_MIN_SAVED_TOKENS = {"fp32": 500, "bf16": 4000, "fp16": 4000, "amp": 4000, OFFICIAL_FP16: 4000}
 
 
 def prefers_shared_prefix(device_type: str, precision: str, n_cls: int, shared_len: int) -> bool:
@@ -269,6 +281,9 @@ class CoOp(nn.Module):
             pack_tokens = prefers_packing(device_type, precision, padded, real)
         self.pack_tokens = pack_tokens and real < padded
         self.text = TextTower(backbone, compute_dtype(precision, backbone.device), self.pack_tokens)
+        if precision == OFFICIAL_FP16:  # the official code builds the context in CLIP's fp16
+            with torch.no_grad():
+                learner.ctx.data = learner.ctx.data.half()
         self._graphed: Callable[[torch.Tensor], torch.Tensor] | None = None
 
     def text_features(self) -> torch.Tensor:

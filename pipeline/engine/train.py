@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from pipeline.engine.backbone import Backbone
-from pipeline.engine.prompt import CoOp, PromptConfig, compute_dtype
+from pipeline.engine.prompt import CoOp, PromptConfig
 from pipeline.features import FewShotFeatures
 
 log = logging.getLogger(__name__)
@@ -36,7 +36,7 @@ class TrainConfig:
     warmup_lr: float = 1e-5
     batch_size: int = 32
     eval_every: int = 0  # evaluate on val every k epochs; 0: only at the end
-    precision: str = "fp32"  # fp32 | bf16 | fp16 | amp
+    precision: str = "fp32"  # fp32 | bf16 | fp16 | amp | fp16-official (prompt.PRECISIONS)
     seed: int = 1
     shared_prefix: bool | None = None  # None: the faster exact text path for the device
     pack_tokens: bool | None = None  # None: skip prompts' padding where that is faster on the device
@@ -80,7 +80,7 @@ class TrainResult:
 
     @property
     def ctx(self) -> torch.Tensor:
-        return self.model.prompt_learner.ctx.detach().cpu()
+        return self.model.prompt_learner.ctx.detach().float().cpu()
 
 
 class NonFiniteLossError(RuntimeError):
@@ -123,8 +123,8 @@ class TrainStep:
         self.device_type = model.prompt_learner.ctx.device.type
         self.optimizer = torch.optim.SGD([model.prompt_learner.ctx], lr=cfg.lr, momentum=cfg.momentum,
                                          weight_decay=cfg.weight_decay)
-        fp16 = compute_dtype(cfg.precision, model.prompt_learner.ctx.device) == torch.float16
-        self.scaler = torch.amp.GradScaler("cuda", enabled=fp16 or self.use_amp)
+        # Loss scaling guards our fp16 (fp32 master context); the official fp16 runs plain SGD without it.
+        self.scaler = torch.amp.GradScaler("cuda", enabled=cfg.precision in ("fp16", "amp"))
 
     def set_lr(self, lr: float) -> None:
         for group in self.optimizer.param_groups:

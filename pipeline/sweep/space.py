@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from pipeline.config import Params, SweepParams
-from pipeline.engine.prompt import POSITIONS, PromptConfig, resolve_n_ctx
+from pipeline.engine.prompt import POSITIONS, PRECISIONS, PromptConfig, resolve_n_ctx
 from pipeline.engine.train import default_epochs
 
 if TYPE_CHECKING:
@@ -33,7 +33,6 @@ SEARCHES = ("grid", "random", "optuna")
 DATA_KEYS = ("dataset", "shots", "seed")
 HYPER_KEYS = ("n_ctx", "ctx_init", "csc", "class_token_position", "lr", "epochs", "precision")
 CONFIG_KEYS = DATA_KEYS + HYPER_KEYS  # every trial config holds exactly these keys
-PRECISIONS = ("fp32", "bf16", "fp16", "amp")
 assert set(CONFIG_KEYS) == set(SweepParams.SPACE_KEYS)
 
 
