@@ -11,6 +11,12 @@ from typing import Any, ClassVar
 
 import yaml
 
+# The official `PREC: fp16`: CLIP and the context parameter itself in fp16, plain SGD on it (no fp32 master
+# copy, no loss scaling), so updates below half an fp16 ulp of a context value are lost. Our `fp16` keeps an
+# fp32 master context with a GradScaler instead; see docs/fidelity.md.
+OFFICIAL_FP16 = "fp16-official"
+PRECISIONS = ("fp32", "bf16", "fp16", "amp", OFFICIAL_FP16)  # train.precision (engine.prompt.compute_dtype)
+
 
 class ParamsError(ValueError):
     """params.yaml (or a --config file) has a bad key or value."""
@@ -176,8 +182,6 @@ def _validate(p: Params) -> None:
         raise ParamsError(f"features.views must be >= 1, got {p.features.views}")
     if p.features.dtype not in ("fp16", "fp32"):
         raise ParamsError(f"features.dtype must be fp16 or fp32, got {p.features.dtype!r}")
-    from pipeline.engine.prompt import PRECISIONS
-
     if p.train.precision not in PRECISIONS:
         raise ParamsError(f"train.precision must be one of {', '.join(PRECISIONS)}, got {p.train.precision!r}")
     if p.train.epochs is not None and p.train.epochs < 1:

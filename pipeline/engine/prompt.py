@@ -14,13 +14,14 @@ buffers, laid out once by index so a forward is a single gather.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pipeline.config import OFFICIAL_FP16
 from pipeline.engine.backbone import Backbone, count_tokens, tokenize
 from pipeline.engine.text import TextTower
 
@@ -184,13 +185,6 @@ class PromptLearner(nn.Module):
 def native_cpu_bf16() -> bool:
     """Whether this CPU multiplies bf16 matrices in hardware (AVX-512 BF16 or AMX); else bf16 is emulated."""
     return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
-
-
-# The official `PREC: fp16`: CLIP and the context parameter itself in fp16, plain SGD on it (no fp32 master
-# copy, no loss scaling), so updates below half an fp16 ulp of a context value are lost. Our `fp16` keeps an
-# fp32 master context with a GradScaler instead; see docs/fidelity.md.
-OFFICIAL_FP16 = "fp16-official"
-PRECISIONS = ("fp32", "bf16", "fp16", "amp", OFFICIAL_FP16)
 
 
 def compute_dtype(precision: str, device: torch.device | str) -> torch.dtype:

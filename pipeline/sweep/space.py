@@ -22,8 +22,8 @@ import random
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from pipeline.config import Params, SweepParams
-from pipeline.engine.prompt import POSITIONS, PRECISIONS, PromptConfig, resolve_n_ctx
+from pipeline.config import PRECISIONS, Params, SweepParams
+from pipeline.engine.prompt import POSITIONS, PromptConfig, resolve_n_ctx
 from pipeline.engine.train import default_epochs
 
 if TYPE_CHECKING:
