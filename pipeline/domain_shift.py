@@ -58,15 +58,20 @@ COLUMNS = ["method", "config", "n_ctx", "ctx_init", "csc", "class_token_position
 
 
 def subset_rows(source_labels: Sequence[int] | None, target: EvalList) -> list[int]:
-    """For each target class, the row of the source's class list holding the same ImageNet class."""
+    """For each target class, the row of the source's class list holding the same ImageNet class.
+
+    Classes are matched by ImageNet label, never by name: CLIP's ImageNet list has two classes called
+    'missile' and two called 'sunglasses'.
+    """
     if target.imagenet_labels is None:
         raise StageError(f"{target.dataset} has no ImageNet label map; it is not an ImageNet variant")
     labels = list(source_labels) if source_labels is not None else list(range(1000))
     row_of = {label: row for row, label in enumerate(labels)}
-    missing = [target.classnames[i] for i, lab in enumerate(target.imagenet_labels) if lab not in row_of]
+    missing = [f"{target.classnames[i]!r} (ImageNet label {lab})" for i, lab in enumerate(target.imagenet_labels)
+               if lab not in row_of]
     if missing:
         raise StageError(
-            f"{target.dataset}: classes {missing[:5]} are not among the {len(labels)} ImageNet classes the "
+            f"{target.dataset}: classes {', '.join(missing[:5])} are not among the {len(labels)} ImageNet classes the "
             "contexts were trained on"
         )
     return [row_of[label] for label in target.imagenet_labels]

@@ -42,6 +42,7 @@ _ALLOWED_PREFIXES = ("torch.optim.", "dassl.optim.")
 _ALLOWED_NAMES = ("collections.defaultdict", "builtins.dict")
 _GLOBAL_IN_ERROR = re.compile(r"GLOBAL (\S+) was not an allowed global")
 _MAX_STUBS = 32
+_WNID_LINE = re.compile(r"n\d{8} +\S")
 
 
 class CheckpointError(ValueError):
@@ -130,8 +131,9 @@ def extract_ctx(checkpoint: dict[str, Any], path: Path) -> torch.Tensor:
 def read_classnames(
     classnames_file: Path | None, dataset: str | None, data_root: Path | None, splits_dir: Path | None
 ) -> list[str]:
-    """Class names in label order: from a file (.txt one per line, or a prepare-stage test.json / JSON list),
-    the prepare stage's test.json under `splits_dir`, or the dataset's reader under `data_root`."""
+    """Class names in label order: from a file (.txt one per line, or lines "<wnid> <name>" as in CoOp's
+    imagenet/classnames.txt; .json a list or a prepare-stage test.json), the prepare stage's test.json under
+    `splits_dir`, or the dataset's reader under `data_root`."""
     if classnames_file is not None:
         text = classnames_file.read_text(encoding="utf-8")
         if classnames_file.suffix == ".json":
@@ -139,6 +141,11 @@ def read_classnames(
             names = data["classnames"] if isinstance(data, dict) else data
         else:
             names = [line.strip() for line in text.splitlines() if line.strip()]
+            if names and all(_WNID_LINE.match(n) for n in names):
+                # CoOp's imagenet/classnames.txt: "n01440764 tench"; a label is its wnid's rank among the
+                # sorted wnids, as the official reader sorts the class folders.
+                names = [name.strip() for _, name in sorted(n.split(" ", 1) for n in names)]
+        # Kept as listed, duplicates included: a class is its position (ImageNet has two 'missile's).
         return [str(n) for n in names]
     if dataset and splits_dir is not None:
         from pipeline.data.datasets import resolve_name
@@ -252,8 +259,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--dataset", default="",
                         help="dataset the context was trained on (recorded; also where class names come from)")
     parser.add_argument("--classnames", type=Path,
-                        help="class names in label order: a .txt (one per line) or a .json (list, or a prepare-stage "
-                        "test.json); overrides --dataset as their source")
+                        help="class names in label order: a .txt (one per line, or '<wnid> <name>' lines as in "
+                        "CoOp's imagenet/classnames.txt) or a .json (list, or a prepare-stage test.json); "
+                        "overrides --dataset as their source")
     parser.add_argument("--splits-dir", type=Path,
                         help="read the class names from <DIR>/<dataset>/test.json written by stages.prepare")
     parser.add_argument("--data-root", type=Path,

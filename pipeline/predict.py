@@ -12,7 +12,8 @@ import torch
 import torch.nn.functional as F
 
 from pipeline.engine.backbone import load_backbone
-from pipeline.engine.context import ContextFileError, context_model, load_context
+from pipeline.engine.context import ContextFileError, context_model, load_context, load_metadata
+from pipeline.engine.prompt import duplicate_classnames
 from pipeline.features import ImageReadError, build_transforms, load_image
 
 log = logging.getLogger(__name__)
@@ -21,7 +22,10 @@ log = logging.getLogger(__name__)
 @torch.no_grad()
 def predict(context_file: Path, images: list[Path], pretrained: str | None = None, top_k: int = 3,
             device: str = "cpu") -> list[dict]:
-    """Top-k classes (name, probability) for each image under the saved context."""
+    """Top-k classes (name, probability, label) for each image under the saved context.
+
+    The label (index in the context's class list) identifies the class: two classes may share a name
+    (ImageNet's 'missile')."""
     ctx, meta = load_context(context_file)
     backbone = load_backbone(meta.arch, pretrained if pretrained is not None else meta.pretrained, device)
     model = context_model(backbone, ctx, meta)
@@ -32,7 +36,8 @@ def predict(context_file: Path, images: list[Path], pretrained: str | None = Non
     k = min(top_k, probs.shape[1])
     top = probs.topk(k, dim=-1)
     return [
-        {"image": str(path), "top": [(meta.classnames[i], round(p, 4)) for i, p in zip(idx, val, strict=True)]}
+        {"image": str(path),
+         "top": [(meta.classnames[i], round(p, 4), i) for i, p in zip(idx, val, strict=True)]}
         for path, idx, val in zip(images, top.indices.tolist(), top.values.tolist(), strict=True)
     ]
 
@@ -46,7 +51,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="override the weights recorded in the context (a local checkpoint file or tag)")
     parser.add_argument("--top-k", type=int, default=3, help="how many classes to print per image (default 3)")
     parser.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda (default cpu)")
-    parser.add_argument("--json", action="store_true", help="print one JSON object per image instead of text")
+    parser.add_argument("--json", action="store_true",
+                        help="print one JSON object per image instead of text: top = [[name, probability, label], ...]")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
@@ -54,11 +60,14 @@ def main(argv: list[str] | None = None) -> int:
     except (ContextFileError, ImageReadError, FileNotFoundError) as error:
         log.error("%s", error)
         return 2
+    # Names given to several classes (ImageNet's 'missile') are shown with their label.
+    shared = set(duplicate_classnames(load_metadata(args.context).classnames))
     for row in results:
         if args.json:
             sys.stdout.write(json.dumps(row) + "\n")
         else:
-            ranked = ", ".join(f"{name} ({p:.1%})" for name, p in row["top"])
+            ranked = ", ".join(f"{name}{f' [label {label}]' if name in shared else ''} ({p:.1%})"
+                               for name, p, label in row["top"])
             sys.stdout.write(f"{row['image']}: {ranked}\n")
     return 0
 

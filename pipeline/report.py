@@ -549,16 +549,23 @@ def section_domain(data: ReportData) -> str:
     return table(header, table_rows, caption, "numbers")
 
 
+def _first_context(vectors: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The vectors of the first class's context (all of a unified one). Classes are told apart by label, as
+    two may share a name (ImageNet's 'missile'); files written before labels were recorded have the name only."""
+    key = "label" if "label" in vectors[0] else "class"
+    return [v for v in vectors if v.get(key) == vectors[0][key]]
+
+
 def section_words(data: ReportData) -> str:
     if not data.words:
         return empty("No learned contexts to interpret (no finished trials, or their artifacts are unavailable).")
-    width = max(len([v for v in w["vectors"] if v["class"] == w["vectors"][0]["class"]]) for w in data.words.values())
+    width = max(len(_first_context(w["vectors"])) for w in data.words.values())
     rows = []
     for dataset, entry in data.words.items():
         trial = entry["trial"]
         vectors = entry["vectors"]
         owner = vectors[0]["class"]
-        shown = [v for v in vectors if v["class"] == owner]  # CSC: the first class's context
+        shown = _first_context(vectors)  # CSC: the first class's context
         cells = []
         for v in shown:
             top = v["words"]

@@ -576,10 +576,15 @@ def _check_labels(splits: DatasetSplits, info: DatasetInfo) -> None:
         )
     if len(splits.classnames) != len(labels):
         raise DatasetError(f"{info.name}: {len(splits.classnames)} class names for {len(labels)} labels.")
-    if len(set(splits.classnames)) != len(splits.classnames):
-        dupes = sorted({c for c in splits.classnames if splits.classnames.count(c) > 1})
-        # Not fatal: the official split files are what they are, but prompts cannot tell these classes apart.
-        log.warning("%s: several labels share the class names %s", info.name, dupes[:5])
+    labels_of: dict[str, list[int]] = {}
+    for label, name in enumerate(splits.classnames):
+        labels_of.setdefault(name, []).append(label)
+    shared = {name: found for name, found in labels_of.items() if len(found) > 1}
+    if shared:
+        # Not an error: CLIP's ImageNet list (CoOp's classnames.txt) names two classes 'missile' and two
+        # 'sunglasses'. Labels keep them apart; the prompt learner warns about what that means for prompts.
+        log.info("%s: labels sharing a class name (kept as separate classes): %s", info.name,
+                 "; ".join(f"{name!r} = {found}" for name, found in list(shared.items())[:10]))
     if not splits.test:
         raise DatasetError(f"{info.name}: the test split is empty.")
     if not splits.test_only and not splits.train:

@@ -68,18 +68,23 @@ def save_context(path: str | Path, ctx: torch.Tensor, meta: ContextMeta) -> Path
     return path
 
 
+def load_metadata(path: str | Path) -> ContextMeta:
+    """The metadata of context `path` (.safetensors or its .json) without reading the tensor."""
+    meta_file = metadata_path(path)
+    if not meta_file.is_file():
+        raise ContextFileError(f"context file {meta_file} does not exist (a context is a .safetensors + .json pair)")
+    try:
+        return ContextMeta(**json.loads(meta_file.read_text()))
+    except (json.JSONDecodeError, TypeError) as e:
+        raise ContextFileError(f"{meta_file} is not valid context metadata: {e}") from None
+
+
 def load_context(path: str | Path) -> tuple[torch.Tensor, ContextMeta]:
     """Read a context and its metadata; errors name the file and what is wrong."""
     path = Path(path)
-    meta_file = metadata_path(path)
-    for f in (path, meta_file):
-        if not f.is_file():
-            raise ContextFileError(f"context file {f} does not exist (a context is a .safetensors + .json pair)")
-    try:
-        raw = json.loads(meta_file.read_text())
-        meta = ContextMeta(**raw)
-    except (json.JSONDecodeError, TypeError) as e:
-        raise ContextFileError(f"{meta_file} is not valid context metadata: {e}") from None
+    if not path.is_file():
+        raise ContextFileError(f"context file {path} does not exist (a context is a .safetensors + .json pair)")
+    meta = load_metadata(path)
     tensors = load_file(str(path))
     if set(tensors) != {"ctx"}:
         raise ContextFileError(f"{path} should hold one tensor 'ctx', found {sorted(tensors)}")

@@ -43,19 +43,45 @@ class PromptConfig:
         return asdict(self)
 
 
-def prompt_classnames(classnames: list[str]) -> list[str]:
-    """Class names as they appear in prompts ('_' -> ' '); rejects empty and duplicate names."""
+def duplicate_classnames(names: Sequence[str]) -> dict[str, list[int]]:
+    """Each name given to more than one label, with those labels in order (ImageNet: 'missile', 'sunglasses')."""
+    labels: dict[str, list[int]] = {}
+    for label, name in enumerate(names):
+        labels.setdefault(name, []).append(label)
+    return {name: found for name, found in labels.items() if len(found) > 1}
+
+
+# Class lists whose duplicate names were already reported in this process: a sweep worker or the
+# domain-shift stage builds many models over one class list, and one warning says all there is to say.
+_duplicates_reported: set[tuple[str, ...]] = set()
+
+
+def prompt_classnames(classnames: Sequence[str]) -> list[str]:
+    """Class names as they appear in prompts ('_' -> ' '); rejects empty names.
+
+    A class is its label index, as in the official code: names shared by several labels (CLIP's ImageNet
+    list calls two classes 'missile' and two 'sunglasses') give those classes equal prompts, and with CSC
+    separate contexts. That is logged once per class list and process.
+    """
     if not classnames:
         raise ValueError("class names are empty: CoOp needs at least one class")
     names = [str(n).replace("_", " ").strip() for n in classnames]
-    for raw, name in zip(classnames, names, strict=True):
+    for label, (raw, name) in enumerate(zip(classnames, names, strict=True)):
         if not name:
-            raise ValueError(f"class name {raw!r} is empty; every class needs a name for its prompt")
-    seen: dict[str, str] = {}
-    for raw, name in zip(classnames, names, strict=True):
-        if name in seen:
-            raise ValueError(f"duplicate class name {name!r} ({seen[name]!r} and {raw!r}); prompts would collide")
-        seen[name] = raw
+            raise ValueError(
+                f"class name {raw!r} (label {label}) is empty; every class needs a name for its prompt"
+            )
+    duplicates = duplicate_classnames(names)
+    if duplicates and tuple(names) not in _duplicates_reported:
+        _duplicates_reported.add(tuple(names))
+        shown = "; ".join(f"{name!r} = labels {', '.join(map(str, labels))}"
+                          for name, labels in list(duplicates.items())[:10])
+        log.warning(
+            "%d class name(s) are each given to several of the %d labels: %s%s. As in the official CoOp code "
+            "each label stays its own class: with a unified context their prompts are equal, so the "
+            "classifier cannot tell them apart; with CSC each has its own context",
+            len(duplicates), len(names), shown, "; ..." if len(duplicates) > 10 else "",
+        )
     return names
 
 

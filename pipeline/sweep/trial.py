@@ -24,7 +24,7 @@ from ray import tune
 
 from pipeline.engine.backbone import Backbone, load_backbone, resolve_device
 from pipeline.engine.context import ContextMeta, save_context
-from pipeline.engine.interpret import nearest_words
+from pipeline.engine.interpret import format_entry, nearest_word_entries
 from pipeline.engine.prompt import PromptConfig, resolve_n_ctx
 from pipeline.engine.train import EpochMetrics, TrainConfig, TrainResult, train_coop
 from pipeline.features import FewShotFeatures
@@ -134,17 +134,9 @@ def write_artifacts(folder: Path, config: dict[str, Any], context: TrialContext,
     ctx = result.ctx
     save_context(folder / "ctx.safetensors", ctx, meta)
 
-    rows = nearest_words(ctx, backbone, k=context.nearest_words)
-    n_ctx = ctx.shape[-2]
-    entries = []
-    lines = []
-    for index, words in enumerate(rows):
-        cls, position = divmod(index, n_ctx)
-        owner = data.classnames[cls] if prompt.csc else None
-        entries.append({"class": owner, "position": position + 1,
-                        "words": [{"word": w, "distance": d} for w, d in words]})
-        where = f"{owner} " if owner else ""
-        lines.append(f"{where}v{position + 1}: " + ", ".join(f"{w} ({d:.3f})" for w, d in words))
+    # CSC rows are named by label and class name: ImageNet has two classes called 'missile'.
+    entries = nearest_word_entries(ctx, backbone, data.classnames, k=context.nearest_words)
+    lines = [format_entry(entry) for entry in entries]
     (folder / "nearest_words.json").write_text(json.dumps({"k": context.nearest_words, "vectors": entries}, indent=2))
     (folder / "nearest_words.txt").write_text("\n".join(lines) + "\n")
 
