@@ -24,6 +24,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from open_clip.zero_shot_metadata import IMAGENET_CLASSNAMES  # noqa: E402
 from step import classnames, timed  # noqa: E402
 
 from pipeline.engine.backbone import Backbone, load_backbone  # noqa: E402
@@ -31,18 +32,6 @@ from pipeline.engine.prompt import PromptConfig  # noqa: E402
 from pipeline.engine.train import TrainConfig, TrainStep, build_model  # noqa: E402
 
 log = logging.getLogger("bench.packing")
-
-
-def imagenet_classnames() -> list[str]:
-    """open_clip's 1000 ImageNet class names, made distinct (CLIP's list repeats a few)."""
-    from open_clip.zero_shot_metadata import IMAGENET_CLASSNAMES
-
-    seen: dict[str, int] = {}
-    names = []
-    for name in IMAGENET_CLASSNAMES:
-        seen[name] = seen.get(name, 0) + 1
-        names.append(name if seen[name] == 1 else f"{name} {seen[name]}")
-    return names
 
 
 def step_seconds(bb: Backbone, names: list[str], prompt: PromptConfig, pack: bool, repeats: int,
@@ -80,7 +69,7 @@ def main() -> None:
     cases = [
         ("CIFAR-100", classnames(100), PromptConfig(16, "", False, "end")),
         ("CIFAR-100", classnames(100), PromptConfig(16, "", True, "front")),
-        ("ImageNet", imagenet_classnames(), PromptConfig(16, "", False, "end")),
+        ("ImageNet", list(IMAGENET_CLASSNAMES), PromptConfig(16, "", False, "end")),
     ]
     rows = []
     log.info("%-10s %6s %-14s %9s %10s %10s %8s", "names", "classes", "variant", "pad %", "padded ms", "packed ms",
