@@ -5,11 +5,15 @@ For every trainable dataset in ``data.datasets`` (the ImageNet variants are test
 
 * ``zero-shot``: CLIP with the dataset's hand-crafted CoOp prompt (e.g. "a photo of a {}, a type of pet.");
 * ``zero-shot-ensemble``: the hand-crafted prompt plus CLIP's seven ImageNet ensemble templates;
-* ``linear-probe``: logistic regression on the few-shot features, C chosen on the few-shot val split.
+* ``linear-probe``: logistic regression on the few-shot features, C chosen on the few-shot val split, once
+  per protocol in ``baselines.linear_probe_protocols``: ``lpclip``, the official CoOp probe (``lpclip/``:
+  the training images' test-transform features, not normalised; seven coarse C values then eight halving
+  steps in log10 C), and ``grid``, ours (every cached augmented view, normalised; 13 C values).
 
 Zero-shot methods do not depend on shots or seed: they get one row per dataset with ``shots = 0``. Rows
-go to ``<out>/baselines.csv`` (columns like the sweep's trials.csv: method, dataset, shots, seed, val_acc,
-test_acc, ...), written atomically; ``<out>`` defaults to ``baselines/`` beside ``sweep.results_dir``.
+go to ``<out>/baselines.csv`` (columns like the sweep's trials.csv: method, protocol (linear probe only),
+dataset, shots, seed, val_acc, test_acc, ...), written atomically; ``<out>`` defaults to ``baselines/``
+beside ``sweep.results_dir``.
 MLflow: one parent run "baselines" in ``tracking.experiment`` and a child run per row.
 
 This module also holds what the domain-shift and report stages share with it: the stage's backbone and
@@ -29,7 +33,7 @@ import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from mlflow import MlflowClient
 from mlflow.entities import Metric, Param
@@ -37,7 +41,7 @@ from tqdm import tqdm
 
 from pipeline.config import Params, ParamsError, load_params
 from pipeline.data.datasets import DatasetError, resolve_name
-from pipeline.data.fewshot import eval_list_path, read_eval_list, split_path
+from pipeline.data.fewshot import eval_list_path, read_eval_list, read_fewshot_split, split_path
 from pipeline.engine.backbone import Backbone, WeightsUnavailableError, load_backbone, resolve_device
 from pipeline.features import (
     FeatureCache,
@@ -58,10 +62,14 @@ from pipeline.tracking import (
     resolve_tracking_uri,
 )
 
+if TYPE_CHECKING:
+    import torch
+
 log = logging.getLogger(__name__)
 
 METHODS = ("zero-shot", "zero-shot-ensemble", "linear-probe")
-COLUMNS = ["method", "dataset", "shots", "seed", "val_acc", "test_acc", "C", "views", "backbone", "mlflow_run_id"]
+COLUMNS = ["method", "protocol", "dataset", "shots", "seed", "val_acc", "test_acc", "C", "views", "backbone",
+           "mlflow_run_id"]
 STAGE_TAG = "coop.stage"
 
 
@@ -219,6 +227,7 @@ def run_baselines(params: Params, out_dir: Path, methods: Sequence[str] = METHOD
         ensemble_accuracy,
         ensemble_templates,
         linear_probe,
+        lpclip_linear_probe,
         zero_shot_accuracy,
     )
 
@@ -233,7 +242,10 @@ def run_baselines(params: Params, out_dir: Path, methods: Sequence[str] = METHOD
     run = StageRun.start(params, "baselines", "baselines",
                          {"methods": ",".join(methods), "datasets": ",".join(datasets), "shots": params.data.shots,
                           "seeds": params.data.seeds, "backbone": backbone_label(params),
-                          "probe_views": probe_views or params.features.views}, tracking_uri)
+                          "probe_views": probe_views or params.features.views,
+                          "linear_probe_protocols": ",".join(params.baselines.linear_probe_protocols)},
+                         tracking_uri)
+    probe_protocols = params.baselines.linear_probe_protocols if "linear-probe" in methods else []
     rows: list[dict[str, Any]] = []
     try:
         jobs = [(d, s, seed) for d in datasets for s in params.data.shots for seed in params.data.seeds]
@@ -244,10 +256,9 @@ def run_baselines(params: Params, out_dir: Path, methods: Sequence[str] = METHOD
             first = True
             for shots in params.data.shots:
                 for seed in params.data.seeds:
+                    split_file = split_path(params.data.splits_dir, folder, shots, seed)
                     try:
-                        data = load_fewshot_features(params.features.dir,
-                                                     split_path(params.data.splits_dir, folder, shots, seed),
-                                                     config, cache=cache)
+                        data = load_fewshot_features(params.features.dir, split_file, config, cache=cache)
                     except (FileNotFoundError, DatasetError, FeatureCacheError) as error:
                         raise StageError(f"{dataset} {shots}-shot seed {seed}: {error}") from None
                     if first:  # zero-shot uses no training data: once per dataset (same test set)
@@ -260,14 +271,24 @@ def run_baselines(params: Params, out_dir: Path, methods: Sequence[str] = METHOD
                             test = evaluate()
                             templates = (ensemble_templates(data.dataset, data.template) if "ensemble" in method
                                          else (data.template,))
-                            rows.append(_row(run, params, method, folder, 0, 0, None, test, None, 0,
+                            rows.append(_row(run, params, method, "", folder, 0, 0, None, test, None, 0,
                                              {"templates": " | ".join(templates)}))
-                    if "linear-probe" in methods:
-                        views = min(probe_views or data.train.shape[1], data.train.shape[1])
-                        probe_data = data if views == data.train.shape[1] else _first_views(data, views)
-                        result = linear_probe(probe_data, seed=seed)
-                        rows.append(_row(run, params, "linear-probe", folder, shots, seed, result["val_acc"],
-                                         result["test_acc"], result["C"], views, {}))
+                    for protocol in probe_protocols:
+                        if protocol == "lpclip":
+                            result = lpclip_linear_probe(data, plain_train_features(cache, split_file, dataset))
+                            search = result["search"]
+                            views, extra = 0, {"train_features": "test transform, not normalised",
+                                               "search_coarse": _pairs(search.coarse),
+                                               "search_rounds": "; ".join(_pairs([(lc, la), (rc, ra)])
+                                                                          for lc, la, rc, ra in search.rounds)}
+                        else:
+                            views = min(probe_views or data.train.shape[1], data.train.shape[1])
+                            probe_data = data if views == data.train.shape[1] else _first_views(data, views)
+                            result = linear_probe(probe_data, seed=seed)
+                            extra = {"train_features": f"{views} cached view(s), L2-normalised",
+                                     "search_grid": _pairs(result["val_by_C"].items())}
+                        rows.append(_row(run, params, "linear-probe", protocol, folder, shots, seed,
+                                         result["val_acc"], result["test_acc"], result["C"], views, extra))
                     bar.update()
         bar.close()
         path = out_dir / "baselines.csv"
@@ -280,22 +301,42 @@ def run_baselines(params: Params, out_dir: Path, methods: Sequence[str] = METHOD
     return rows
 
 
+def plain_train_features(cache: FeatureCache, split_file: Path, dataset: str) -> torch.Tensor:
+    """(N, D) test-transform features of a split's training images, in the split's order (the eval store)."""
+    paths = [item.path for item in read_fewshot_split(split_file).train]
+    try:
+        return cache.gather("eval", paths)
+    except FeatureCacheError as error:
+        raise StageError(
+            f"{dataset}: the lpclip linear probe trains on the training images' test-transform features, which "
+            f"this cache lacks (caches built before they were added to it): rerun `dvc repro features` (or "
+            f"python -m stages.features --dataset {dataset_folder(dataset)}), or drop lpclip from "
+            f"baselines.linear_probe_protocols. ({error})") from None
+
+
+def _pairs(items: Any) -> str:
+    """(C, val accuracy) pairs as one MLflow parameter: "C:acc, C:acc, ..."."""
+    return ", ".join(f"{c:g}:{acc:.2f}" for c, acc in items)
+
+
 def _first_views(data: Any, views: int) -> Any:
     from dataclasses import replace
 
     return replace(data, train=data.train[:, :views])
 
 
-def _row(run: StageRun, params: Params, method: str, dataset: str, shots: int, seed: int, val: float | None,
-         test: float, c: float | None, views: int, extra: dict[str, Any]) -> dict[str, Any]:
-    name = f"{method} {dataset}" + (f" {shots}shot seed{seed}" if shots else "")
+def _row(run: StageRun, params: Params, method: str, protocol: str, dataset: str, shots: int, seed: int,
+         val: float | None, test: float, c: float | None, views: int, extra: dict[str, Any]) -> dict[str, Any]:
+    """One MLflow child run and its CSV row; `protocol` names the linear probe's protocol ("" otherwise)."""
+    name = f"{method}{f' ({protocol})' if protocol else ''} {dataset}" + (f" {shots}shot seed{seed}" if shots else "")
     run_params = {"method": method, "dataset": dataset, "shots": shots, "seed": seed,
-                  "backbone": backbone_label(params), **({"C": c, "views": views} if c is not None else {}), **extra}
+                  "backbone": backbone_label(params), **({"protocol": protocol} if protocol else {}),
+                  **({"C": c} if c is not None else {}), **({"views": views} if views else {}), **extra}
     run_id = run.child(name, run_params, {"test_acc": test, "val_acc": val},
                        {STAGE_TAG: "baselines", "baseline.method": method, "dataset": dataset, "shots": shots,
-                        "seed": seed})
-    return {"method": method, "dataset": dataset, "shots": shots, "seed": seed, "val_acc": fmt(val),
-            "test_acc": fmt(test), "C": "" if c is None else f"{c:g}", "views": views or "",
+                        "seed": seed, **({"baseline.protocol": protocol} if protocol else {})})
+    return {"method": method, "protocol": protocol, "dataset": dataset, "shots": shots, "seed": seed,
+            "val_acc": fmt(val), "test_acc": fmt(test), "C": "" if c is None else f"{c:g}", "views": views or "",
             "backbone": backbone_label(params), "mlflow_run_id": run_id}
 
 
@@ -308,8 +349,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS),
                         help="which baselines to run (default: all three)")
     parser.add_argument("--probe-views", type=int, metavar="V",
-                        help="cached views per training image the linear probe trains on (default: all "
-                        "features.views; 1 keeps ImageNet-sized probes tractable on a CPU)")
+                        help="cached views per training image the `grid` linear probe trains on (default: all "
+                        "features.views; 1 keeps ImageNet-sized probes tractable on a CPU); lpclip uses none")
     parser.add_argument("--tracking-uri", help="MLflow tracking URI (default: MLFLOW_TRACKING_URI, else tracking.uri)")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     return parser

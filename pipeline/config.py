@@ -103,6 +103,17 @@ class ReportParams:
 
 
 @dataclass(frozen=True)
+class BaselineParams:
+    # Linear-probe protocols the baselines stage runs, each a row per split in baselines.csv.
+    PROTOCOLS: ClassVar[dict[str, str]] = {
+        "lpclip": "the official CoOp lpclip/ probe: un-augmented features, coarse + binary C search",
+        "grid": "ours: a 13-value C grid on normalised features of every cached augmented view",
+    }
+
+    linear_probe_protocols: list[str] = field(default_factory=lambda: ["lpclip"])
+
+
+@dataclass(frozen=True)
 class Params:
     data: DataParams = field(default_factory=DataParams)
     backbone: BackboneParams = field(default_factory=BackboneParams)
@@ -111,6 +122,7 @@ class Params:
     sweep: SweepParams = field(default_factory=SweepParams)
     tracking: TrackingParams = field(default_factory=TrackingParams)
     report: ReportParams = field(default_factory=ReportParams)
+    baselines: BaselineParams = field(default_factory=BaselineParams)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -214,6 +226,12 @@ def _validate(p: Params) -> None:
         raise ParamsError("tracking.uri and tracking.experiment must not be empty")
     if p.tracking.check_timeout_s <= 0:
         raise ParamsError(f"tracking.check_timeout_s must be > 0, got {p.tracking.check_timeout_s}")
+    protocols = p.baselines.linear_probe_protocols
+    unknown = [name for name in protocols if name not in BaselineParams.PROTOCOLS]
+    if unknown or not protocols or len(set(protocols)) != len(protocols):
+        choices = "; ".join(f"{k} ({v})" for k, v in BaselineParams.PROTOCOLS.items())
+        problem = f"unknown protocol(s) {unknown}" if unknown else "needs distinct protocols, at least one"
+        raise ParamsError(f"baselines.linear_probe_protocols {problem}, got {protocols}; choose from: {choices}")
 
 
 def params_from_dict(raw: dict[str, Any]) -> Params:

@@ -5,8 +5,8 @@ trial's artifacts), ``baselines.csv`` and ``domain_shift.csv`` (default folder: 
 ``sweep.results_dir``) and ``pipeline/published.json``, and writes ``<report.dir>/index.html`` atomically.
 Figures are inline PNGs (base64 ``data:`` URIs): the page needs no other file. Sections:
 
-1. accuracy against shots per dataset and averaged: CoOp variants, zero-shot CLIP, linear probe (± std
-   over seeds), the paper's main figure, with the numbers as a table;
+1. accuracy against shots per dataset and averaged: CoOp variants, zero-shot CLIP, linear probe (one
+   series per protocol, labelled; ± std over seeds), the paper's main figure, with the numbers as a table;
 2. our 16-shot CoOp (M=16, end, unified) and zero-shot results next to the published ones;
 3. domain generalisation: ImageNet contexts on ImageNet-V2/-Sketch/-A/-R, beside zero-shot CLIP;
 4. the nearest vocabulary words of each dataset's best learned context;
@@ -53,6 +53,25 @@ ZERO_SHOT = "zero-shot"
 ENSEMBLE = "zero-shot-ensemble"
 PROBE = "linear-probe"
 METHOD_NAMES = {ZERO_SHOT: "Zero-shot CLIP", ENSEMBLE: "Zero-shot CLIP (prompt ensemble)", PROBE: "Linear probe CLIP"}
+# Linear-probe rows are one series per protocol (baselines.csv's `protocol`): its method is "linear-probe/<protocol>".
+PROBE_PROTOCOL_NAMES = {"lpclip": "official lpclip protocol", "grid": "our C grid on augmented views"}
+
+
+def probe_method(protocol: str) -> str:
+    """The series name of a linear-probe row; rows from before protocols were recorded keep plain PROBE."""
+    return f"{PROBE}/{protocol}" if protocol else PROBE
+
+
+def is_probe(method: str) -> bool:
+    return method == PROBE or method.startswith(PROBE + "/")
+
+
+def method_name(method: str) -> str:
+    """How the report labels a method: linear-probe numbers always say which protocol produced them."""
+    if is_probe(method):
+        protocol = method.partition("/")[2]
+        return f"{METHOD_NAMES[PROBE]} ({PROBE_PROTOCOL_NAMES.get(protocol, protocol) or 'protocol not recorded'})"
+    return METHOD_NAMES.get(method, method)
 
 
 # ---------------------------------------------------------------------------------------------- inputs
@@ -134,7 +153,8 @@ def coop_series(trials: Sequence[dict[str, Any]]) -> list[Series]:
 def baseline_series(rows: Sequence[dict[str, str]]) -> list[Series]:
     groups: dict[tuple[str, str, int], list[float]] = defaultdict(list)
     for r in rows:
-        groups[(r["method"], r["dataset"], int(r["shots"]))].append(_float(r["test_acc"]))
+        method = probe_method(r.get("protocol") or "") if r["method"] == PROBE else r["method"]
+        groups[(method, r["dataset"], int(r["shots"]))].append(_float(r["test_acc"]))
     return [Series(method, dataset, shots, *mean_std(values)) for (method, dataset, shots), values in
             sorted(groups.items())]
 
@@ -240,13 +260,14 @@ def _pyplot() -> Any:
 
 def shots_figure(coop: Sequence[Series], base: Sequence[Series]) -> str | None:
     """Small multiples: test accuracy against shots per dataset plus the average panel."""
-    if not coop and not any(s.method == PROBE for s in base):
+    probes = sorted({s.method for s in base if is_probe(s.method)})
+    if not coop and not probes:
         return None
     plt = _pyplot()
-    datasets = sorted({s.dataset for s in coop} | {s.dataset for s in base if s.method == PROBE})
+    datasets = sorted({s.dataset for s in coop} | {s.dataset for s in base if is_probe(s.method)})
     shots = sorted({s.shots for s in coop} | {s.shots for s in base if s.shots > 0})
     position = {k: i + 1 for i, k in enumerate(shots)}  # 0 is zero-shot
-    methods = sorted({s.method for s in coop}) + [PROBE]
+    methods = sorted({s.method for s in coop}) + probes
     colours = dict(zip(methods, plt.get_cmap("tab10").colors, strict=False))
     panels = [*datasets, "Average"]
     cols = min(4, len(panels))
@@ -262,9 +283,9 @@ def shots_figure(coop: Sequence[Series], base: Sequence[Series]) -> str | None:
             xs = [position[s.shots] for s in points]
             ys = [s.mean for s in points]
             errs = [s.std if math.isfinite(s.std) else 0.0 for s in points]
-            style = "--" if method == PROBE else "-"
+            style = "--" if is_probe(method) else "-"
             ax.errorbar(xs, ys, yerr=errs, fmt=style + "o", ms=3.5, capsize=2.5, lw=1.4, color=colours[method],
-                        label=METHOD_NAMES.get(method, method))
+                        label=method_name(method))
         for method, marker in ((ZERO_SHOT, "*"), (ENSEMBLE, "^")):
             zero = [s for s in series if s.method == method]
             if zero:
@@ -460,16 +481,17 @@ def section_shots(data: ReportData) -> str:
     if uri is None:
         return empty("No CoOp trials or linear-probe results yet: run the sweep and the baselines stage.")
     parts = [figure(uri, "Test accuracy against shots per dataset",
-                     "Test accuracy (%) against shots per class: CoOp variants and the linear probe as mean ± std "
-                     "over seeds, zero-shot CLIP at 0 shots (★ hand-crafted prompt, ▲ prompt ensemble). Average: "
+                     "Test accuracy (%) against shots per class: CoOp variants and the linear probe (its protocol "
+                     "in the legend) as mean ± std over seeds, zero-shot CLIP at 0 shots (★ hand-crafted prompt, ▲ prompt ensemble). Average: "
                      "mean of the per-dataset means over the datasets shown.")]
     shots = sorted({s.shots for s in (*coop, *base)})
     rows = []
     for dataset in sorted({s.dataset for s in (*coop, *base)}):
-        for method in [ZERO_SHOT, ENSEMBLE, PROBE, *sorted({s.method for s in coop})]:
+        probes = sorted({s.method for s in base if is_probe(s.method)})
+        for method in [ZERO_SHOT, ENSEMBLE, *probes, *sorted({s.method for s in coop})]:
             points = {s.shots: s for s in (*coop, *base) if s.dataset == dataset and s.method == method}
             if points:
-                rows.append([dataset, METHOD_NAMES.get(method, method),
+                rows.append([dataset, method_name(method),
                              *[_fmt(points[k].mean, points[k].std, points[k].n) if k in points else "" for k in shots]])
     parts.append(table(["dataset", "method", *[f"{k} shots" if k else "0 shots" for k in shots]], rows,
                        "Test accuracy (%), mean ± std over seeds", "numbers"))

@@ -1,5 +1,6 @@
-"""DVC stage `baselines`: zero-shot CLIP (hand-crafted prompt, prompt ensemble) and the linear probe on the
-cached features of every dataset x shots x seed, each an MLflow run, all in baselines/baselines.csv beside
+"""DVC stage `baselines`: zero-shot CLIP (hand-crafted prompt, prompt ensemble) and the linear probe (once per
+protocol in baselines.linear_probe_protocols: lpclip, the official one, and/or grid, ours) on the cached
+features of every dataset x shots x seed, each an MLflow run, all in baselines/baselines.csv beside
 sweep.results_dir. A thin wrapper around `pipeline.baselines_run` with every setting from the params file.
 """
 
@@ -17,7 +18,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--params", default="params.yaml", help="params file (default: %(default)s)")
     parser.add_argument("--probe-views", type=int, metavar="V",
-                        help="cached views per image for the linear probe (default: all features.views)")
+                        help="cached views per image for the `grid` linear probe (default: all features.views)")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     args = parser.parse_args(argv)
     extra = (["--probe-views", str(args.probe_views)] if args.probe_views else []) + (
