@@ -285,7 +285,9 @@ def run_baselines(params: Params, out_dir: Path, methods: Sequence[str] = METHOD
                             views = min(probe_views or data.train.shape[1], data.train.shape[1])
                             probe_data = data if views == data.train.shape[1] else _first_views(data, views)
                             result = linear_probe(probe_data, seed=seed)
-                            extra = {"train_features": f"{views} cached view(s), L2-normalised",
+                            plain = params.features.views in (1, "online")  # one test-transform view per image
+                            extra = {"train_features": ("test transform" if plain else f"{views} augmented view(s)")
+                                     + ", L2-normalised",
                                      "search_grid": _pairs(result["val_by_C"].items())}
                         rows.append(_row(run, params, "linear-probe", protocol, folder, shots, seed,
                                          result["val_acc"], result["test_acc"], result["C"], views, extra))
