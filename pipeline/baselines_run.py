@@ -47,7 +47,6 @@ from pipeline.features import (
     FeatureCache,
     FeatureCacheError,
     FeatureConfig,
-    canonical_dtype,
     feature_cache_dir,
     load_fewshot_features,
     open_feature_cache,
@@ -105,8 +104,8 @@ def stage_backbone(params: Params, device: str | None = None) -> Backbone:
 
 
 def feature_config(params: Params, backbone: Backbone) -> FeatureConfig:
-    return FeatureConfig.from_backbone(backbone, views=params.features.views,
-                                       dtype=canonical_dtype(params.features.dtype), augment_seed=params.features.seed)
+    # Online mode caches no train views: FewShotFeatures.train is then each image's test-transform view.
+    return FeatureConfig.from_params(backbone, params.features)
 
 
 def open_cache(params: Params, dataset: str, config: FeatureConfig) -> FeatureCache:

@@ -41,10 +41,14 @@ class BackboneParams:
 @dataclass(frozen=True)
 class FeatureParams:
     dir: str = "outputs/features"
-    views: int = 4  # augmented views cached per training image; 1 = no augmentation
+    # Augmented views cached per training image (1 = no augmentation), or "online": the exact official
+    # augmentation, a fresh crop of every training image every epoch, encoded during training.
+    views: int | str = 4
+    views_per_seed: bool = True  # cached views differ between split seeds (the official runs' crops do)
     dtype: str = "fp16"
     batch_size: int = 128
     seed: int = 0
+    num_workers: int | None = None  # online mode's image-decoding processes per trial; null: cpus_per_trial - 1
 
 
 @dataclass(frozen=True)
@@ -190,8 +194,13 @@ def _validate(p: Params) -> None:
             raise ParamsError(f"{key} is empty")
     if any(s < 1 for s in p.data.shots):
         raise ParamsError(f"data.shots must be >= 1, got {p.data.shots}")
-    if p.features.views < 1:
-        raise ParamsError(f"features.views must be >= 1, got {p.features.views}")
+    if p.features.views != "online" and (isinstance(p.features.views, str) or p.features.views < 1):
+        raise ParamsError(
+            f"features.views must be >= 1 (an integer: views cached per training image) or 'online' (a fresh "
+            f"crop every epoch), got {p.features.views!r}"
+        )
+    if p.features.num_workers is not None and p.features.num_workers < 0:
+        raise ParamsError(f"features.num_workers must be >= 0 or null, got {p.features.num_workers}")
     if p.features.dtype not in ("fp16", "fp32"):
         raise ParamsError(f"features.dtype must be fp16 or fp32, got {p.features.dtype!r}")
     if p.train.precision not in PRECISIONS:

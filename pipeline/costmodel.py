@@ -13,7 +13,8 @@ an SGD update of the context. The model counts matrix-multiply FLOPs (2 per mult
   suffix against the prefix's cached keys and values.
 
 A step's time combines its compute time ``FLOPs / (peak x utilisation)`` with a per-step floor (kernel
-launches) in quadrature; a trial adds a fixed overhead. `GPUS` holds the figures, fitted to H100
+launches) in quadrature; a trial adds a fixed overhead. With online augmentation (``features.views:
+online``) our steps also run the image encoder on the batch's fresh crops, in the trial's precision. `GPUS` holds the figures, fitted to H100
 measurements (within 20% of every measured step) or, for other GPUs, assumed; `python -m pipeline.costmodel
 --measure` times real steps on the local accelerator next to the model's FLOPs, to check or recalibrate
 (docs/reproduce.md has what we measured).
@@ -46,6 +47,10 @@ OFFICIAL_TOKENS = 77
 # longest 12 tokens, mean 2.2).
 ASSUMED_MAX_NAME_TOKENS = 12
 ASSUMED_MEAN_NAME_TOKENS = 2.2
+# Online augmentation: CPU seconds to decode one training image and make its crop (load, RandomResizedCrop
+# to 224 px bicubic, flip, to tensor, normalise), measured on one core of the development CPU for a
+# 500 x 375 JPEG, ImageNet's typical size (0.7 ms decode + 2.0 ms transform).
+DECODE_SECONDS_PER_IMAGE = 2.8e-3
 
 # Classes per dataset (CoOp's Table 1 statistics), so a dry run works before any data is prepared.
 DATASET_CLASSES: dict[str, int] = {
@@ -365,8 +370,15 @@ def estimate_trial(
     classes: dict[str, int] | None = None,
     shared_prefix: bool | None = None,
     pack_tokens: bool | None = None,
+    online: bool = False,
+    loader_workers: int = 0,
 ) -> TrialEstimate:
     """GPU seconds of one trial configuration (keys as in the sweep: dataset, shots, n_ctx, csc, ...).
+
+    `online` (features.views: online): our paths also encode every step's training images (a fresh crop
+    of each image every epoch) with the image encoder, at the official path's utilisation, and a step
+    takes at least the CPU time of decoding its images on `loader_workers` processes (0: in the trial's
+    own process, before the GPU work).
 
     `path` None picks what our engine runs on a GPU: the shared-prefix path for unified contexts where
     `shared_prefix` (train.shared_prefix) allows it (None: where the engine's own rule prefers it),
@@ -405,8 +417,37 @@ def estimate_trial(
     shape = tower_shape(arch)
     image = image_encoder_gflops(arch) if path == "official" else 0.0
     flops = step_flops(shape, n_classes, layout, path, batch, image, packed and path != "official").total
-    seconds = steps * gpu.step_seconds(flops, path, precision) + gpu.trial_overhead_s
+    step_seconds = gpu.step_seconds(flops, path, precision)
+    if online and path != "official":
+        # The engine encodes the crops in a forward of its own (train.image_dtype: the trial's precision).
+        images = min(batch, shots * n_classes)
+        image_flops = images * image_encoder_gflops(arch) * 1e9
+        step_seconds += online_image_seconds(gpu, image_flops, precision)
+        decode_seconds = images * DECODE_SECONDS_PER_IMAGE
+        if loader_workers > 0:
+            step_seconds = max(step_seconds, decode_seconds / loader_workers)  # workers decode ahead
+        else:
+            step_seconds += decode_seconds
+        flops += image_flops
+    seconds = steps * step_seconds + gpu.trial_overhead_s
     return TrialEstimate(dict(config), n_classes, steps, layout, path, flops, seconds)
+
+
+def online_image_seconds(gpu: GPU, image_flops: float, precision: str = "fp16") -> float:
+    """Seconds of one online step's image forward: the precision's peak at the official step's utilisation."""
+    peak = gpu.peak_tflops_fp32 if precision == "fp32" else gpu.peak_tflops
+    return image_flops / (peak * 1e12 * gpu.utilisation["official"])
+
+
+def _online_assumption(gpu: GPU, arch: str, batch: int, workers: int) -> str:
+    where = f"{workers} loader worker(s) per trial" if workers else "the trial's own process (0 loader workers)"
+    return (
+        f"features.views = online: every step also encodes its {batch} freshly cropped training images with the "
+        f"{arch} image encoder ({image_encoder_gflops(arch):.1f} GFLOPs each; every training image once per epoch) "
+        f"in the trial's precision at {gpu.utilisation['official']:.0%} of its peak, after decoding and cropping "
+        f"them ({DECODE_SECONDS_PER_IMAGE * 1e3:g} ms of CPU per image) on {where} (features.num_workers, "
+        "default sweep.cpus_per_trial - 1)"
+    )
 
 
 def _assumptions(gpu: GPU, splits_dir: str | Path | None) -> list[str]:
@@ -420,7 +461,7 @@ def _assumptions(gpu: GPU, splits_dir: str | Path | None) -> list[str]:
         + f"CoOp's dataset statistics with class names of {ASSUMED_MEAN_NAME_TOKENS:g} tokens on average, "
         f"{ASSUMED_MAX_NAME_TOKENS} at most",
         "packed steps (only real tokens) reach the utilisation fitted on padded ones",
-        "feature encoding (one pass over the images, views x train + test) is not included",
+        "feature caching (the features stage: one pass over the images, views x train + test) is not included",
     ]
 
 
@@ -433,9 +474,11 @@ def estimate_gpu_hours(
     """GPU-hours of a sweep: each trial config (the sweep's canonical dicts) on one `gpu`.
 
     `trials` None enumerates params' grid (or the first sweep.num_samples configurations of a random or
-    Optuna search). `path` None models our engine; "official" models the official CoOp code on the same
-    trials. Call `.summary()` for a printout, `.gpu_hours` / `.wall_hours(n)` for numbers.
+    Optuna search). `path` None models our engine (with features.views: online, its image encoding
+    too); "official" models the official CoOp code on the same trials. Call `.summary()` for a printout, `.gpu_hours` / `.wall_hours(n)` for numbers.
     """
+    from pipeline.features import online_workers
+
     spec = GPUS[gpu] if isinstance(gpu, str) else gpu
     if trials is None:
         from pipeline.sweep.space import build_space
@@ -446,12 +489,18 @@ def estimate_gpu_hours(
     else:
         configs = list(trials)
     splits_dir = params.data.splits_dir
+    online = params.features.views == "online" and path != "official"
+    workers = online_workers(params.features.num_workers, params.sweep.cpus_per_trial)
     estimates = [
         estimate_trial(c, params.backbone.arch, spec, params.train.batch_size, path, splits_dir,
-                       shared_prefix=params.train.shared_prefix, pack_tokens=params.train.pack_tokens)
+                       shared_prefix=params.train.shared_prefix, pack_tokens=params.train.pack_tokens, online=online,
+                       loader_workers=workers)
         for c in configs
     ]
-    return GridEstimate(spec, estimates, _assumptions(spec, splits_dir))
+    assumptions = _assumptions(spec, splits_dir)
+    if online:
+        assumptions.insert(0, _online_assumption(spec, params.backbone.arch, params.train.batch_size, workers))
+    return GridEstimate(spec, estimates, assumptions)
 
 
 # The time the CoOp authors give for one 16-shot ImageNet run on one GPU (pipeline/published.json).

@@ -3,14 +3,19 @@
 CoOp never updates the image encoder, so every image is encoded once and training runs on cached
 features. Train images are cached in V augmented views (CoOp's random-resized-crop + flip; V = 1 means
 the plain test transform), val/test images, and train images too, in one test-transform view (the
-"eval" store). Each view's randomness is seeded from (image path, view index, base seed), so a rebuilt
-cache is identical.
+"eval" store). Each view's randomness is seeded from (train key, view index, base seed), so a rebuilt
+cache is identical. The train key is the image path, or with `views_per_seed` the path and the split
+seed (``<path>#seed<S>``): the seeds of an experiment then see different views of an image they share,
+as the official runs see different crops.
+
+`features.views: online` is the exact mode: the train store stays empty, and training crops every
+training image afresh every epoch (`TrainImages`, `AugmentedImages`; the engine encodes them).
 
 Layout of one cache (one dataset x backbone), see `feature_cache_dir`::
 
     <cache root>/<dataset>/<arch>__<pretrained>/
         manifest.json                backbone, weights fingerprint, transform, views, dtype, shards
-        train-00000.safetensors      "features" (N, V, D); metadata "paths": JSON list of N image paths
+        train-00000.safetensors      "features" (N, V, D); metadata "paths": JSON list of N train keys
         eval-00000.safetensors       "features" (N, D)     (val, test and train images)
 
 Updates are incremental: only images missing from a valid cache are encoded, written as a new shard,
@@ -25,7 +30,7 @@ import json
 import logging
 import os
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -43,6 +48,7 @@ from pipeline.data.fewshot import eval_list_path, read_eval_list, read_fewshot_s
 from pipeline.files import atomic_write, write_json_atomic
 
 if TYPE_CHECKING:
+    from pipeline.config import FeatureParams
     from pipeline.engine.backbone import Backbone
 
 log = logging.getLogger(__name__)
@@ -58,6 +64,7 @@ TRAIN_CROP_SCALE = (0.08, 1.0)
 INTERPOLATION = "bicubic"
 STORES = ("train", "eval")
 MAX_SHARDS = 8  # more shards than this are merged into one, so reads stay a handful of files
+ONLINE = "online"  # features.views value of the exact mode: fresh crops every epoch, none cached
 RERUN = "rerun `dvc repro features` (or `python -m stages.features ...`)"
 
 
@@ -91,21 +98,36 @@ class FeatureConfig:
     image_size: int
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
-    views: int = 1
+    views: int | str = 1  # cached views per train image (1 = the test transform), or ONLINE: none cached
     dtype: str = "float16"
     augment_seed: int = 0
+    views_per_seed: bool = True  # train views keyed by (path, split seed): seeds see different views
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "dtype", canonical_dtype(self.dtype))
-        if self.views < 1:
-            raise ValueError(f"views must be >= 1 (1 = no augmentation), got {self.views}.")
+        check_views(self.views)
         if self.image_size < 1:
             raise ValueError(f"image_size must be positive, got {self.image_size}.")
+        if self.online or self.views == 1:
+            # Nothing augmented is cached (one test-transform view is the same for every seed), so keying
+            # train entries per seed would only duplicate them.
+            object.__setattr__(self, "views_per_seed", False)
+
+    @property
+    def online(self) -> bool:
+        """Exact mode: no train views are cached; training crops the images afresh every epoch."""
+        return self.views == ONLINE
 
     @classmethod
     def from_backbone(
-        cls, backbone: Backbone, views: int = 1, dtype: str = "float16", augment_seed: int = 0
+        cls,
+        backbone: Backbone,
+        views: int | str = 1,
+        dtype: str = "float16",
+        augment_seed: int = 0,
+        views_per_seed: bool = True,
     ) -> FeatureConfig:
+        """The cache configuration for `backbone`."""
         return cls(
             arch=backbone.arch,
             pretrained=backbone.pretrained,
@@ -116,6 +138,18 @@ class FeatureConfig:
             views=views,
             dtype=dtype,
             augment_seed=augment_seed,
+            views_per_seed=views_per_seed,
+        )
+
+    @classmethod
+    def from_params(cls, backbone: Backbone, features: FeatureParams) -> FeatureConfig:
+        """The cache configuration of params.yaml's `features` section."""
+        return cls.from_backbone(
+            backbone,
+            views=features.views,
+            dtype=canonical_dtype(features.dtype),
+            augment_seed=features.seed,
+            views_per_seed=features.views_per_seed,
         )
 
     def manifest_fields(self) -> dict[str, Any]:
@@ -135,7 +169,31 @@ class FeatureConfig:
             "views": self.views,
             "dtype": self.dtype,
             "augment_seed": self.augment_seed,
+            "views_per_seed": self.views_per_seed,
         }
+
+
+def check_views(views: int | str) -> None:
+    """ValueError unless `views` is a number of cached views (>= 1) or ONLINE."""
+    if views != ONLINE and (isinstance(views, bool) or not isinstance(views, int) or views < 1):
+        raise ValueError(
+            f"features.views must be an integer >= 1 (cached views per train image) or {ONLINE!r}, got {views!r}."
+        )
+
+
+def online_workers(num_workers: int | None, cpus_per_trial: float) -> int:
+    """Image-decoding processes of an online trial: features.num_workers, else all its CPUs but one."""
+    return num_workers if num_workers is not None else max(0, int(cpus_per_trial) - 1)
+
+
+def train_key(path: str, seed: int, per_seed: bool) -> str:
+    """Key of a train image's cached views: its path, or with per-seed views its path and split seed."""
+    return f"{path}#seed{seed}" if per_seed else path
+
+
+def image_of_key(key: str, per_seed: bool) -> str:
+    """The data-root-relative image path a train key was made from (`train_key`'s inverse)."""
+    return key.rsplit("#seed", 1)[0] if per_seed else key
 
 
 @dataclass
@@ -143,7 +201,7 @@ class FewShotFeatures:
     """Engine input for one few-shot split: cached features and labels, float32 on CPU."""
 
     classnames: list[str]
-    train: torch.Tensor  # (N, V, D) float32, V cached views per image
+    train: torch.Tensor  # (N, V, D) float32, V cached views per image; online: (N, 1, D) test transform
     train_labels: torch.Tensor  # (N,) int64
     val: torch.Tensor  # (Nv, D)
     val_labels: torch.Tensor
@@ -152,6 +210,9 @@ class FewShotFeatures:
     dataset: str = ""
     template: str = DEFAULT_TEMPLATE
     val_is_test: bool = False
+    # Online mode (features.views: online): training encodes fresh crops of these images every epoch, and
+    # `train` holds only the images' test-transform view (from the eval store), for the baselines.
+    train_images: TrainImages | None = None
 
 
 @dataclass
@@ -199,10 +260,30 @@ def build_transforms(
     return train, test
 
 
-def view_seed(path: str, view: int, base_seed: int) -> int:
-    """Seed of one augmented view: depends only on the image's data-root-relative path, view and base seed."""
-    digest = hashlib.sha256(f"{base_seed}\0{view}\0{path}".encode()).digest()
+def _seed_of(text: str) -> int:
+    digest = hashlib.sha256(text.encode()).digest()
     return int.from_bytes(digest[:8], "little") & (2**63 - 1)
+
+
+def view_seed(key: str, view: int, base_seed: int) -> int:
+    """Seed of one cached view: depends only on the train key (`train_key`), view index and base seed."""
+    return _seed_of(f"{base_seed}\0{view}\0{key}")
+
+
+def crop_seed(key: str, epoch: int, trial_seed: int, base_seed: int) -> int:
+    """Seed of an online crop: the sample's key (`TrainImages.sample_keys`), 0-based epoch, trial seed and
+    features.seed; nothing else (not the batch, worker or step), so a run is reproducible."""
+    return _seed_of(f"{base_seed}\0online\0{trial_seed}\0{epoch}\0{key}")
+
+
+def seeded(transform: Callable[[Image.Image], torch.Tensor], image: Image.Image, seed: int) -> torch.Tensor:
+    """`transform(image)` drawing its randomness from a private RNG seeded with `seed`.
+
+    The global RNG is restored afterwards: results do not depend on batch order, workers or global seeding.
+    """
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return transform(image)
 
 
 def load_image(path: Path) -> Image.Image:
@@ -218,31 +299,86 @@ def load_image(path: Path) -> Image.Image:
 
 
 class _ImageViews(Dataset):
-    """Image i -> (V, 3, H, W): V seeded augmented views, or one test-transform view."""
+    """Cache key i -> (V, 3, H, W): V seeded augmented views (train keys), or one test-transform view."""
 
-    def __init__(self, data_root: Path, paths: Sequence[str], config: FeatureConfig, augment: bool) -> None:
+    def __init__(self, data_root: Path, keys: Sequence[str], config: FeatureConfig, augment: bool) -> None:
         self.data_root = data_root
-        self.paths = list(paths)
+        self.keys = list(keys)
         self.views = config.views if augment else 1
         self.augment = augment and config.views > 1
+        self.per_seed = augment and config.views_per_seed
         self.seed = config.augment_seed
         self.train_tf, self.test_tf = build_transforms(config.image_size, config.mean, config.std)
 
     def __len__(self) -> int:
-        return len(self.paths)
+        return len(self.keys)
 
     def __getitem__(self, index: int) -> torch.Tensor:
-        path = self.paths[index]
-        image = load_image(self.data_root / path)
+        key = self.keys[index]
+        image = load_image(self.data_root / image_of_key(key, self.per_seed))
         if not self.augment:
             return self.test_tf(image).unsqueeze(0)
-        views = []
-        for view in range(self.views):
-            # Private RNG state per view: results do not depend on batch order, workers or global seeding.
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(view_seed(path, view, self.seed))
-                views.append(self.train_tf(image))
-        return torch.stack(views)
+        return torch.stack([seeded(self.train_tf, image, view_seed(key, v, self.seed)) for v in range(self.views)])
+
+
+@dataclass(frozen=True)
+class TrainImages:
+    """Online mode's training input: the images to re-crop every epoch, and the crop's settings.
+
+    `paths` are relative to `data_root`, in the split's order (row i of the labels belongs to paths[i]).
+    Whoever trains on this reads the image files: a sweep's Ray workers must see `data_root` at the same
+    path (e.g. a shared filesystem).
+    """
+
+    data_root: str
+    paths: tuple[str, ...]
+    image_size: int
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    augment_seed: int = 0  # features.seed
+    num_workers: int = 0  # DataLoader worker processes decoding and cropping images; 0: in the trainer's process
+
+    def sample_keys(self) -> list[str]:
+        """Per sample: its path, plus ``#<k>`` for the k-th repeat of a path (a split drawn with repetition),
+        so repeats get crops of their own."""
+        seen: dict[str, int] = {}
+        keys = []
+        for path in self.paths:
+            k = seen.get(path, 0)
+            seen[path] = k + 1
+            keys.append(path if k == 0 else f"{path}#{k}")
+        return keys
+
+    def check(self) -> None:
+        """FileNotFoundError, naming the data root, when this machine cannot see the first image."""
+        first = Path(self.data_root) / self.paths[0] if self.paths else Path(self.data_root)
+        if not first.exists():
+            raise FileNotFoundError(
+                f"online augmentation (features.views: {ONLINE}) reads the training images, but {first} does "
+                f"not exist on this machine: every machine that trains must see data.root ({self.data_root}) "
+                "at the same path, e.g. on a shared filesystem; or cache views (features.views: <int>)."
+            )
+
+
+class AugmentedImages(Dataset):
+    """(sample index, epoch) -> (its CoOp train-transform crop (3, H, W), the index), seeded by `crop_seed`."""
+
+    def __init__(self, images: TrainImages, trial_seed: int) -> None:
+        self.data_root = Path(images.data_root)
+        self.paths = list(images.paths)
+        self.keys = images.sample_keys()
+        self.trial_seed = trial_seed
+        self.base_seed = images.augment_seed
+        self.transform = build_transforms(images.image_size, images.mean, images.std)[0]
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, item: tuple[int, int]) -> tuple[torch.Tensor, int]:
+        index, epoch = item
+        image = load_image(self.data_root / self.paths[index])
+        seed = crop_seed(self.keys[index], epoch, self.trial_seed, self.base_seed)
+        return seeded(self.transform, image, seed), index
 
 
 # --------------------------------------------------------------------------------------------- layout
@@ -373,7 +509,7 @@ def _load_stores(cache_dir: Path, manifest: dict[str, Any]) -> dict[str, tuple[l
             )
         dim = manifest["feature_dim"] or 0
         views = manifest["config"]["views"]
-        empty_shape = (0, views, dim) if store == "train" else (0, dim)
+        empty_shape = (0, views if isinstance(views, int) else 1, dim) if store == "train" else (0, dim)
         features = (
             torch.cat(chunks)
             if chunks
@@ -437,8 +573,10 @@ def update_feature_cache(
 ) -> CacheUpdate:
     """Encode the images not yet in the cache: `train_paths` in `config.views` views, `eval_paths` in one.
 
-    Paths are relative to `data_root`. Nothing is written unless every new image was encoded; an image
-    that cannot be read raises ImageReadError naming it.
+    Paths are relative to `data_root`; with `config.views_per_seed` the train entries are `train_key`s
+    (path and split seed). Online mode caches no train views: `train_paths` must then be empty. Nothing
+    is written unless every new image was encoded; an image that cannot be read raises ImageReadError
+    naming it.
     """
     cache_dir, data_root = Path(cache_dir), Path(data_root)
     if config.fingerprint != backbone.fingerprint:
@@ -446,6 +584,8 @@ def update_feature_cache(
             "config.fingerprint does not belong to the given backbone; build it with from_backbone()."
         )
     wanted = {"train": sorted(set(train_paths)), "eval": sorted(set(eval_paths))}
+    if config.online and wanted["train"]:
+        raise ValueError(f"views={ONLINE!r} caches no train views; pass the train images as eval paths only.")
     existing = _existing_cache(cache_dir, config)
     rebuilt = existing is None and (cache_dir / "manifest.json").exists()
     manifest = existing or _empty_manifest(config)
@@ -573,13 +713,14 @@ def _write_shard(cache_dir: Path, store: str, paths: list[str], features: torch.
 
 
 def split_image_paths(
-    splits_dir: Path | str, dataset: str, shots: Iterable[int], seeds: Iterable[int]
+    splits_dir: Path | str, dataset: str, shots: Iterable[int], seeds: Iterable[int], per_seed: bool = False
 ) -> tuple[set[str], set[str]]:
-    """(train paths, eval paths) needed by the given few-shot split files plus the dataset's test list.
+    """(train keys, eval paths) needed by the given few-shot split files plus the dataset's test list.
 
-    Eval paths include the train images: their one test-transform view is what the official linear probe
-    (CoOp's lpclip/) trains on. Test-only datasets (ImageNet variants) need just their test list; `shots`
-    and `seeds` are ignored.
+    Train keys are image paths, or with `per_seed` (FeatureConfig.views_per_seed) `train_key`s: path and
+    split seed. Eval paths include the train images: their one test-transform view is what the official
+    linear probe (CoOp's lpclip/) trains on. Test-only datasets (ImageNet variants) need just their test
+    list; `shots` and `seeds` are ignored.
     """
     train: set[str] = set()
     evaluation_list = read_eval_list(eval_list_path(splits_dir, dataset))
@@ -589,7 +730,7 @@ def split_image_paths(
     for k in shots:
         for seed in seeds:
             split = read_fewshot_split(split_path(splits_dir, dataset, k, seed))
-            train.update(item.path for item in split.train)
+            train.update(train_key(item.path, split.seed, per_seed) for item in split.train)
             evaluation.update(item.path for item in (*split.val, *split.train))
     return train, evaluation
 
@@ -602,16 +743,24 @@ def build_dataset_features(
     shots: Iterable[int],
     seeds: Iterable[int],
     backbone: Backbone,
-    views: int = 1,
+    views: int | str = 1,
     dtype: str = "float16",
     augment_seed: int = 0,
     batch_size: int = 64,
     num_workers: int = 0,
     progress: bool = True,
+    views_per_seed: bool = True,
 ) -> CacheUpdate:
-    """Bring one dataset's cache up to date for the given split files (what the features stage runs)."""
-    config = FeatureConfig.from_backbone(backbone, views=views, dtype=dtype, augment_seed=augment_seed)
-    train, evaluation = split_image_paths(splits_dir, dataset, shots, seeds)
+    """Bring one dataset's cache up to date for the given split files (what the features stage runs).
+
+    `views` ONLINE caches no train views (training crops the images itself), only the eval store.
+    """
+    config = FeatureConfig.from_backbone(
+        backbone, views=views, dtype=dtype, augment_seed=augment_seed, views_per_seed=views_per_seed
+    )
+    train, evaluation = split_image_paths(splits_dir, dataset, shots, seeds, config.views_per_seed)
+    if config.online:
+        train = set()
     cache_dir = feature_cache_dir(cache_root, dataset, backbone.arch, backbone.pretrained)
     update = update_feature_cache(
         cache_dir, data_root, train, evaluation, backbone, config, batch_size, num_workers, progress
@@ -638,11 +787,16 @@ def load_fewshot_features(
     config: FeatureConfig,
     test_file: Path | str | None = None,
     cache: FeatureCache | None = None,
+    data_root: Path | str | None = None,
+    num_workers: int = 0,
 ) -> FewShotFeatures:
     """Features of one few-shot split file (train views, val, and the dataset's test list).
 
     `test_file` defaults to ``test.json`` beside the split file. Pass an already opened `cache` to assemble
-    several splits of one dataset without reloading the cache.
+    several splits of one dataset without reloading the cache. In online mode (`config.online`) `train` is
+    each train image's test-transform view, and with `data_root` the result also carries the split's
+    `TrainImages` (decoded by `num_workers` processes), which training needs; without it, it serves the
+    baselines only.
     """
     split = read_fewshot_split(split_file)
     evaluation = read_eval_list(test_file if test_file is not None else Path(split_file).parent / "test.json")
@@ -654,9 +808,25 @@ def load_fewshot_features(
         cache = open_feature_cache(
             feature_cache_dir(cache_root, split.dataset, config.arch, config.pretrained), config
         )
+    paths = [item.path for item in split.train]
+    if config.online:
+        train = cache.gather("eval", paths).unsqueeze(1)
+    else:
+        train = cache.gather("train", [train_key(p, split.seed, config.views_per_seed) for p in paths])
+    train_images = None
+    if config.online and data_root is not None:
+        train_images = TrainImages(
+            data_root=str(Path(data_root).resolve()),
+            paths=tuple(paths),
+            image_size=config.image_size,
+            mean=config.mean,
+            std=config.std,
+            augment_seed=config.augment_seed,
+            num_workers=num_workers,
+        )
     return FewShotFeatures(
         classnames=split.classnames,
-        train=cache.gather("train", [item.path for item in split.train]),
+        train=train,
         train_labels=_labels(split.train),
         val=cache.gather("eval", [item.path for item in split.val]),
         val_labels=_labels(split.val),
@@ -665,6 +835,7 @@ def load_fewshot_features(
         dataset=split.dataset,
         template=evaluation.template,
         val_is_test=split.val_is_test,
+        train_images=train_images,
     )
 
 

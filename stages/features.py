@@ -2,15 +2,16 @@
 
 Reads the files written by `stages.prepare` (``<splits dir>/<Dataset>/shot<K>_seed<S>.json`` for the given
 shots x seeds, plus ``test.json``) and brings ``<out>/<Dataset>/<arch>__<pretrained>/`` up to date: train
-images in --views augmented views, val/test images in one test-transform view. Only images missing from a
-valid cache are encoded, so a rerun with unchanged inputs encodes nothing; a cache built with another
-backbone, transform, views or dtype is rebuilt. (Declare the cache folder ``persist: true`` in dvc.yaml so
-DVC does not delete it before a rerun.)
+images in --views augmented views (per split seed unless --no-views-per-seed), and val/test/train images in
+one test-transform view. With ``--views online`` no train views are cached: training crops the images
+afresh every epoch. Only images missing from a valid cache are encoded, so a rerun with unchanged inputs
+encodes nothing; a cache built with another backbone, transform, views or dtype is rebuilt. (Declare the
+cache folder ``persist: true`` in dvc.yaml so DVC does not delete it before a rerun.)
 
 Settings come from CLI flags, else from --params (params.yaml), else defaults. Keys read from params:
 ``data.root``, ``data.datasets``, ``data.splits_dir``, ``data.shots``, ``data.seeds``,
-``backbone.arch``, ``backbone.pretrained``, ``features.dir``, ``features.views``, ``features.dtype``,
-``features.seed``, ``features.batch_size``, ``train.device`` (``auto`` = cuda when available).
+``backbone.arch``, ``backbone.pretrained``, ``features.dir``, ``features.views``, ``features.views_per_seed``,
+``features.dtype``, ``features.seed``, ``features.batch_size``, ``train.device`` (``auto`` = cuda when available).
 """
 
 from __future__ import annotations
@@ -26,9 +27,11 @@ from pipeline.engine.backbone import WeightsUnavailableError, load_backbone, res
 from pipeline.features import (
     DTYPE_ALIASES,
     DTYPES,
+    ONLINE,
     FeatureCacheError,
     build_dataset_features,
     canonical_dtype,
+    check_views,
 )
 from stages.prepare import (
     DEFAULT_SEEDS,
@@ -93,8 +96,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--views",
-        type=int,
-        help="augmented views cached per train image; 1 = test transform only (params: features.views; default 1)",
+        type=_views,
+        help=f"augmented views cached per train image; 1 = test transform only; '{ONLINE}' = none, training "
+        "crops the images every epoch (params: features.views; default 1)",
+    )
+    parser.add_argument(
+        "--views-per-seed",
+        action=argparse.BooleanOptionalAction,
+        help="key cached train views by image and split seed, so seeds see different views "
+        "(params: features.views_per_seed; default on)",
     )
     parser.add_argument(
         "--dtype",
@@ -122,6 +132,19 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _views(text: str) -> int | str:
+    """--views: a positive number of views, or 'online'."""
+    if text == ONLINE:
+        return ONLINE
+    try:
+        views = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number >= 1 or {ONLINE!r}, got {text!r}") from None
+    if views < 1:
+        raise argparse.ArgumentTypeError(f"expected a number >= 1 or {ONLINE!r}, got {views}")
+    return views
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     setup_logging()
@@ -135,7 +158,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 "Need a data root and a backbone: pass --data-root and --arch (or set data.root, backbone.arch)."
             )
         pretrained = pick(args.pretrained, params, "backbone.pretrained")
-        views = int(pick(args.views, params, "features.views", 1))
+        views = pick(args.views, params, "features.views", 1)
+        check_views(views)
         dtype = canonical_dtype(str(pick(args.dtype, params, "features.dtype", "fp16")))
         device = resolve_device(str(pick(args.device, params, "train.device", "auto")))
         backbone = load_backbone(str(arch), pretrained, device=device)
@@ -150,6 +174,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 seeds=as_int_list(pick(args.seeds, params, "data.seeds", DEFAULT_SEEDS), "seeds"),
                 backbone=backbone,
                 views=views,
+                views_per_seed=bool(pick(args.views_per_seed, params, "features.views_per_seed", True)),
                 dtype=dtype,
                 augment_seed=int(pick(args.augment_seed, params, "features.seed", 0)),
                 batch_size=int(pick(args.batch_size, params, "features.batch_size", 64)),

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import warnings
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -13,11 +15,13 @@ from fixtures_data import build_generic, build_imagenet_a
 from PIL import Image
 
 import pipeline.features as features_mod
+from pipeline.config import ParamsError, params_from_dict
 from pipeline.data.datasets import load_dataset
 from pipeline.data.fewshot import (
     eval_list_path,
     make_eval_list,
     make_fewshot_split,
+    read_fewshot_split,
     split_path,
     write_eval_list,
     write_fewshot_split,
@@ -153,13 +157,13 @@ def test_incremental_encodes_only_new_images(
     tiny: Path, backbone: Backbone, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     build(tiny, backbone, views=2)
-    old_train, old_eval = split_image_paths(tiny / "splits", "mydata", [2], [1])
+    old_train, old_eval = split_image_paths(tiny / "splits", "mydata", [2], [1], per_seed=True)
     old = open_feature_cache(
         feature_cache_dir(tiny / "cache", "mydata", "coop-tiny", None),
         FeatureConfig.from_backbone(backbone, views=2),
     )
     prepare(tiny, [2, 4], [1, 2])
-    new_train, new_eval = split_image_paths(tiny / "splits", "mydata", [2, 4], [1, 2])
+    new_train, new_eval = split_image_paths(tiny / "splits", "mydata", [2, 4], [1, 2], per_seed=True)
     counter = Counter(backbone, monkeypatch)
     update = build(tiny, backbone, shots=(2, 4), seeds=(1, 2), views=2)
     assert update.encoded == {"train": len(new_train - old_train), "eval": len(new_eval - old_eval)}
@@ -221,6 +225,7 @@ def test_views_are_seeded_per_image(tmp_path: Path, backbone: Backbone) -> None:
         ({"dtype": "float32"}, "dtype"),
         ({"fingerprint": "coop-tiny:0000"}, "fingerprint"),
         ({"image_size": 64}, "transform.image_size"),
+        ({"views_per_seed": False}, "views_per_seed"),
     ],
 )
 def test_reader_refuses_mismatched_cache(tiny: Path, backbone: Backbone, change: dict, field: str) -> None:
@@ -364,6 +369,89 @@ features:
     manifest = json.loads((tiny / "p_cache" / "mydata" / "coop-tiny__random" / "manifest.json").read_text())
     assert manifest["config"]["views"] == 2 and manifest["config"]["dtype"] == "float16"
     assert manifest["config"]["augment_seed"] == 3
+    assert manifest["config"]["views_per_seed"] is True
     assert manifest["stores"]["train"]["count"] == len(
-        split_image_paths(tiny / "p_splits", "mydata", [1, 2], [4])[0]
+        split_image_paths(tiny / "p_splits", "mydata", [1, 2], [4], per_seed=True)[0]
     )
+
+
+def test_views_differ_between_seeds_and_only_missing_keys_are_encoded(
+    tmp_path: Path, backbone: Backbone, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    build_generic(tmp_path / "data", "mydata")
+    prepare(tmp_path, [4], [1, 2])  # 4 of 6 images per class: the two seeds share images
+    build(tmp_path, backbone, shots=(4,), seeds=(1,), views=2, dtype="float32")
+    counter = Counter(backbone, monkeypatch)
+    update = build(tmp_path, backbone, shots=(4,), seeds=(1, 2), views=2, dtype="float32")
+    seed2 = split_image_paths(tmp_path / "splits", "mydata", [4], [2], per_seed=True)[0]
+    assert update.encoded == {"train": len(seed2), "eval": update.encoded["eval"]} and not update.rebuilt
+    assert counter.images == 2 * len(seed2) + update.encoded["eval"]  # seed 1's views were kept
+
+    config = FeatureConfig.from_backbone(backbone, views=2, dtype="float32")
+    cache = open_feature_cache(feature_cache_dir(tmp_path / "cache", "mydata", "coop-tiny", None), config)
+    splits = [tmp_path / "splits" / "mydata" / f"shot4_seed{s}.json" for s in (1, 2)]
+    one, two = (load_fewshot_features(tmp_path / "cache", s, config, cache=cache) for s in splits)
+    paths = [[item.path for item in read_fewshot_split(s).train] for s in splits]
+    shared = sorted(set(paths[0]) & set(paths[1]))
+    assert shared and f"{shared[0]}#seed1" in cache.paths("train") and f"{shared[0]}#seed2" in cache.paths("train")
+    for path in shared:
+        assert not torch.allclose(one.train[paths[0].index(path)], two.train[paths[1].index(path)])
+
+    # The rule, written out: view v of an image in split seed S is seeded by sha256("<base>\0<v>\0<path>#seed<S>").
+    train_tf, _ = build_transforms(backbone.image_size, backbone.mean, backbone.std)
+    image = Image.open(tmp_path / "data" / shared[0]).convert("RGB")
+    digest = hashlib.sha256(f"0\x001\x00{shared[0]}#seed2".encode()).digest()
+    torch.manual_seed(int.from_bytes(digest[:8], "little") & (2**63 - 1))
+    direct = backbone.encode_images(train_tf(image).unsqueeze(0))[0]
+    assert torch.allclose(two.train[paths[1].index(shared[0]), 1], direct, atol=1e-4)
+
+    # Same seed rebuilt elsewhere (other batch size): identical views. Without per-seed views the seeds share them.
+    build_dataset_features(tmp_path / "again", tmp_path / "data", tmp_path / "splits", "mydata", [4], [2], backbone,
+                           2, "float32", batch_size=5, progress=False)
+    assert torch.allclose(load_fewshot_features(tmp_path / "again", splits[1], config).train, two.train, atol=1e-5)
+    build_dataset_features(tmp_path / "shared", tmp_path / "data", tmp_path / "splits", "mydata", [4], [1, 2],
+                           backbone, 2, "float32", progress=False, views_per_seed=False)
+    common = replace(config, views_per_seed=False)
+    one, two = (load_fewshot_features(tmp_path / "shared", s, common) for s in splits)
+    assert torch.equal(one.train[paths[0].index(shared[0])], two.train[paths[1].index(shared[0])])
+
+
+def test_cache_of_other_views_per_seed_is_rebuilt(tiny: Path, backbone: Backbone) -> None:
+    build(tiny, backbone, views=2, views_per_seed=False)
+    update = build(tiny, backbone, views=2)
+    assert update.rebuilt and update.encoded["train"] > 0
+    cache = open_feature_cache(feature_cache_dir(tiny / "cache", "mydata", "coop-tiny", None),
+                               FeatureConfig.from_backbone(backbone, views=2))
+    assert all(key.endswith("#seed1") for key in cache.paths("train"))
+
+
+@pytest.mark.filterwarnings("ignore:Backbone coop-tiny has RANDOM weights")
+def test_features_stage_online_caches_no_train_views(tiny: Path, caplog: pytest.LogCaptureFixture) -> None:
+    args = [
+        "--dataset", "mydata", "--data-root", str(tiny / "data"), "--splits-dir", str(tiny / "splits"),
+        "--shots", "2", "--seeds", "1", "--out", str(tiny / "cache"), "--arch", "coop-tiny",
+        "--pretrained", "none", "--no-progress",
+    ]  # fmt: skip
+    assert features_stage.main([*args, "--views", "online"]) == 0
+    manifest = json.loads((tiny / "cache" / "mydata" / "coop-tiny__random" / "manifest.json").read_text())
+    assert manifest["config"]["views"] == "online" and manifest["stores"]["train"]["count"] == 0
+    train, evaluation = split_image_paths(tiny / "splits", "mydata", [2], [1])
+    assert manifest["stores"]["eval"]["count"] == len(evaluation) and train <= evaluation
+    with pytest.raises(SystemExit):
+        features_stage.main([*args, "--views", "sometimes"])
+
+
+@pytest.mark.parametrize(
+    ("features", "message"),
+    [
+        ({"views": "sometimes"}, r"features.views must be >= 1 .* or 'online'.*'sometimes'"),
+        ({"views": 0}, r"features.views must be >= 1 .* or 'online'"),
+        ({"views": True}, "features.views: expected an integer"),
+        ({"views_per_seed": "yes"}, "features.views_per_seed: expected true/false"),
+        ({"num_workers": -1}, "features.num_workers must be >= 0"),
+    ],
+)
+def test_bad_feature_params_name_the_key(features: dict, message: str) -> None:
+    with pytest.raises(ParamsError, match=message):
+        params_from_dict({"features": features})
+    assert params_from_dict({"features": {"views": "online", "views_per_seed": False}}).features.views == "online"

@@ -402,3 +402,40 @@ def test_stage_entry_point_runs_the_params_search(demo_ws: DemoWorkspace,  # noq
     assert stage_main(["--params", str(params), "--dry-run"]) == 0
     out = capsys.readouterr().out
     assert "random: 3 trials" in out and "3 trial(s) would run" in out
+
+
+def test_online_augmentation_trial(demo_ws: DemoWorkspace, ray_session: Any,  # noqa: F811
+                                   capsys: pytest.CaptureFixture) -> None:
+    """features.views: online through the sweep: a cache without train views, one trial cropping the demo's
+    images itself (they are on this machine's disk, as a shared filesystem would provide them)."""
+    import warnings
+
+    from pipeline.engine.backbone import load_backbone
+    from pipeline.features import build_dataset_features
+
+    root = demo_ws.root / "online"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        backbone = load_backbone("coop-tiny", None)
+    build_dataset_features(root / "features", demo_ws.base["data"]["root"], demo_ws.root / "splits", "FashionMNIST",
+                           [1], [1], backbone, views="online", progress=False)
+    uri = f"sqlite:///{root}/mlflow.db"
+    params_path = demo_ws.params(
+        "online", data={"shots": [1], "seeds": [1]}, features={"dir": str(root / "features"), "views": "online"},
+        train={"epochs": 2, "eval_every": 0},
+        sweep={"space": {"n_ctx": [4]}, "storage": str(root / "ray"), "results_dir": str(root / "res")},
+        tracking={"uri": uri, "experiment": "online"},
+    )
+    assert cli_main(["--config", str(params_path), "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "1 trial(s) would run" in out and "assumption: features.views = online" in out
+    from pipeline.sweep.inputs import load_inputs
+
+    shipped = load_inputs(load_params(params_path), [("FashionMNIST", 1, 1)]).features
+    images = next(iter(shipped.values())).train_images  # what the trial gets: the images, with an absolute root
+    assert images is not None and Path(images.data_root).is_absolute() and len(images.paths) == 10
+    outcome = run_sweep(load_params(params_path), SweepOptions(verbose=0))
+    assert outcome.counts["finished"] == 1
+    _, children = experiment_runs(uri, "online")
+    assert children[0].data.params["features.views"] == "online" and children[0].info.status == "FINISHED"
+    assert 0.0 <= children[0].data.metrics["test_acc"] <= 100.0

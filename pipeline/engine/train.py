@@ -1,8 +1,10 @@
-"""CoOp training on cached image features: CoOp's recipe (SGD, cosine schedule, constant warm-up).
+"""CoOp training on frozen image features: CoOp's recipe (SGD, cosine schedule, constant warm-up).
 
 The image encoder is frozen, so each image's features come from the cache; an epoch draws, for every
 training image, one of its V cached augmented views. Each step runs the text tower over all class
-prompts (the only real cost) and updates the context vectors alone.
+prompts (the only real cost) and updates the context vectors alone. Online mode (features.views:
+online) is the official augmentation instead: every epoch, every training image is cropped afresh and
+encoded by the frozen image tower (`online_batches`).
 """
 
 from __future__ import annotations
@@ -10,16 +12,19 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import closing
 from dataclasses import asdict, dataclass, field
+from itertools import islice
 
 import torch
 import torch.nn.functional as F
+from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from pipeline.engine.backbone import Backbone
 from pipeline.engine.prompt import CoOp, PromptConfig
-from pipeline.features import FewShotFeatures
+from pipeline.features import AugmentedImages, FewShotFeatures, TrainImages
 
 log = logging.getLogger(__name__)
 
@@ -149,13 +154,89 @@ def _prepare(data: FewShotFeatures, device: torch.device) -> dict[str, torch.Ten
         return F.normalize(t.to(device=device, dtype=torch.float32), dim=-1)
 
     return {
-        "train": norm(data.train),
+        # Online mode trains on fresh crops, never on the cached train tensor.
+        **({"train": norm(data.train)} if data.train_images is None else {}),
         "train_labels": data.train_labels.to(device),
         "val": norm(data.val),
         "val_labels": data.val_labels.to(device),
         "test": norm(data.test),
         "test_labels": data.test_labels.to(device),
     }
+
+
+Batches = Iterator[tuple[torch.Tensor, torch.Tensor]]  # one epoch: (image features (B, E), labels (B,)) per step
+
+
+def _cached_epochs(train_x: torch.Tensor, train_y: torch.Tensor, generator: torch.Generator, batch: int,
+                   steps: int) -> Iterator[Batches]:
+    """Per epoch, in shuffled order: each image's features in one of its V cached views, drawn at random."""
+    n_train, n_views = train_x.shape[0], train_x.shape[1]
+    while True:
+        order = torch.randperm(n_train, generator=generator).to(train_x.device)
+        views = torch.randint(n_views, (n_train,), generator=generator).to(train_x.device)
+        yield ((train_x[idx, views[idx]], train_y[idx]) for idx in order[: steps * batch].split(batch))
+
+
+class EpochOrder:
+    """Batches of (sample index, epoch) for `epochs` epochs: each epoch a fresh shuffle (randperm on
+    `generator`) cut into `steps` batches of `batch` (Dassl drops the last incomplete one)."""
+
+    def __init__(self, n_train: int, epochs: int, batch: int, steps: int, generator: torch.Generator) -> None:
+        self.n_train, self.epochs, self.batch, self.steps = n_train, epochs, batch, steps
+        self.generator = generator
+
+    def __len__(self) -> int:
+        return self.epochs * self.steps
+
+    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
+        for epoch in range(self.epochs):
+            order = torch.randperm(self.n_train, generator=self.generator).tolist()
+            for step in range(self.steps):
+                yield [(i, epoch) for i in order[step * self.batch : (step + 1) * self.batch]]
+
+
+def image_dtype(precision: str, device: torch.device) -> torch.dtype:
+    """Online mode's image-tower dtype: fp32 as the feature cache runs it, but on a GPU the trial's half
+    precision (the official PREC fp16 runs all of CLIP in fp16; fp32 would cost twice its step)."""
+    if device.type != "cuda" or precision == "fp32":
+        return torch.float32
+    return torch.bfloat16 if precision == "bf16" else torch.float16
+
+
+def online_batches(backbone: Backbone, images: TrainImages, trial_seed: int,
+                   batches: Iterable[list[tuple[int, int]]],
+                   dtype: torch.dtype = torch.float32) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Fresh crops through the frozen image tower: per batch of (sample index, epoch), yields the crops'
+    L2-normalised features (B, E) on the backbone's device and the sample indices (B,).
+
+    Crops are CoOp's train transform seeded per sample (`pipeline.features.crop_seed`), decoded by a
+    DataLoader with `images.num_workers` processes ahead of the tower; the tower runs as it does for the
+    feature cache (`Backbone.encode_images`: no grad, channels-last, fp32 features), autocast to `dtype`.
+    """
+    if backbone.model.visual.training:
+        raise RuntimeError("the image tower is in training mode (batch-norm statistics would change); call "
+                           "backbone.model.eval()")
+    loader = DataLoader(
+        AugmentedImages(images, trial_seed), batch_sampler=batches, num_workers=images.num_workers,
+        pin_memory=backbone.device.type == "cuda",
+        generator=torch.Generator().manual_seed(trial_seed),  # workers' base seed; leaves the global RNG alone
+    )
+    half = dtype != torch.float32
+    for pixels, indices in loader:
+        with torch.autocast(backbone.device.type, dtype=dtype, enabled=half):
+            features = backbone.encode_images(pixels)
+        yield F.normalize(features, dim=-1), indices
+
+
+def _online_epochs(backbone: Backbone, images: TrainImages, train_y: torch.Tensor, cfg: TrainConfig,
+                   generator: torch.Generator, epochs: int, batch: int, steps: int) -> Iterator[Batches]:
+    """Per epoch, in shuffled order: features of fresh crops of every image, seeded by the trial's seed (the
+    loader runs ahead across epochs; closing this generator stops its workers)."""
+    order = EpochOrder(len(train_y), epochs, batch, steps, generator)
+    dtype = image_dtype(cfg.precision, backbone.device)
+    with closing(online_batches(backbone, images, cfg.seed, order, dtype)) as stream:
+        for _ in range(epochs):
+            yield ((x, train_y[idx.to(train_y.device)]) for x, idx in islice(stream, steps))
 
 
 def train_coop(
@@ -167,9 +248,11 @@ def train_coop(
     on_epoch: Callable[[EpochMetrics], None] | None = None,
     progress: bool = True,
 ) -> TrainResult:
-    """Train a CoOp context on cached features; returns the model, per-epoch curves and accuracies.
+    """Train a CoOp context; returns the model, per-epoch curves and accuracies.
 
-    `epochs` defaults to `cfg.epochs`; one of them must be set (CoOp's schedule: `default_epochs`).
+    Trains on the cached views of `data.train`, or, when `data.train_images` is set (online mode), on fresh
+    crops of those images every epoch, seeded by `cfg.seed`. `epochs` defaults to `cfg.epochs`; one of them
+    must be set (CoOp's schedule: `default_epochs`).
     """
     epochs = epochs if epochs is not None else cfg.epochs
     if epochs is None:
@@ -190,40 +273,44 @@ def train_coop(
     model = build_model(backbone, data.classnames, prompt_cfg, cfg, generator)
     train_step = TrainStep(model, cfg)
     tensors = _prepare(data, device)
-    train_x, train_y = tensors["train"], tensors["train_labels"]
-    n_train, n_views = train_x.shape[0], train_x.shape[1]
+    train_y = tensors["train_labels"]
+    n_train = len(train_y)
     # Dassl drops the last incomplete batch when there is at least one full batch.
     batch = min(cfg.batch_size, n_train)
     steps = n_train // batch
+    if data.train_images is not None:
+        if len(data.train_images.paths) != n_train:
+            raise ValueError(f"{len(data.train_images.paths)} training images for {n_train} training labels")
+        data.train_images.check()
+        epoch_batches = _online_epochs(backbone, data.train_images, train_y, cfg, generator, epochs, batch, steps)
+    else:
+        epoch_batches = _cached_epochs(tensors["train"], train_y, generator, batch, steps)
 
     result = TrainResult(model)
     start = time.perf_counter()
     bar = tqdm(range(epochs), desc="CoOp epochs", disable=not progress, leave=False)
-    for epoch in bar:
-        lr = lr_at_epoch(epoch, cfg, epochs)
-        train_step.set_lr(lr)
-        t0 = time.perf_counter()
-        order = torch.randperm(n_train, generator=generator).to(device)
-        views = torch.randint(n_views, (n_train,), generator=generator).to(device)
-        loss_sum, correct = 0.0, 0
-        for step in range(steps):
-            idx = order[step * batch : (step + 1) * batch]
-            x, y = train_x[idx, views[idx]], train_y[idx]
-            try:
-                loss, logits = train_step(x, y)
-            except NonFiniteLossError as e:
-                raise NonFiniteLossError(f"{e} at epoch {epoch + 1}, step {step + 1}") from None
-            loss_sum += loss.item() * len(idx)
-            correct += int((logits.argmax(dim=-1) == y).sum())
-        seen = steps * batch
-        metrics = EpochMetrics(epoch + 1, loss_sum / seen, 100.0 * correct / seen, lr, time.perf_counter() - t0)
-        last = epoch + 1 == epochs
-        if last or (cfg.eval_every and (epoch + 1) % cfg.eval_every == 0):
-            metrics.val_acc = evaluate(model, tensors["val"], tensors["val_labels"])
-        result.epochs.append(metrics)
-        bar.set_postfix(loss=f"{metrics.loss:.3f}", acc=f"{metrics.train_acc:.1f}")
-        if on_epoch is not None:
-            on_epoch(metrics)
+    with closing(epoch_batches):
+        for epoch in bar:
+            lr = lr_at_epoch(epoch, cfg, epochs)
+            train_step.set_lr(lr)
+            t0 = time.perf_counter()
+            loss_sum, correct = 0.0, 0
+            for step, (x, y) in enumerate(next(epoch_batches)):
+                try:
+                    loss, logits = train_step(x, y)
+                except NonFiniteLossError as e:
+                    raise NonFiniteLossError(f"{e} at epoch {epoch + 1}, step {step + 1}") from None
+                loss_sum += loss.item() * len(y)
+                correct += int((logits.argmax(dim=-1) == y).sum())
+            seen = steps * batch
+            metrics = EpochMetrics(epoch + 1, loss_sum / seen, 100.0 * correct / seen, lr, time.perf_counter() - t0)
+            last = epoch + 1 == epochs
+            if last or (cfg.eval_every and (epoch + 1) % cfg.eval_every == 0):
+                metrics.val_acc = evaluate(model, tensors["val"], tensors["val_labels"])
+            result.epochs.append(metrics)
+            bar.set_postfix(loss=f"{metrics.loss:.3f}", acc=f"{metrics.train_acc:.1f}")
+            if on_epoch is not None:
+                on_epoch(metrics)
     result.train_seconds = time.perf_counter() - start
     result.val_acc = result.epochs[-1].val_acc  # type: ignore[assignment]
     result.test_acc = evaluate(model, tensors["test"], tensors["test_labels"])

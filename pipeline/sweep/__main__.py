@@ -128,6 +128,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(plan.describe())
             configs = plan.configs[: plan.num_samples] if plan.search == "optuna" else plan.configs
             print(estimate_gpu_hours(params, configs).summary())
+            if params.features.views == "online":
+                print(f"features.views = online: every trial crops and encodes its training images every epoch, "
+                      f"reading them from data.root ({params.data.root}), which every Ray worker must see.")
             return 0
         if hasattr(signal, "SIGUSR1"):
             signal.signal(signal.SIGTERM, _terminate_like_interrupt)

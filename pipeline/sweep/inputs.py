@@ -1,7 +1,9 @@
 """Load, in the driver, the cached few-shot features of every (dataset, shots, seed) a sweep will train on.
 
 The features then travel to the trials through Ray's object store, so workers need neither the data nor
-the cache on their disks. A missing split file or feature cache is reported with the stage that makes it.
+the cache on their disks; except in online mode (features.views: online), where each trial crops and
+encodes the training images itself: every worker must then see data.root at the same path (a shared
+filesystem). A missing split file or feature cache is reported with the stage that makes it.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ import json
 import logging
 import warnings
 from dataclasses import dataclass
+from pathlib import Path
 
 from tqdm import tqdm
 
@@ -23,9 +26,9 @@ from pipeline.features import (
     FeatureCacheError,
     FeatureConfig,
     FewShotFeatures,
-    canonical_dtype,
     feature_cache_dir,
     load_fewshot_features,
+    online_workers,
     open_feature_cache,
 )
 from pipeline.sweep.trial import feature_key
@@ -81,12 +84,13 @@ def load_backbone_for(params: Params) -> Backbone:
 
 
 def load_inputs(params: Params, triples: list[tuple[str, int, int]]) -> SweepInputs:
-    """Features for every (dataset, shots, seed); MissingInputsError names the dvc stage to run."""
+    """Features for every (dataset, shots, seed); MissingInputsError names the dvc stage to run.
+
+    In online mode each carries its split's `TrainImages` (under data.root, made absolute) for the trial.
+    """
     backbone = load_backbone_for(params)
-    config = FeatureConfig.from_backbone(
-        backbone, views=params.features.views, dtype=canonical_dtype(params.features.dtype),
-        augment_seed=params.features.seed,
-    )
+    config = FeatureConfig.from_params(backbone, params.features)
+    data_root = Path(params.data.root).resolve() if config.online else None
     by_dataset: dict[str, list[tuple[int, int]]] = {}
     for dataset, shots, seed in triples:
         by_dataset.setdefault(dataset, []).append((shots, seed))
@@ -105,7 +109,8 @@ def load_inputs(params: Params, triples: list[tuple[str, int, int]]) -> SweepInp
             for shots, seed in pairs:
                 split = split_path(params.data.splits_dir, folder, shots, seed)
                 features[feature_key(dataset, shots, seed)] = load_fewshot_features(
-                    params.features.dir, split, config, cache=cache
+                    params.features.dir, split, config, cache=cache, data_root=data_root,
+                    num_workers=online_workers(params.features.num_workers, params.sweep.cpus_per_trial),
                 )
                 bar.update()
         except (FeatureCacheError, DatasetError, FileNotFoundError) as error:
@@ -114,6 +119,12 @@ def load_inputs(params: Params, triples: list[tuple[str, int, int]]) -> SweepInp
                 + _fix_hint(params, dataset, shots_list, seeds_list)
             ) from None
     bar.close()
+    for data in features.values():
+        if data.train_images is not None:
+            try:
+                data.train_images.check()  # the driver at least must see the images the trials will read
+            except FileNotFoundError as error:
+                raise MissingInputsError(str(error)) from None
     total = sum(f.train.numel() + f.val.numel() + f.test.numel() for f in features.values()) * 4
     log.info("loaded %d feature sets (%.1f MiB) for %d dataset(s)", len(features), total / 2**20, len(by_dataset))
     return SweepInputs(backbone, features, fingerprints)

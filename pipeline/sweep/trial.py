@@ -2,6 +2,8 @@
 
 The trial gets its few-shot features from Ray's object store (no shared filesystem needed), loads the
 (seeded) backbone once per worker process, and logs straight to the tracking URI into its own child run.
+In online mode (features.views: online) it also reads the training images, cropped afresh every epoch,
+from data.root: every worker must see that folder at the same path (e.g. a shared filesystem).
 Validation accuracy goes to Tune at every evaluation (what ASHA and TPE act on); the final report carries
 test accuracy too, which the sweep records but never selects on.
 """
