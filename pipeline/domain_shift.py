@@ -96,9 +96,9 @@ def context_accuracy(backbone: Backbone, ctx: torch.Tensor, meta: ContextMeta, r
 
 
 def zero_shot_accuracy(backbone: Backbone, target: EvalFeatures, ensemble: bool) -> float:
-    from pipeline.engine.baselines import ENSEMBLE_TEMPLATES, accuracy, zero_shot_weights
+    from pipeline.engine.baselines import accuracy, ensemble_templates, zero_shot_weights
 
-    templates = (target.template, *ENSEMBLE_TEMPLATES) if ensemble else (target.template,)
+    templates = ensemble_templates(target.dataset, target.template) if ensemble else (target.template,)
     return accuracy(target.test, target.test_labels, zero_shot_weights(backbone, target.classnames, templates))
 
 
