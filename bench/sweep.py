@@ -67,7 +67,7 @@ def main() -> int:
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     log.setLevel(logging.INFO)
 
-    from pipeline.config import load_params
+    from pipeline.params import load_params
     from pipeline.sweep.runner import SweepOptions, run_sweep
 
     with tempfile.TemporaryDirectory(prefix="bench-sweep-") as tmp:

@@ -39,10 +39,11 @@ from mlflow import MlflowClient
 from mlflow.entities import Metric, Param
 from tqdm import tqdm
 
-from pipeline.config import Params, ParamsError, load_params
+from pipeline.atomic import write_csv_atomic
 from pipeline.data.datasets import DatasetError, resolve_name
 from pipeline.data.fewshot import eval_list_path, read_eval_list, read_fewshot_split, split_path
 from pipeline.engine.backbone import Backbone, WeightsUnavailableError, load_backbone, resolve_device
+from pipeline.errors import UserError
 from pipeline.features import (
     FeatureCache,
     FeatureCacheError,
@@ -51,7 +52,7 @@ from pipeline.features import (
     load_fewshot_features,
     open_feature_cache,
 )
-from pipeline.files import write_csv_atomic
+from pipeline.params import Params, ParamsError, load_params
 from pipeline.tracking import (
     PARENT_TAG,
     TrackingError,
@@ -72,7 +73,7 @@ COLUMNS = ["method", "protocol", "dataset", "shots", "seed", "val_acc", "test_ac
 STAGE_TAG = "coop.stage"
 
 
-class StageError(RuntimeError):
+class StageError(UserError, RuntimeError):
     """The stage cannot run: missing inputs or services; the message names the fix."""
 
 

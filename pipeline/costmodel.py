@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from pipeline.config import Params
+    from pipeline.params import Params
 
 log = logging.getLogger(__name__)
 
@@ -696,7 +696,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         result = imagenet_16shot_estimate(args.gpu, args.arch)
         sys.stdout.write(json.dumps(result, indent=2) + "\n")
     else:
-        from pipeline.config import ParamsError, load_params
+        from pipeline.params import ParamsError, load_params
 
         try:
             params = load_params(args.params)
@@ -709,7 +709,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                   "wall_hours": {str(n): estimate.wall_hours(n) for n in args.gpus},
                   "by_dataset": estimate.by_dataset(), "trials": len(estimate.trials)}
     if args.out:
-        from pipeline.files import write_json_atomic
+        from pipeline.atomic import write_json_atomic
 
         write_json_atomic(args.out, result)
     return 0

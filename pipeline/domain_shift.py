@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from pipeline.atomic import write_csv_atomic
 from pipeline.baselines_run import (
     StageError,
     StageRun,
@@ -40,14 +41,13 @@ from pipeline.baselines_run import (
     stage_backbone,
     trial_artifacts,
 )
-from pipeline.config import Params, ParamsError, load_params
 from pipeline.data.datasets import DatasetError
 from pipeline.data.fewshot import EvalList, eval_list_path, read_eval_list
 from pipeline.engine.backbone import Backbone
 from pipeline.engine.context import ContextFileError, ContextMeta, context_model, load_context
 from pipeline.engine.train import evaluate
 from pipeline.features import EvalFeatures, load_eval_features
-from pipeline.files import write_csv_atomic
+from pipeline.params import Params, ParamsError, load_params
 from pipeline.tracking import resolve_tracking_uri
 
 log = logging.getLogger(__name__)

@@ -43,13 +43,14 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms as T
 from tqdm import tqdm
 
+from pipeline.atomic import atomic_write, write_json_atomic
 from pipeline.data.datasets import DEFAULT_TEMPLATE, DatasetError, Item
 from pipeline.data.fewshot import eval_list_path, read_eval_list, read_fewshot_split, split_path
-from pipeline.files import atomic_write, write_json_atomic
+from pipeline.errors import UserError
 
 if TYPE_CHECKING:
-    from pipeline.config import FeatureParams
     from pipeline.engine.backbone import Backbone
+    from pipeline.params import FeatureParams
 
 log = logging.getLogger(__name__)
 
@@ -68,7 +69,7 @@ ONLINE = "online"  # features.views value of the exact mode: fresh crops every e
 RERUN = "rerun `dvc repro features` (or `python -m stages.features ...`)"
 
 
-class FeatureCacheError(RuntimeError):
+class FeatureCacheError(UserError, RuntimeError):
     """The feature cache is missing, corrupt, or does not match the requested configuration."""
 
 

@@ -33,6 +33,7 @@ import torch
 
 from pipeline.engine.context import ContextFileError, ContextMeta, context_model, save_context
 from pipeline.engine.prompt import POSITIONS
+from pipeline.errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +46,7 @@ _MAX_STUBS = 32
 _WNID_LINE = re.compile(r"n\d{8} +\S")
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UserError, ValueError):
     """The checkpoint cannot be imported: unreadable, refused, or not a CoOp context."""
 
 

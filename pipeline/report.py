@@ -39,7 +39,7 @@ from html import escape
 from pathlib import Path
 from typing import Any
 
-from pipeline.config import Params, ParamsError, load_params
+from pipeline.params import Params, ParamsError, load_params
 
 log = logging.getLogger(__name__)
 
@@ -702,7 +702,7 @@ def render(data: ReportData) -> str:
 def write_report(params: Params, out_dir: Path | None = None, results_dir: Path | None = None,
                  baselines_dir: Path | None = None, tracking_uri: str | None = None, mlflow: bool = True) -> Path:
     """Build the page and write ``<out_dir>/index.html`` atomically; log it to MLflow unless `mlflow` is off."""
-    from pipeline.files import write_text_atomic
+    from pipeline.atomic import write_text_atomic
 
     data = collect(params, results_dir, baselines_dir, tracking_uri)
     html = render(data)

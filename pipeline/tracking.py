@@ -28,6 +28,8 @@ from mlflow import MlflowClient
 from mlflow.entities import Metric, Param, Run, RunStatus, RunTag
 from mlflow.exceptions import MlflowException
 
+from pipeline.errors import UserError
+
 log = logging.getLogger(__name__)
 
 DEFAULT_URI = "sqlite:///mlflow.db"
@@ -42,7 +44,7 @@ GPU_TAG = "ray.gpu_ids"
 MAX_PARAM_LENGTH = 6000  # MLflow's limit on a param value
 
 
-class TrackingError(RuntimeError):
+class TrackingError(UserError, RuntimeError):
     """The tracking server or database cannot be used; the message says how to fix it."""
 
 

@@ -46,7 +46,7 @@ def read_params(path: Path | None) -> dict[str, Any]:
             f"Params file {path} does not exist; pass --params PATH or give every setting as a flag."
         )
     try:
-        from pipeline.config import load_params  # the lead's validated loader, when present
+        from pipeline.params import load_params  # the lead's validated loader, when present
     except ImportError:
         load_params = None
     if load_params is not None:

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
-from pipeline.config import load_params
+from pipeline.params import load_params
 from pipeline.costmodel import (
     GPUS,
     PATHS,

@@ -320,7 +320,7 @@ def test_epochs_come_from_the_argument_or_the_config(tiny):
 def test_demo_accuracy_unchanged_by_the_exact_paths_and_close_in_bf16(demo_ws):  # noqa: F811
     """The bundled demo (Fashion-MNIST, features from the real prepare/features stages): a fixed number of
     steps gives the same test accuracy with every exact path, and within 5 points of it in bf16."""
-    from pipeline.config import load_params
+    from pipeline.params import load_params
     from pipeline.sweep.inputs import load_inputs
 
     inputs = load_inputs(load_params(demo_ws.params("paths")), [("FashionMNIST", 2, 1)])

@@ -15,7 +15,7 @@ from fixtures_data import build_generic, build_imagenet_a
 from PIL import Image
 
 import pipeline.features as features_mod
-from pipeline.config import ParamsError, params_from_dict
+from pipeline.params import ParamsError, params_from_dict
 from pipeline.data.datasets import load_dataset
 from pipeline.data.fewshot import (
     eval_list_path,

@@ -13,7 +13,7 @@ import ray
 from mlflow import MlflowClient
 from sweep_helpers import DemoWorkspace, demo_ws  # noqa: F401
 
-from pipeline.config import load_params
+from pipeline.params import load_params
 from pipeline.sweep.runner import SweepError, SweepOptions, run_sweep
 from pipeline.tracking import GPU_TAG
 

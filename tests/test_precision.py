@@ -74,7 +74,7 @@ def test_official_fp16_trains_and_saves_an_fp32_context(tiny):
 
 
 def test_official_fp16_is_a_precision_everywhere_params_go():
-    from pipeline.config import ParamsError, params_from_dict
+    from pipeline.params import ParamsError, params_from_dict
     from pipeline.sweep.space import build_space
 
     params = params_from_dict({"train": {"precision": "fp16-official"},

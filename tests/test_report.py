@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from pipeline.config import params_from_dict
+from pipeline.params import params_from_dict
 from pipeline.report import (
     collect,
     independent_keys,

@@ -12,7 +12,7 @@ import pytest
 from ray.tune.search import Searcher
 from ray.tune.search.optuna import OptunaSearch
 
-from pipeline.config import Params, ParamsError, params_from_dict
+from pipeline.params import Params, ParamsError, params_from_dict
 from pipeline.engine.backbone import count_tokens
 from pipeline.sweep.runner import SweepOptions, plan_sweep
 from pipeline.sweep.searchers import ConfigListSearcher, UniqueSearcher

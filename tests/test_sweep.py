@@ -22,7 +22,7 @@ import ray
 from mlflow import MlflowClient
 from sweep_helpers import DemoWorkspace, demo_ws, free_port  # noqa: F401
 
-from pipeline.config import load_params
+from pipeline.params import load_params
 from pipeline.engine.backbone import count_tokens
 from pipeline.engine.context import load_context
 from pipeline.sweep.__main__ import build_parser

@@ -139,7 +139,7 @@ def test_online_cache_holds_no_train_views_and_a_missing_root_is_named(demo: Pat
 
 
 def test_cost_model_counts_the_image_encoder_per_image_and_epoch() -> None:
-    from pipeline.config import params_from_dict
+    from pipeline.params import params_from_dict
     from pipeline.costmodel import (
         DECODE_SECONDS_PER_IMAGE,
         GPUS,

@@ -25,13 +25,15 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath, PureWindowsPath
 
+from pipeline.errors import UserError
+
 log = logging.getLogger(__name__)
 
 DEFAULT_TEMPLATE = "a photo of a {}."
 SPLIT_NAMES = ("train", "val", "test")
 
 
-class DatasetError(ValueError):
+class DatasetError(UserError, ValueError):
     """A dataset folder, split file or class list is missing or malformed."""
 
 

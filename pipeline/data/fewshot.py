@@ -23,8 +23,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from pipeline.atomic import write_text_atomic
 from pipeline.data.datasets import DatasetError, DatasetSplits, Item
-from pipeline.files import write_text_atomic
 
 log = logging.getLogger(__name__)
 

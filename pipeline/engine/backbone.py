@@ -26,6 +26,8 @@ from huggingface_hub import constants as hf_constants
 from open_clip.model import CLIP
 from torch import nn
 
+from pipeline.errors import UserError
+
 log = logging.getLogger(__name__)
 
 TINY_ARCH = "coop-tiny"
@@ -34,7 +36,7 @@ _RANDOM_INIT_SEED = 0
 _NO_WEIGHTS = {None, "", "none", "None", "random"}
 
 
-class WeightsUnavailableError(RuntimeError):
+class WeightsUnavailableError(UserError, RuntimeError):
     """Pretrained weights could not be loaded (no network, unknown tag, missing file)."""
 
 

@@ -15,14 +15,15 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
+from pipeline.atomic import atomic_write
 from pipeline.engine.backbone import Backbone
 from pipeline.engine.prompt import CoOp, PromptConfig
-from pipeline.files import atomic_write
+from pipeline.errors import UserError
 
 FORMAT_VERSION = 1
 
 
-class ContextFileError(ValueError):
+class ContextFileError(UserError, ValueError):
     """A context file is missing, malformed, or does not fit the backbone/classes it is used with."""
 
 

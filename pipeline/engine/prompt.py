@@ -21,9 +21,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pipeline.config import OFFICIAL_FP16
 from pipeline.engine.backbone import Backbone, count_tokens, tokenize
 from pipeline.engine.text import TextTower
+from pipeline.params import OFFICIAL_FP16
 
 log = logging.getLogger(__name__)
 

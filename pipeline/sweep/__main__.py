@@ -9,8 +9,8 @@ import signal
 import sys
 from collections.abc import Sequence
 
-from pipeline.config import ParamsError, load_params
 from pipeline.costmodel import estimate_gpu_hours
+from pipeline.params import ParamsError, load_params
 
 log = logging.getLogger("pipeline.sweep")
 

@@ -17,10 +17,10 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from pipeline.config import Params
 from pipeline.data.datasets import DatasetError, resolve_name
 from pipeline.data.fewshot import split_path
 from pipeline.engine.backbone import Backbone, WeightsUnavailableError, load_backbone
+from pipeline.errors import UserError
 from pipeline.features import (
     FeatureCache,
     FeatureCacheError,
@@ -31,12 +31,13 @@ from pipeline.features import (
     online_workers,
     open_feature_cache,
 )
+from pipeline.params import Params
 from pipeline.sweep.trial import feature_key
 
 log = logging.getLogger(__name__)
 
 
-class MissingInputsError(RuntimeError):
+class MissingInputsError(UserError, RuntimeError):
     """Features (or split files) for a requested dataset are missing; the message names the stage to run."""
 
 

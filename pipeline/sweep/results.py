@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pipeline.files import write_csv_atomic, write_json_atomic
+from pipeline.atomic import write_csv_atomic, write_json_atomic
 from pipeline.sweep.space import CONFIG_KEYS, HYPER_KEYS, config_label
 
 STATES = ("FINISHED", "FAILED", "STOPPED", "UNFINISHED")

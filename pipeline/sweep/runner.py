@@ -22,8 +22,9 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
-from pipeline.config import Params
-from pipeline.files import write_json_atomic
+from pipeline.atomic import write_json_atomic
+from pipeline.errors import UserError
+from pipeline.params import Params
 from pipeline.sweep.results import ResultFiles, TrialRecord, counts, summarize, write_results
 from pipeline.sweep.space import (
     CONFIG_KEYS,
@@ -49,7 +50,7 @@ log = logging.getLogger(__name__)
 GPU_PRECISIONS = ("fp16", "amp")
 
 
-class SweepError(RuntimeError):
+class SweepError(UserError, RuntimeError):
     """The sweep cannot start or resume; the message says why and what to do."""
 
 

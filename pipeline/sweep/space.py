@@ -22,9 +22,10 @@ import random
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from pipeline.config import PRECISIONS, Params, SweepParams
 from pipeline.engine.prompt import POSITIONS, PromptConfig, resolve_n_ctx
 from pipeline.engine.train import default_epochs
+from pipeline.errors import UserError
+from pipeline.params import PRECISIONS, Params, SweepParams
 
 if TYPE_CHECKING:
     import optuna
@@ -36,7 +37,7 @@ CONFIG_KEYS = DATA_KEYS + HYPER_KEYS  # every trial config holds exactly these k
 assert set(CONFIG_KEYS) == set(SweepParams.SPACE_KEYS)
 
 
-class SpaceError(ValueError):
+class SpaceError(UserError, ValueError):
     """sweep.space is malformed, or the search cannot run on it; the message names the key."""
 
 

@@ -11,6 +11,8 @@ from typing import Any, ClassVar
 
 import yaml
 
+from pipeline.errors import UserError
+
 # The official `PREC: fp16`: CLIP and the context parameter itself in fp16, plain SGD on it (no fp32 master
 # copy, no loss scaling), so updates below half an fp16 ulp of a context value are lost. Our `fp16` keeps an
 # fp32 master context with a GradScaler instead; see docs/fidelity.md.
@@ -18,7 +20,7 @@ OFFICIAL_FP16 = "fp16-official"
 PRECISIONS = ("fp32", "bf16", "fp16", "amp", OFFICIAL_FP16)  # train.precision (engine.prompt.compute_dtype)
 
 
-class ParamsError(ValueError):
+class ParamsError(UserError, ValueError):
     """params.yaml (or a --config file) has a bad key or value."""
 
 
@@ -253,7 +255,7 @@ def load_params(path: str | Path = "params.yaml") -> Params:
     """Read and validate a params file; ParamsError names the offending key."""
     path = Path(path)
     if not path.is_file():
-        raise ParamsError(f"params file {path} does not exist; pass --config with an existing YAML file")
+        raise ParamsError(f"params file {path} does not exist; pass --params with an existing YAML file")
     with path.open() as f:
         try:
             raw = yaml.safe_load(f) or {}

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pipeline.config import ParamsError, load_params, params_from_dict
+from pipeline.params import ParamsError, load_params, params_from_dict
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -1,0 +1,69 @@
+"""The one command-line shell: shared options, logging set-up, params loading, and errors as exit status 2."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from pipeline.errors import UserError
+
+if TYPE_CHECKING:
+    from pipeline.params import Params
+
+log = logging.getLogger("pipeline")
+
+EXIT_BAD_INPUT = 2  # bad params, flags or data, or a missing prerequisite: the message says which
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
+Command = Callable[[argparse.Namespace, "Params | None"], "int | None"]
+
+
+def parser(prog: str, doc: str | None, epilog: str | None = None, params: bool = True) -> argparse.ArgumentParser:
+    """A parser with the options every command shares: --params (where params are read) and --log-level."""
+    result = argparse.ArgumentParser(prog=prog, description=doc, epilog=epilog,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    if params:
+        result.add_argument("--params", type=Path, default=Path("params.yaml"), metavar="PATH",
+                            help="params file, e.g. params.yaml or configs/paper_rn50.yaml (default: %(default)s)")
+    result.add_argument("--log-level", default="INFO", choices=("DEBUG", "INFO", "WARNING", "ERROR"),
+                        help="log messages from this level up (default: %(default)s)")
+    return result
+
+
+def add_device(parser: argparse.ArgumentParser, what: str = "the model") -> None:
+    """--device with the same default and meaning in every command."""
+    parser.add_argument("--device", default="auto", metavar="DEVICE",
+                        help=f"where {what} runs: auto (a CUDA GPU when there is one, else the CPU), cpu, cuda, "
+                        "cuda:N (default: %(default)s)")
+
+
+def _quiet_root_info(record: logging.LogRecord) -> bool:
+    # open_clip logs its model-loading chatter at INFO on the root logger itself.
+    return record.name != "root" or record.levelno >= logging.WARNING
+
+
+def setup_logging(level: str = "INFO") -> None:
+    """One log format for every command; open_clip's root-logger INFO chatter is dropped."""
+    logging.basicConfig(level=getattr(logging, level), format=LOG_FORMAT, force=True)
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(_quiet_root_info)
+
+
+def run(parser: argparse.ArgumentParser, command: Command, argv: Sequence[str] | None = None) -> int:
+    """Parse `argv`, set up logging, load --params, run `command(args, params)`; a UserError exits with 2."""
+    args = parser.parse_args(argv)
+    setup_logging(args.log_level)
+    try:
+        params = None
+        if getattr(args, "params", None) is not None:
+            from pipeline.params import load_params
+
+            params = load_params(args.params)
+        status = command(args, params)
+    except (UserError, FileNotFoundError) as error:
+        log.error("%s", error)
+        return EXIT_BAD_INPUT
+    return 0 if status is None else int(status)
