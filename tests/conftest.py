@@ -20,6 +20,14 @@ CLASSNAMES = ["cat", "golden_retriever", "sports car", "oak tree", "sail boat", 
 
 
 @pytest.fixture(scope="session")
+def demo_ws(tmp_path_factory: pytest.TempPathFactory):
+    """The bundled demo after the real prepare and features stages: built once per test session."""
+    from sweep_helpers import build_demo_workspace
+
+    return build_demo_workspace(tmp_path_factory.mktemp("demo_ws"))
+
+
+@pytest.fixture(scope="session")
 def tiny() -> Backbone:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")

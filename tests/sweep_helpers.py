@@ -17,7 +17,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import pytest
 import yaml
 
 REPO = Path(__file__).resolve().parents[1]
@@ -69,11 +68,6 @@ def build_demo_workspace(root: Path) -> DemoWorkspace:
                               capture_output=True, text=True, timeout=300)
         assert done.returncode == 0, f"{stage} failed:\n{done.stdout}\n{done.stderr}"
     return workspace
-
-
-@pytest.fixture(scope="session")
-def demo_ws(tmp_path_factory: pytest.TempPathFactory) -> DemoWorkspace:
-    return build_demo_workspace(tmp_path_factory.mktemp("demo_ws"))
 
 
 def free_port(host: str = "127.0.0.1") -> int:

@@ -23,7 +23,6 @@ from test_report import BASELINE_COLUMNS, sections, write_csv
 from test_report import workspace as workspace  # noqa: F401  (fixture)
 
 from pipeline.baselines_run import StageError, feature_config, open_cache, plain_train_features, run_baselines
-from pipeline.params import ParamsError, load_params, params_from_dict
 from pipeline.data.datasets import load_dataset
 from pipeline.data.fewshot import (
     eval_list_path,
@@ -44,6 +43,7 @@ from pipeline.features import (
     load_fewshot_features,
     update_feature_cache,
 )
+from pipeline.params import ParamsError, load_params, params_from_dict
 from pipeline.report import collect, render
 
 # ------------------------------------------------------------------------------------------ the C search

@@ -20,7 +20,6 @@ from mlflow import MlflowClient
 from sweep_helpers import (
     PYTHON,
     DemoWorkspace,
-    demo_ws,  # noqa: F401
     free_port,
     group_members,
     mlflow_server,
@@ -105,7 +104,7 @@ def cluster() -> Iterator[Cluster]:
 
 
 def test_sweep_spreads_over_two_nodes_and_logs_to_an_mlflow_server(
-    demo_ws: DemoWorkspace, cluster: Cluster, tmp_path: Path  # noqa: F811
+    demo_ws: DemoWorkspace, cluster: Cluster, tmp_path: Path
 ) -> None:
     root = tmp_path / "sweep"
     params = demo_ws.params(

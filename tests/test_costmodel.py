@@ -13,7 +13,6 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
-from pipeline.params import load_params
 from pipeline.costmodel import (
     GPUS,
     PATHS,
@@ -31,6 +30,7 @@ from pipeline.costmodel import (
 from pipeline.engine.backbone import Backbone, count_tokens
 from pipeline.engine.prompt import CoOp, PromptConfig, prefers_shared_prefix
 from pipeline.engine.reference import official_prompts, official_text_features, official_train_step
+from pipeline.params import load_params
 
 REPO = Path(__file__).resolve().parents[1]
 NAMES = ["cat", "golden retriever", "sports car", "oak tree", "sail boat", "lighthouse keeper house"]

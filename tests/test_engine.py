@@ -10,7 +10,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import CLASSNAMES, separable_problem, teacher_means
-from sweep_helpers import demo_ws  # noqa: F401
 
 from pipeline.engine.backbone import WeightsUnavailableError, count_tokens, load_backbone, weights_fingerprint
 from pipeline.engine.prompt import CoOp, PromptConfig
@@ -317,7 +316,7 @@ def test_epochs_come_from_the_argument_or_the_config(tiny):
         train_coop(tiny, data, PromptConfig(n_ctx=2), TrainConfig(), progress=False)
 
 
-def test_demo_accuracy_unchanged_by_the_exact_paths_and_close_in_bf16(demo_ws):  # noqa: F811
+def test_demo_accuracy_unchanged_by_the_exact_paths_and_close_in_bf16(demo_ws):
     """The bundled demo (Fashion-MNIST, features from the real prepare/features stages): a fixed number of
     steps gives the same test accuracy with every exact path, and within 5 points of it in bf16."""
     from pipeline.params import load_params

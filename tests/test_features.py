@@ -15,7 +15,6 @@ from fixtures_data import build_generic, build_imagenet_a
 from PIL import Image
 
 import pipeline.features as features_mod
-from pipeline.params import ParamsError, params_from_dict
 from pipeline.data.datasets import load_dataset
 from pipeline.data.fewshot import (
     eval_list_path,
@@ -40,6 +39,7 @@ from pipeline.features import (
     open_feature_cache,
     split_image_paths,
 )
+from pipeline.params import ParamsError, params_from_dict
 from stages import features as features_stage
 from stages import prepare as prepare_stage
 

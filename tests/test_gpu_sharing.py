@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 import ray
 from mlflow import MlflowClient
-from sweep_helpers import DemoWorkspace, demo_ws  # noqa: F401
+from sweep_helpers import DemoWorkspace
 
 from pipeline.params import load_params
 from pipeline.sweep.runner import SweepError, SweepOptions, run_sweep
@@ -25,7 +25,7 @@ def one_gpu_ray() -> Any:
     ray.shutdown()
 
 
-def test_half_gpu_trials_share_the_one_gpu_in_a_random_search(demo_ws: DemoWorkspace, one_gpu_ray: Any):  # noqa: F811
+def test_half_gpu_trials_share_the_one_gpu_in_a_random_search(demo_ws: DemoWorkspace, one_gpu_ray: Any):
     root = demo_ws.root / "half_gpu"
     params = load_params(demo_ws.params(
         "half_gpu",
@@ -46,7 +46,7 @@ def test_half_gpu_trials_share_the_one_gpu_in_a_random_search(demo_ws: DemoWorks
     assert len(configs) == 4  # random search drew 4 distinct configurations
 
 
-def test_more_gpu_per_trial_than_the_cluster_has_is_refused(demo_ws: DemoWorkspace, one_gpu_ray: Any):  # noqa: F811
+def test_more_gpu_per_trial_than_the_cluster_has_is_refused(demo_ws: DemoWorkspace, one_gpu_ray: Any):
     root = demo_ws.root / "two_gpus"
     params = load_params(demo_ws.params(
         "two_gpus",

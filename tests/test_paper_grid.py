@@ -24,11 +24,11 @@ from mlflow import MlflowClient
 from PIL import Image
 from test_report import check_html, sections
 
-from pipeline.params import load_params, params_from_dict
 from pipeline.data.fewshot import eval_list_path, read_eval_list
 from pipeline.engine.backbone import count_tokens
 from pipeline.engine.context import load_context
 from pipeline.engine.train import default_epochs
+from pipeline.params import load_params, params_from_dict
 from pipeline.sweep.space import build_space
 
 REPO = Path(__file__).resolve().parents[1]

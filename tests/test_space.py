@@ -12,8 +12,8 @@ import pytest
 from ray.tune.search import Searcher
 from ray.tune.search.optuna import OptunaSearch
 
-from pipeline.params import Params, ParamsError, params_from_dict
 from pipeline.engine.backbone import count_tokens
+from pipeline.params import Params, ParamsError, params_from_dict
 from pipeline.sweep.runner import SweepOptions, plan_sweep
 from pipeline.sweep.searchers import ConfigListSearcher, UniqueSearcher
 from pipeline.sweep.space import (

@@ -20,11 +20,11 @@ from typing import Any
 import pytest
 import ray
 from mlflow import MlflowClient
-from sweep_helpers import DemoWorkspace, demo_ws, free_port  # noqa: F401
+from sweep_helpers import DemoWorkspace, free_port
 
-from pipeline.params import load_params
 from pipeline.engine.backbone import count_tokens
 from pipeline.engine.context import load_context
+from pipeline.params import load_params
 from pipeline.sweep.__main__ import build_parser
 from pipeline.sweep.__main__ import main as cli_main
 from pipeline.sweep.inputs import MissingInputsError
@@ -89,7 +89,7 @@ def test_help_explains_every_flag() -> None:
     assert parser.parse_args([]).config == "params.yaml"
 
 
-def test_dry_run_prints_the_trials_and_their_count(demo_ws: DemoWorkspace,  # noqa: F811
+def test_dry_run_prints_the_trials_and_their_count(demo_ws: DemoWorkspace,
                                                    capsys: pytest.CaptureFixture) -> None:
     space = {"n_ctx": [4, 8], "ctx_init": ["", WORDS], "csc": [False, True]}
     params = demo_ws.params("dry", sweep={"space": space, "storage": str(demo_ws.root / "dry-ray")})
@@ -104,7 +104,7 @@ def test_dry_run_prints_the_trials_and_their_count(demo_ws: DemoWorkspace,  # no
     assert not (demo_ws.root / "dry-ray").exists()  # a dry run starts nothing
 
 
-def test_cli_errors_name_the_problem(demo_ws: DemoWorkspace, caplog: pytest.LogCaptureFixture) -> None:  # noqa: F811
+def test_cli_errors_name_the_problem(demo_ws: DemoWorkspace, caplog: pytest.LogCaptureFixture) -> None:
     bad_key = demo_ws.params("badkey", sweep={"space": {"n_ctxx": [4]}})
     assert cli_main(["--config", str(bad_key), "--dry-run"]) == 2
     assert "sweep.space.n_ctxx" in caplog.text
@@ -127,7 +127,7 @@ def ray_session() -> Any:
     ray.shutdown()
 
 
-def test_interrupted_sweep_resumes_without_duplicates(demo_ws: DemoWorkspace,  # noqa: F811
+def test_interrupted_sweep_resumes_without_duplicates(demo_ws: DemoWorkspace,
                                                       ray_session: Any) -> None:
     """Interrupt a sweep the way Ctrl-C does (Tune's graceful stop), then --resume it."""
     epochs = 150
@@ -194,7 +194,7 @@ def test_interrupted_sweep_resumes_without_duplicates(demo_ws: DemoWorkspace,  #
     assert sorted(p.name for p in (root / "results" / "contexts").iterdir()) == sorted(keys)
 
 
-def test_optuna_sweep_end_to_end(demo_ws: DemoWorkspace, ray_session: Any) -> None:  # noqa: F811
+def test_optuna_sweep_end_to_end(demo_ws: DemoWorkspace, ray_session: Any) -> None:
     root = demo_ws.root / "optuna"
     space = {"n_ctx": [4, 8], "ctx_init": ["", WORDS], "csc": [False, True], "lr": [0.002, 0.02]}
     params_path = demo_ws.params(
@@ -288,7 +288,7 @@ def _by_setting(summary: list[dict]) -> dict[tuple, list[dict]]:
     return out
 
 
-def test_failing_trial_is_marked_failed_retried_and_the_sweep_goes_on(demo_ws: DemoWorkspace,  # noqa: F811
+def test_failing_trial_is_marked_failed_retried_and_the_sweep_goes_on(demo_ws: DemoWorkspace,
                                                                       ray_session: Any) -> None:
     root = demo_ws.root / "failing"
     params_path = demo_ws.params(
@@ -311,7 +311,7 @@ def test_failing_trial_is_marked_failed_retried_and_the_sweep_goes_on(demo_ws: D
     assert failed.data.tags["sweep.attempt"] == "2"
 
 
-def test_asha_stops_weak_trials_at_its_rungs_and_says_so(demo_ws: DemoWorkspace,  # noqa: F811
+def test_asha_stops_weak_trials_at_its_rungs_and_says_so(demo_ws: DemoWorkspace,
                                                           ray_session: Any) -> None:
     """9 epochs, grace 1, reduction factor 3: ASHA's rungs are epochs 1 and 3. Trials run one at a time so
     each rung decision compares against the trials before it."""
@@ -356,7 +356,7 @@ def test_asha_stops_weak_trials_at_its_rungs_and_says_so(demo_ws: DemoWorkspace,
     assert int(by_key[leader]["last_epoch"]) > 1
 
 
-def test_unreachable_services_and_missing_features_fail_before_any_trial(demo_ws: DemoWorkspace,  # noqa: F811
+def test_unreachable_services_and_missing_features_fail_before_any_trial(demo_ws: DemoWorkspace,
                                                                          ray_session: Any) -> None:
     root = demo_ws.root / "errors"
     params = load_params(demo_ws.params(
@@ -393,7 +393,7 @@ def test_unreachable_services_and_missing_features_fail_before_any_trial(demo_ws
     assert not (root / "ray").exists() and not (root / "res").exists()
 
 
-def test_stage_entry_point_runs_the_params_search(demo_ws: DemoWorkspace,  # noqa: F811
+def test_stage_entry_point_runs_the_params_search(demo_ws: DemoWorkspace,
                                                   capsys: pytest.CaptureFixture) -> None:
     """stages.sweep is the DVC stage: same code, the params' search (checked through its plan)."""
     from stages.sweep import main as stage_main
@@ -404,7 +404,7 @@ def test_stage_entry_point_runs_the_params_search(demo_ws: DemoWorkspace,  # noq
     assert "random: 3 trials" in out and "3 trial(s) would run" in out
 
 
-def test_online_augmentation_trial(demo_ws: DemoWorkspace, ray_session: Any,  # noqa: F811
+def test_online_augmentation_trial(demo_ws: DemoWorkspace, ray_session: Any,
                                    capsys: pytest.CaptureFixture) -> None:
     """features.views: online through the sweep: a cache without train views, one trial cropping the demo's
     images itself (they are on this machine's disk, as a shared filesystem would provide them)."""

@@ -139,7 +139,6 @@ def test_online_cache_holds_no_train_views_and_a_missing_root_is_named(demo: Pat
 
 
 def test_cost_model_counts_the_image_encoder_per_image_and_epoch() -> None:
-    from pipeline.params import params_from_dict
     from pipeline.costmodel import (
         DECODE_SECONDS_PER_IMAGE,
         GPUS,
@@ -148,6 +147,7 @@ def test_cost_model_counts_the_image_encoder_per_image_and_epoch() -> None:
         image_encoder_gflops,
         online_image_seconds,
     )
+    from pipeline.params import params_from_dict
 
     gpu = GPUS["H100"]
     config = {"dataset": "ImageNet", "shots": 16, "seed": 1, "n_ctx": 16, "ctx_init": "", "csc": False,
