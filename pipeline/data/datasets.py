@@ -243,6 +243,12 @@ def resolve_name(name: str) -> DatasetInfo | None:
     return None
 
 
+def dataset_folder(name: str) -> str:
+    """The folder stages.prepare writes a dataset's splits and cache under (its canonical registry name)."""
+    info = resolve_name(name)
+    return info.name if info is not None else name
+
+
 def get_info(name: str, root: Path | None = None) -> DatasetInfo:
     """Registry entry for `name`, or a generic entry when `<root>/<name>/` holds one ``split_*.json``."""
     info = resolve_name(name)
