@@ -40,6 +40,15 @@ def add_device(parser: argparse.ArgumentParser, what: str = "the model") -> None
                         "cuda:N (default: %(default)s)")
 
 
+def with_device(params: Params, device: str) -> Params:
+    """params with train.device set to --device, unless --device was left at its default (auto)."""
+    if device == "auto":
+        return params
+    import dataclasses
+
+    return dataclasses.replace(params, train=dataclasses.replace(params.train, device=device))
+
+
 def _quiet_root_info(record: logging.LogRecord) -> bool:
     # open_clip logs its model-loading chatter at INFO on the root logger itself.
     return record.name != "root" or record.levelno >= logging.WARNING
