@@ -1,27 +1,30 @@
-"""MLflow tracking of sweeps: one parent run per sweep, one nested child run per trial, keyed for resume.
+"""MLflow tracking: a parent run per sweep, a child run per trial (keyed for resume), and the stages' runs.
 
 The driver resolves the tracking URI (``--tracking-uri`` > ``MLFLOW_TRACKING_URI`` > ``tracking.uri``;
 relative SQLite paths are made absolute so trial processes started elsewhere find the same database),
 checks within seconds that a tracking server answers, and opens the parent run. Each trial opens its
 own child run from inside its worker process, tagged with the trial's deterministic key: a rerun of the
 same trial (Ray retry, ``--resume``) finds that run instead of creating a second one, and a run that
-already FINISHED is not trained again.
+already FINISHED is not trained again. The evaluation stages and the report log a `StageRun` each (a
+parent run with a child run per result), and find a trial's artifacts with `trial_artifacts`.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import os
 import re
+import shutil
 import socket
 import subprocess
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlparse
 
 from mlflow import MlflowClient
@@ -29,6 +32,9 @@ from mlflow.entities import Metric, Param, Run, RunStatus, RunTag
 from mlflow.exceptions import MlflowException
 
 from pipeline.errors import UserError
+
+if TYPE_CHECKING:
+    from pipeline.params import Params
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +47,7 @@ ATTEMPT_TAG = "sweep.attempt"
 RAY_TRIAL_TAG = "ray.trial_id"
 NODE_TAG = "node_ip"
 GPU_TAG = "ray.gpu_ids"
+STAGE_TAG = "coop.stage"  # which non-sweep stage logged a run: baselines, domain_shift, report
 MAX_PARAM_LENGTH = 6000  # MLflow's limit on a param value
 
 
@@ -361,3 +368,89 @@ class TrialRun:
                 self.client.set_tag(self.run_id, REASON_TAG, reason[:5000])
             self.client.set_terminated(self.run_id, RunStatus.to_string(RunStatus.from_string(status)))
             self.closed = True
+
+
+def backbone_label(arch: str, pretrained: str | None) -> str:
+    """A backbone as runs and result tables name it: "<arch>/<weights>", "random" for random weights."""
+    return f"{arch}/{pretrained or 'random'}"
+
+
+@dataclass
+class StageRun:
+    """A parent MLflow run for a non-sweep stage, with child runs for its results."""
+
+    client: MlflowClient
+    experiment_id: str
+    run_id: str
+
+    @classmethod
+    def start(cls, params: Params, name: str, stage: str, run_params: dict[str, Any],
+              tracking_uri: str | None = None) -> StageRun:
+        uri = resolve_tracking_uri(tracking_uri, params.tracking.uri)
+        check_tracking_uri(uri, timeout=params.tracking.check_timeout_s)
+        client = MlflowClient(uri)
+        experiment_id = get_or_create_experiment(client, params.tracking.experiment, uri)
+        run = client.create_run(experiment_id, run_name=name,
+                                tags={STAGE_TAG: stage, "git_commit": git_commit(),
+                                      "backbone": backbone_label(params.backbone.arch, params.backbone.pretrained)})
+        client.log_batch(run.info.run_id, params=_params(run_params))
+        return cls(client, experiment_id, run.info.run_id)
+
+    def child(self, name: str, run_params: dict[str, Any], metrics: dict[str, float | None],
+              tags: dict[str, Any]) -> str:
+        run = self.client.create_run(self.experiment_id, run_name=name,
+                                     tags={PARENT_TAG: self.run_id, **{k: str(v) for k, v in tags.items()}})
+        now = run.info.start_time
+        self.client.log_batch(
+            run.info.run_id,
+            params=_params(run_params),
+            metrics=[Metric(k, float(v), now, 0) for k, v in sorted(metrics.items())
+                     if v is not None and math.isfinite(v)],
+        )
+        self.client.set_terminated(run.info.run_id, "FINISHED")
+        return run.info.run_id
+
+    def finish(self, status: str, artifacts: Sequence[Path] = (), metrics: dict[str, float] | None = None) -> None:
+        if metrics:
+            now = self.client.get_run(self.run_id).info.start_time
+            self.client.log_batch(self.run_id, metrics=[Metric(k, float(v), now, 0) for k, v in sorted(metrics.items())
+                                                        if math.isfinite(v)])
+        for path in artifacts:
+            if path.is_file():
+                self.client.log_artifact(self.run_id, str(path))
+        self.client.set_terminated(self.run_id, status)
+
+
+def log_stage_files(params: Params, stage: str, files: Sequence[Path], run_params: dict[str, Any],
+                    metrics: dict[str, float], tracking_uri: str | None = None) -> None:
+    """One FINISHED run named and tagged `stage`, with its output `files` as artifacts (the report's page)."""
+    run = StageRun.start(params, stage, stage, run_params, tracking_uri)
+    run.finish("FINISHED", files, metrics)
+
+def trial_artifacts(row: dict[str, str], results_dir: Path, dest: Path, tracking_uri: str,
+                    names: Sequence[str] = ("ctx.safetensors", "ctx.json", "nearest_words.json")) -> Path | None:
+    """A folder holding the trial's artifacts `names`: ``<results_dir>/contexts/<trial_key>/`` when the sweep
+    wrote one, else downloaded from the trial's MLflow run into ``dest/<trial_key>/``. None if unavailable."""
+    key = row.get("trial_key", "")
+    local = results_dir / "contexts" / key
+    if key and all((local / n).is_file() for n in names):
+        return local
+    run_id = row.get("mlflow_run_id", "")
+    if not run_id:
+        return None
+    target = dest / (key or run_id)
+    if all((target / n).is_file() for n in names):
+        return target
+    target.mkdir(parents=True, exist_ok=True)
+    # One progress bar per tiny file would drown the stage's own log.
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    client = MlflowClient(tracking_uri)
+    try:
+        for name in names:
+            client.download_artifacts(run_id, name, str(target))
+    except Exception as error:  # MLflow raises several types for a missing run or artifact
+        log.warning("trial %s: cannot fetch %s from MLflow run %s (%s)", key, ", ".join(names), run_id,
+                    str(error)[:200])
+        shutil.rmtree(target, ignore_errors=True)
+        return None
+    return target
