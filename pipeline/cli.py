@@ -17,6 +17,7 @@ log = logging.getLogger("pipeline")
 
 EXIT_BAD_INPUT = 2  # bad params, flags or data, or a missing prerequisite: the message says which
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+HANDLER_NAME = "coop-cli"  # the root-logger handler setup_logging installs
 
 Command = Callable[[argparse.Namespace, "Params | None"], "int | None"]
 
@@ -55,10 +56,20 @@ def _quiet_root_info(record: logging.LogRecord) -> bool:
 
 
 def setup_logging(level: str = "INFO") -> None:
-    """One log format for every command; open_clip's root-logger INFO chatter is dropped."""
-    logging.basicConfig(level=getattr(logging, level), format=LOG_FORMAT, force=True)
-    for handler in logging.getLogger().handlers:
-        handler.addFilter(_quiet_root_info)
+    """One log format for every command; open_clip's root-logger INFO chatter is dropped.
+
+    Replaces only the handler an earlier call installed (a command run twice in one process): handlers
+    others put on the root logger, such as pytest's log capture, keep receiving the records.
+    """
+    root = logging.getLogger()
+    for handler in [h for h in root.handlers if h.get_name() == HANDLER_NAME]:
+        root.removeHandler(handler)
+    handler = logging.StreamHandler()
+    handler.set_name(HANDLER_NAME)
+    handler.setFormatter(logging.Formatter(LOG_FORMAT))
+    handler.addFilter(_quiet_root_info)
+    root.addHandler(handler)
+    root.setLevel(getattr(logging, level))
 
 
 def run(parser: argparse.ArgumentParser, command: Command, argv: Sequence[str] | None = None) -> int:
