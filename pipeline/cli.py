@@ -41,6 +41,10 @@ def add_device(parser: argparse.ArgumentParser, what: str = "the model") -> None
                         "cuda:N (default: %(default)s)")
 
 
+# The epilog of commands that take both --device and train.device (cli.with_device).
+WITH_DEVICE_NOTE = "--device other than auto overrides train.device; left at auto, train.device decides."
+
+
 def with_device(params: Params, device: str) -> Params:
     """params with train.device set to --device, unless --device was left at its default (auto)."""
     if device == "auto":
