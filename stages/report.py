@@ -1,25 +1,70 @@
-"""DVC stage `report`: write the HTML report (report.dir/index.html) from the sweep and baselines results.
+"""DVC stage `report` (console script ``coop-report``): one self-contained HTML page from the results.
 
-A thin wrapper around `pipeline.report` (console script ``coop-report``) with every setting from the
-params file; the page is also logged to MLflow as the artifact of a "report" run.
+Reads ``<sweep.results_dir>/trials.csv`` (FINISHED trials; learned contexts' nearest words from each
+trial's artifacts), ``baselines.csv`` and ``domain_shift.csv`` (in ``report.baselines_dir``) and the
+published numbers (``pipeline/data/published.json``), and writes ``<report.dir>/index.html`` atomically.
+Figures are inline PNGs (base64 ``data:`` URIs): the page needs no other file. Sections:
+
+1. accuracy against shots per dataset and averaged: CoOp variants, zero-shot CLIP, linear probe (one
+   series per protocol, labelled; ± std over seeds), the paper's main figure, with the numbers as a table;
+2. our 16-shot CoOp (M=16, end, unified) and zero-shot results next to the published ones;
+3. domain generalisation: ImageNet contexts on ImageNet-V2/-Sketch/-A/-R, beside zero-shot CLIP;
+4. the nearest vocabulary words of each dataset's best learned context;
+5. the sweep's view: accuracy against each hyperparameter, and parameter importances (fANOVA over an
+   Optuna study rebuilt from trials.csv).
+
+Where several configurations share a CoOp variant (e.g. the sweep also varied lr), each dataset x shots
+uses the one with the best mean validation accuracy; test accuracy never selects anything. A section
+without data says so in one line. The page is also logged to MLflow as the artifact of a "report" run.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING
 
-from pipeline.report import main as report_main
+from pipeline import cli
+
+if TYPE_CHECKING:
+    from pipeline.params import Params
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = cli.parser("python -m stages.report", __doc__)
+    parser.add_argument("--out", type=Path, metavar="DIR", help="folder for index.html (default: report.dir)")
+    parser.add_argument("--results-dir", type=Path, metavar="DIR",
+                        help="the sweep's results folder (default: sweep.results_dir)")
+    parser.add_argument("--baselines-dir", type=Path, metavar="DIR",
+                        help="folder with baselines.csv and domain_shift.csv (default: report.baselines_dir)")
+    parser.add_argument("--tracking-uri", metavar="URI",
+                        help="MLflow tracking URI, for the trials' artifacts and the report run (default: "
+                        "MLFLOW_TRACKING_URI, else tracking.uri)")
+    parser.add_argument("--no-mlflow", action="store_true", help="do not log the page to MLflow")
+    return parser
+
+
+def with_flags(params: Params, args: argparse.Namespace) -> Params:
+    """params with the folders given on the command line: report.dir, report.baselines_dir, sweep.results_dir."""
+    report = {"dir": args.out, "baselines_dir": args.baselines_dir}
+    given = {key: str(value) for key, value in report.items() if value is not None}
+    params = dataclasses.replace(params, report=dataclasses.replace(params.report, **given))
+    if args.results_dir is not None:
+        params = dataclasses.replace(params, sweep=dataclasses.replace(params.sweep, results_dir=str(args.results_dir)))
+    return params
+
+
+def run(args: argparse.Namespace, params: Params) -> None:
+    from pipeline.report import write_report
+
+    write_report(with_flags(params, args), args.tracking_uri, mlflow=not args.no_mlflow)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m stages.report", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--params", default="params.yaml", help="params file (default: %(default)s)")
-    parser.add_argument("--no-mlflow", action="store_true", help="do not log the page to MLflow")
-    args = parser.parse_args(argv)
-    return report_main(["--params", args.params, *(["--no-mlflow"] if args.no_mlflow else [])])
+    return cli.run(build_parser(), run, argv)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,47 @@
+"""How the report keys and names its series: methods, CoOp variants, hyperparameters and their values."""
+
+from __future__ import annotations
+
+from typing import Any
+
+ZERO_SHOT = "zero-shot"
+ENSEMBLE = "zero-shot-ensemble"
+PROBE = "linear-probe"
+METHOD_NAMES = {ZERO_SHOT: "Zero-shot CLIP", ENSEMBLE: "Zero-shot CLIP (prompt ensemble)", PROBE: "Linear probe CLIP"}
+# Linear-probe rows are one series per protocol (baselines.csv's `protocol`): its method is "linear-probe/<protocol>".
+PROBE_PROTOCOL_NAMES = {"lpclip": "official lpclip protocol", "grid": "our C grid on augmented views"}
+HYPERPARAMETER_NAMES = {"n_ctx": "context length M", "ctx_init": "initialisation",
+                        "csc": "class-specific context (CSC)", "class_token_position": "class token position",
+                        "lr": "learning rate", "epochs": "epochs", "precision": "precision"}
+
+
+def probe_method(protocol: str) -> str:
+    """The series name of a linear-probe row; rows from before protocols were recorded keep plain PROBE."""
+    return f"{PROBE}/{protocol}" if protocol else PROBE
+
+
+def is_probe(method: str) -> bool:
+    return method == PROBE or method.startswith(PROBE + "/")
+
+
+def method_name(method: str) -> str:
+    """How the report labels a method: linear-probe numbers always say which protocol produced them."""
+    if is_probe(method):
+        protocol = method.partition("/")[2]
+        return f"{METHOD_NAMES[PROBE]} ({PROBE_PROTOCOL_NAMES.get(protocol, protocol) or 'protocol not recorded'})"
+    return METHOD_NAMES.get(method, method)
+
+
+def variant_label(row: dict[str, Any]) -> str:
+    """The CoOp variant of a trial as the paper names it: context length (or init words), position, CSC."""
+    init = f"'{row['ctx_init']}' (M={row['n_ctx']})" if row["ctx_init"] else f"M={row['n_ctx']}"
+    return f"CoOp {init}, {row['class_token_position']}, {'CSC' if row['csc'] else 'unified'}"
+
+
+def value_name(key: str, value: Any) -> str:
+    """A hyperparameter value as the page shows it (a word initialisation quoted, CSC or unified)."""
+    if key == "ctx_init":
+        return f"'{value}'" if value else "random"
+    if key == "csc":
+        return "CSC" if value else "unified"
+    return f"{value:g}" if isinstance(value, float) else str(value)
