@@ -27,6 +27,14 @@ def demo_ws(tmp_path_factory: pytest.TempPathFactory):
     return build_demo_workspace(tmp_path_factory.mktemp("demo_ws"))
 
 
+@pytest.fixture
+def report_workspace(tmp_path: Path) -> dict:
+    """Hand-made trials.csv and baselines.csv for the report tests (report_helpers.build_report_workspace)."""
+    from report_helpers import build_report_workspace
+
+    return build_report_workspace(tmp_path)
+
+
 @pytest.fixture(scope="session")
 def tiny() -> Backbone:
     with warnings.catch_warnings():

@@ -37,7 +37,7 @@ from pipeline.engine.train import TrainConfig, evaluate, train_coop
 from pipeline.features import EvalFeatures, build_transforms
 from pipeline.import_context import import_context, read_classnames
 from pipeline.predict import main as predict_main
-from pipeline.report import _first_context
+from pipeline.report.html import first_class_context
 
 NAMES = list(IMAGENET_CLASSNAMES)
 MISSILES, SUNGLASSES = [657, 744], [836, 837]
@@ -260,7 +260,7 @@ def test_report_shows_the_first_class_context_by_label(tiny):
     names = ["missile", "cat", "missile"]
     ctx = torch.randn(3, 2, tiny.text_width, generator=torch.Generator().manual_seed(0))
     vectors = nearest_word_entries(ctx, tiny, names, k=1)
-    shown = _first_context(vectors)
+    shown = first_class_context(vectors)
     assert [(v["label"], v["position"]) for v in shown] == [(0, 1), (0, 2)]  # not label 2's 'missile' too
 
 

@@ -22,7 +22,7 @@ import yaml
 from fixtures_data import BUILDERS
 from mlflow import MlflowClient
 from PIL import Image
-from test_report import check_html, sections
+from report_helpers import check_html, sections
 
 from pipeline.data.fewshot import eval_list_path, read_eval_list
 from pipeline.engine.backbone import count_tokens
