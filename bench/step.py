@@ -110,7 +110,8 @@ def feature_throughput(bb: Backbone, n_images: int, tmp: Path) -> dict:
     import numpy as np
     from PIL import Image
 
-    from pipeline.features import FeatureConfig, build_transforms, update_feature_cache
+    from pipeline.data.images import build_transforms
+    from pipeline.features.cache import FeatureConfig, update_feature_cache
 
     root = tmp / "images"
     root.mkdir(parents=True, exist_ok=True)

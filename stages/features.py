@@ -8,84 +8,65 @@ afresh every epoch. Only images missing from a valid cache are encoded, so a rer
 encodes nothing; a cache built with another backbone, transform, views or dtype is rebuilt. (Declare the
 cache folder ``persist: true`` in dvc.yaml so DVC does not delete it before a rerun.)
 
-Settings come from CLI flags, else from --params (params.yaml), else defaults. Keys read from params:
-``data.root``, ``data.datasets``, ``data.splits_dir``, ``data.shots``, ``data.seeds``,
-``backbone.arch``, ``backbone.pretrained``, ``features.dir``, ``features.views``, ``features.views_per_seed``,
-``features.dtype``, ``features.seed``, ``features.batch_size``, ``train.device`` (``auto`` = cuda when available).
+Settings come from --params (params.yaml); a flag overrides its key: ``data.datasets``, ``data.root``,
+``data.splits_dir``, ``data.shots``, ``data.seeds``, ``backbone.arch``, ``backbone.pretrained``,
+``features.dir``, ``features.views``, ``features.views_per_seed``, ``features.dtype``, ``features.seed``,
+``features.batch_size``, ``train.device``.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
-import sys
 from collections.abc import Sequence
-from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
-from pipeline.data.datasets import DatasetError, resolve_name
-from pipeline.engine.backbone import WeightsUnavailableError, load_backbone, resolve_device
-from pipeline.features import (
-    DTYPE_ALIASES,
-    DTYPES,
-    ONLINE,
-    FeatureCacheError,
-    build_dataset_features,
-    canonical_dtype,
-    check_views,
-)
-from stages.prepare import (
-    DEFAULT_SEEDS,
-    DEFAULT_SHOTS,
-    DEFAULT_SPLITS_DIR,
-    as_int_list,
-    as_str_list,
-    pick,
-    read_params,
-    setup_logging,
-)
+from pipeline import cli
+
+if TYPE_CHECKING:
+    from pipeline.params import Params
 
 log = logging.getLogger("stages.features")
 
-DEFAULT_CACHE_DIR = "outputs/features"
+ONLINE_VIEWS = "online"  # the features.views value of online mode (the exact official augmentation)
+
+
+def _views(text: str) -> int | str:
+    """--views: a positive number of views, or 'online'."""
+    if text == ONLINE_VIEWS:
+        return ONLINE_VIEWS
+    try:
+        views = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number >= 1 or {ONLINE_VIEWS!r}, got {text!r}") from None
+    if views < 1:
+        raise argparse.ArgumentTypeError(f"expected a number >= 1 or {ONLINE_VIEWS!r}, got {views}")
+    return views
+
+
+def _dtype(text: str) -> str:
+    """--dtype: a storage dtype the cache knows (fp16, float16, fp32, ...), by its canonical name."""
+    from pipeline.features.cache import canonical_dtype
+
+    try:
+        return canonical_dtype(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="python -m stages.features",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    parser = cli.parser("python -m stages.features", __doc__)
     parser.add_argument(
         "--dataset",
         action="append",
         help="dataset to encode (as given to stages.prepare); repeatable (params: data.datasets)",
     )
-    parser.add_argument("--params", type=Path, help="params.yaml to read settings from (flags override it)")
-    parser.add_argument(
-        "--data-root", type=Path, help="folder holding the dataset folders (params: data.root)"
-    )
-    parser.add_argument(
-        "--splits-dir",
-        type=Path,
-        help=f"folder written by stages.prepare (params: data.splits_dir; default {DEFAULT_SPLITS_DIR})",
-    )
-    parser.add_argument(
-        "--shots",
-        type=int,
-        nargs="+",
-        help=f"which split files to cover (params: data.shots; default {DEFAULT_SHOTS})",
-    )
-    parser.add_argument(
-        "--seeds",
-        type=int,
-        nargs="+",
-        help=f"which split files to cover (params: data.seeds; default {DEFAULT_SEEDS})",
-    )
-    parser.add_argument(
-        "--out",
-        type=Path,
-        help=f"feature cache root (params: features.dir; default {DEFAULT_CACHE_DIR})",
-    )
+    parser.add_argument("--data-root", help="folder holding the dataset folders (params: data.root)")
+    parser.add_argument("--splits-dir", help="folder written by stages.prepare (params: data.splits_dir)")
+    parser.add_argument("--shots", type=int, nargs="+", help="which split files to cover (params: data.shots)")
+    parser.add_argument("--seeds", type=int, nargs="+", help="which split files to cover (params: data.seeds)")
+    parser.add_argument("--out", help="feature cache root (params: features.dir)")
     parser.add_argument(
         "--arch", help="open_clip architecture, e.g. RN50, ViT-B-16, coop-tiny (params: backbone.arch)"
     )
@@ -97,95 +78,81 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--views",
         type=_views,
-        help=f"augmented views cached per train image; 1 = test transform only; '{ONLINE}' = none, training "
-        "crops the images every epoch (params: features.views; default 1)",
+        help=f"augmented views cached per train image; 1 = test transform only; '{ONLINE_VIEWS}' = none, training "
+        "crops the images every epoch (params: features.views)",
     )
     parser.add_argument(
         "--views-per-seed",
         action=argparse.BooleanOptionalAction,
         help="key cached train views by image and split seed, so seeds see different views "
-        "(params: features.views_per_seed; default on)",
+        "(params: features.views_per_seed)",
     )
     parser.add_argument(
         "--dtype",
-        choices=sorted([*DTYPES, *DTYPE_ALIASES]),
-        help="storage dtype of cached features (params: features.dtype; default fp16)",
+        type=_dtype,
+        help="storage dtype of cached features: fp16, fp32, bf16 or their torch names (params: features.dtype)",
     )
     parser.add_argument(
-        "--augment-seed",
-        type=int,
-        help="base seed of the per-view augmentation (params: features.seed; default 0)",
+        "--augment-seed", type=int, help="base seed of the per-view augmentation (params: features.seed)"
     )
+    parser.add_argument("--batch-size", type=int, help="images per encoder batch (params: features.batch_size)")
     parser.add_argument(
-        "--batch-size", type=int, help="images per encoder batch (params: features.batch_size; default 64)"
+        "--num-workers", type=int, default=0, help="image-decoding worker processes, 0 = in process (default 0)"
     )
-    parser.add_argument(
-        "--num-workers",
-        type=int,
-        help="image-decoding worker processes, 0 = in process (default 0)",
-    )
-    parser.add_argument(
-        "--device",
-        help="torch device for the encoder: auto, cpu, cuda, cuda:N (params: train.device; default auto)",
-    )
+    cli.add_device(parser, "the image encoder (when not given: train.device)")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     return parser
 
 
-def _views(text: str) -> int | str:
-    """--views: a positive number of views, or 'online'."""
-    if text == ONLINE:
-        return ONLINE
-    try:
-        views = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number >= 1 or {ONLINE!r}, got {text!r}") from None
-    if views < 1:
-        raise argparse.ArgumentTypeError(f"expected a number >= 1 or {ONLINE!r}, got {views}")
-    return views
+def _replace(section: Any, **flags: Any) -> Any:
+    """`section` with the keys whose flag was given replaced by the flag's value."""
+    return dataclasses.replace(section, **{key: value for key, value in flags.items() if value is not None})
+
+
+def with_flags(params: Params, args: argparse.Namespace) -> Params:
+    """`params` with the keys given as flags replaced by the flags' values."""
+    return dataclasses.replace(
+        cli.with_device(params, args.device),
+        data=_replace(params.data, datasets=args.dataset, root=args.data_root, splits_dir=args.splits_dir,
+                      shots=args.shots, seeds=args.seeds),
+        backbone=_replace(params.backbone, arch=args.arch, pretrained=args.pretrained),
+        features=_replace(params.features, dir=args.out, views=args.views, views_per_seed=args.views_per_seed,
+                          dtype=args.dtype, seed=args.augment_seed, batch_size=args.batch_size),
+    )
+
+
+def run(args: argparse.Namespace, params: Params) -> None:
+    """Bring every dataset's feature cache up to date for its split files."""
+    from pipeline.data.datasets import dataset_folder
+    from pipeline.engine.backbone import load_backbone, resolve_device
+    from pipeline.features.build import build_dataset_features
+
+    params = with_flags(params, args)
+    features = params.features
+    backbone = load_backbone(params.backbone.arch, params.backbone.pretrained,
+                             device=resolve_device(params.train.device))
+    for dataset in params.data.datasets:
+        build_dataset_features(
+            cache_root=features.dir,
+            data_root=params.data.root,
+            splits_dir=params.data.splits_dir,
+            dataset=dataset_folder(dataset),
+            shots=params.data.shots,
+            seeds=params.data.seeds,
+            backbone=backbone,
+            views=features.views,
+            views_per_seed=features.views_per_seed,
+            dtype=features.dtype,
+            augment_seed=features.seed,
+            batch_size=features.batch_size,
+            num_workers=args.num_workers,
+            progress=not args.no_progress,
+        )
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    setup_logging()
-    try:
-        params = read_params(args.params)
-        datasets = as_str_list(pick(args.dataset, params, "data.datasets"), "datasets")
-        data_root = pick(args.data_root, params, "data.root")
-        arch = pick(args.arch, params, "backbone.arch")
-        if data_root is None or arch is None:
-            raise ValueError(
-                "Need a data root and a backbone: pass --data-root and --arch (or set data.root, backbone.arch)."
-            )
-        pretrained = pick(args.pretrained, params, "backbone.pretrained")
-        views = pick(args.views, params, "features.views", 1)
-        check_views(views)
-        dtype = canonical_dtype(str(pick(args.dtype, params, "features.dtype", "fp16")))
-        device = resolve_device(str(pick(args.device, params, "train.device", "auto")))
-        backbone = load_backbone(str(arch), pretrained, device=device)
-        for dataset in datasets:
-            info = resolve_name(dataset)
-            build_dataset_features(
-                cache_root=Path(pick(args.out, params, "features.dir", DEFAULT_CACHE_DIR)),
-                data_root=Path(data_root),
-                splits_dir=Path(pick(args.splits_dir, params, "data.splits_dir", DEFAULT_SPLITS_DIR)),
-                dataset=info.name if info else dataset,
-                shots=as_int_list(pick(args.shots, params, "data.shots", DEFAULT_SHOTS), "shots"),
-                seeds=as_int_list(pick(args.seeds, params, "data.seeds", DEFAULT_SEEDS), "seeds"),
-                backbone=backbone,
-                views=views,
-                views_per_seed=bool(pick(args.views_per_seed, params, "features.views_per_seed", True)),
-                dtype=dtype,
-                augment_seed=int(pick(args.augment_seed, params, "features.seed", 0)),
-                batch_size=int(pick(args.batch_size, params, "features.batch_size", 64)),
-                num_workers=int(args.num_workers or 0),
-                progress=not args.no_progress,
-            )
-    except (DatasetError, FeatureCacheError, WeightsUnavailableError, FileNotFoundError, ValueError) as error:
-        log.error("%s", error)
-        return 2
-    return 0
+    return cli.run(build_parser(), run, argv)
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    raise SystemExit(main())

@@ -13,8 +13,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))  # test helper modules (fixtures_data, ...)
 
 from pipeline.engine.backbone import Backbone, load_backbone  # noqa: E402
+from pipeline.engine.inputs import FewShotFeatures  # noqa: E402
 from pipeline.engine.prompt import CoOp, PromptConfig  # noqa: E402
-from pipeline.features import FewShotFeatures  # noqa: E402
 
 CLASSNAMES = ["cat", "golden_retriever", "sports car", "oak tree", "sail boat", "lighthouse"]
 

@@ -1,10 +1,9 @@
-"""Feature cache: correct features, incremental updates, manifest checks, corrupt input, the features stage."""
+"""The features package: correct cached features, incremental updates, manifest checks, corrupt input, assembly."""
 
 from __future__ import annotations
 
 import hashlib
 import json
-import logging
 import warnings
 from dataclasses import replace
 from pathlib import Path
@@ -14,7 +13,7 @@ import torch
 from fixtures_data import build_generic, build_imagenet_a
 from PIL import Image
 
-import pipeline.features as features_mod
+import pipeline.features.cache as cache_module
 from pipeline.data.datasets import load_dataset
 from pipeline.data.fewshot import (
     eval_list_path,
@@ -25,23 +24,18 @@ from pipeline.data.fewshot import (
     write_eval_list,
     write_fewshot_split,
 )
+from pipeline.data.images import ImageReadError, build_transforms
 from pipeline.engine.backbone import Backbone, load_backbone
-from pipeline.features import (
+from pipeline.features.assemble import load_eval_features, load_fewshot_features
+from pipeline.features.build import build_dataset_features, split_image_paths
+from pipeline.features.cache import (
     CacheMismatchError,
     FeatureCacheError,
     FeatureConfig,
-    ImageReadError,
-    build_dataset_features,
-    build_transforms,
     feature_cache_dir,
-    load_eval_features,
-    load_fewshot_features,
     open_feature_cache,
-    split_image_paths,
 )
 from pipeline.params import ParamsError, params_from_dict
-from stages import features as features_stage
-from stages import prepare as prepare_stage
 
 
 @pytest.fixture(scope="module")
@@ -102,19 +96,6 @@ def build(root: Path, backbone: Backbone, shots=(2,), seeds=(1,), **kwargs):
 
 def cache_files(root: Path) -> dict[str, bytes]:
     return {p.name: p.read_bytes() for p in (root / "cache").rglob("*") if p.is_file()}
-
-
-def test_transforms_follow_coop() -> None:
-    train, test = build_transforms(32, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25))
-    image = Image.new("RGB", (64, 48), (255, 0, 0))
-    x = test(image)
-    assert x.shape == (3, 32, 32)
-    assert torch.allclose(x[0], torch.full((32, 32), 2.0)) and torch.allclose(
-        x[1], torch.full((32, 32), -2.0)
-    )
-    crop = train.transforms[0]
-    assert crop.scale == (0.08, 1.0) and crop.interpolation.value == "bicubic"
-    assert test.transforms[0].interpolation.value == "bicubic"
 
 
 def test_builds_cache_with_progress_and_correct_features(
@@ -292,7 +273,7 @@ def test_corrupt_shard_refused_then_rebuilt(tiny: Path, backbone: Backbone) -> N
 
 
 def test_shards_are_merged(tiny: Path, backbone: Backbone, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(features_mod, "MAX_SHARDS", 1)
+    monkeypatch.setattr(cache_module, "MAX_SHARDS", 1)
     build(tiny, backbone)
     prepare(tiny, [2, 4], [1, 2])
     build(tiny, backbone, shots=(2, 4), seeds=(1, 2))
@@ -316,63 +297,6 @@ def test_test_only_dataset_eval_features(tmp_path: Path, backbone: Backbone) -> 
     )
     assert feats.test.shape == (6, 64) and feats.imagenet_labels == [1, 3]
     assert feats.test_labels.tolist() == [0, 0, 0, 1, 1, 1]
-
-
-@pytest.mark.filterwarnings("ignore:Backbone coop-tiny has RANDOM weights")
-def test_features_stage_cli(tiny: Path, caplog: pytest.LogCaptureFixture) -> None:
-    args = [
-        "--dataset", "mydata", "--data-root", str(tiny / "data"), "--splits-dir", str(tiny / "splits"),
-        "--shots", "2", "--seeds", "1", "--out", str(tiny / "cache"), "--arch", "coop-tiny",
-        "--pretrained", "none", "--views", "2", "--no-progress",
-    ]  # fmt: skip
-    assert features_stage.main(args) == 0
-    manifest = json.loads((tiny / "cache" / "mydata" / "coop-tiny__random" / "manifest.json").read_text())
-    assert manifest["config"]["views"] == 2 and manifest["config"]["arch"] == "coop-tiny"
-    caplog.clear()
-    with caplog.at_level(logging.INFO):
-        assert features_stage.main(args) == 0
-    assert "encoded 0 train / 0 eval images" in caplog.text
-    with caplog.at_level(logging.ERROR):
-        assert features_stage.main([*args, "--seeds", "9"]) == 2  # the later flag wins
-    assert "shot2_seed9.json does not exist; run the prepare stage first" in caplog.text
-
-
-@pytest.mark.filterwarnings("ignore:Backbone coop-tiny has RANDOM weights")
-def test_stages_read_params_yaml(tiny: Path) -> None:
-    params = tiny / "params.yaml"
-    params.write_text(
-        f"""
-data:
-  root: {tiny / "data"}
-  datasets: [mydata]
-  shots: [1, 2]
-  seeds: [4]
-  splits_dir: {tiny / "p_splits"}
-backbone:
-  arch: coop-tiny
-  pretrained: null
-features:
-  dir: {tiny / "p_cache"}
-  views: 2
-  dtype: fp16
-  seed: 3
-  batch_size: 5
-"""
-    )
-    assert prepare_stage.main(["--params", str(params)]) == 0
-    assert sorted(p.name for p in (tiny / "p_splits" / "mydata").iterdir()) == [
-        "shot1_seed4.json",
-        "shot2_seed4.json",
-        "test.json",
-    ]
-    assert features_stage.main(["--params", str(params), "--no-progress"]) == 0
-    manifest = json.loads((tiny / "p_cache" / "mydata" / "coop-tiny__random" / "manifest.json").read_text())
-    assert manifest["config"]["views"] == 2 and manifest["config"]["dtype"] == "float16"
-    assert manifest["config"]["augment_seed"] == 3
-    assert manifest["config"]["views_per_seed"] is True
-    assert manifest["stores"]["train"]["count"] == len(
-        split_image_paths(tiny / "p_splits", "mydata", [1, 2], [4], per_seed=True)[0]
-    )
 
 
 def test_views_differ_between_seeds_and_only_missing_keys_are_encoded(
@@ -423,22 +347,6 @@ def test_cache_of_other_views_per_seed_is_rebuilt(tiny: Path, backbone: Backbone
     cache = open_feature_cache(feature_cache_dir(tiny / "cache", "mydata", "coop-tiny", None),
                                FeatureConfig.from_backbone(backbone, views=2))
     assert all(key.endswith("#seed1") for key in cache.paths("train"))
-
-
-@pytest.mark.filterwarnings("ignore:Backbone coop-tiny has RANDOM weights")
-def test_features_stage_online_caches_no_train_views(tiny: Path, caplog: pytest.LogCaptureFixture) -> None:
-    args = [
-        "--dataset", "mydata", "--data-root", str(tiny / "data"), "--splits-dir", str(tiny / "splits"),
-        "--shots", "2", "--seeds", "1", "--out", str(tiny / "cache"), "--arch", "coop-tiny",
-        "--pretrained", "none", "--no-progress",
-    ]  # fmt: skip
-    assert features_stage.main([*args, "--views", "online"]) == 0
-    manifest = json.loads((tiny / "cache" / "mydata" / "coop-tiny__random" / "manifest.json").read_text())
-    assert manifest["config"]["views"] == "online" and manifest["stores"]["train"]["count"] == 0
-    train, evaluation = split_image_paths(tiny / "splits", "mydata", [2], [1])
-    assert manifest["stores"]["eval"]["count"] == len(evaluation) and train <= evaluation
-    with pytest.raises(SystemExit):
-        features_stage.main([*args, "--views", "sometimes"])
 
 
 @pytest.mark.parametrize(

@@ -1,27 +1,23 @@
-"""Few-shot splits: identical to the official CoOp/Dassl draw, stored and read back as JSON; prepare stage."""
+"""Few-shot splits: identical to the official CoOp/Dassl draw, stored and read back as JSON."""
 
 from __future__ import annotations
 
 import json
-import logging
 import random
 from collections import defaultdict
 from pathlib import Path
 
 import pytest
-from fixtures_data import build_generic, build_imagenet, build_imagenet_r
+from fixtures_data import build_imagenet_r
 
 from pipeline.data.datasets import DatasetError, DatasetSplits, Item, load_dataset
 from pipeline.data.demo import demo_root
 from pipeline.data.fewshot import (
-    eval_list_path,
     make_fewshot_split,
-    read_eval_list,
     read_fewshot_split,
     split_path,
     write_fewshot_split,
 )
-from stages import prepare as prepare_stage
 
 
 def official_generate_fewshot(data_source: list, num_shots: int, repeat: bool = False) -> list:
@@ -170,90 +166,3 @@ def test_reading_missing_or_foreign_files(tmp_path: Path) -> None:
     (tmp_path / "old.json").write_text(json.dumps({"format_version": 0}))
     with pytest.raises(DatasetError, match="format_version 0, expected 1"):
         read_fewshot_split(tmp_path / "old.json")
-
-
-# ------------------------------------------------------------------------------------- prepare stage
-
-
-def test_prepare_stage_writes_splits_and_test_list(tmp_path: Path) -> None:
-    build_generic(tmp_path / "data", "mydata")
-    out = tmp_path / "splits"
-    code = prepare_stage.main(
-        [
-            "--dataset",
-            "mydata",
-            "--data-root",
-            str(tmp_path / "data"),
-            "--out",
-            str(out),
-            "--shots",
-            "1",
-            "2",
-            "--seeds",
-            "1",
-            "3",
-        ]
-    )
-    assert code == 0
-    names = sorted(p.name for p in (out / "mydata").iterdir())
-    assert names == [
-        "shot1_seed1.json",
-        "shot1_seed3.json",
-        "shot2_seed1.json",
-        "shot2_seed3.json",
-        "test.json",
-    ]
-    splits = load_dataset("mydata", tmp_path / "data")
-    assert read_fewshot_split(out / "mydata" / "shot2_seed3.json") == make_fewshot_split(splits, 2, 3)
-    test = read_eval_list(eval_list_path(out, "mydata"))
-    assert test.test == splits.test and test.classnames == splits.classnames and not test.test_only
-
-
-def test_prepare_stage_imagenet_and_variants(tmp_path: Path) -> None:
-    build_imagenet(tmp_path / "data")
-    build_imagenet_r(tmp_path / "data")
-    out = tmp_path / "splits"
-    args = ["--data-root", str(tmp_path / "data"), "--out", str(out), "--shots", "2", "--seeds", "1"]
-    assert prepare_stage.main(["--dataset", "ImageNet", "--dataset", "imagenet-rendition", *args]) == 0
-    imagenet = read_fewshot_split(out / "ImageNet" / "shot2_seed1.json")
-    assert imagenet.val_is_test and len(imagenet.train) == 8 and len(imagenet.val) == 8
-    assert sorted(p.name for p in (out / "ImageNetR").iterdir()) == ["test.json"]
-    r = read_eval_list(out / "ImageNetR" / "test.json")
-    assert r.test_only and r.imagenet_labels == [1, 3]
-
-
-def test_prepare_stage_reports_bad_input(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
-    with caplog.at_level(logging.ERROR):
-        code = prepare_stage.main(
-            ["--dataset", "NoSuchSet", "--data-root", str(tmp_path), "--out", str(tmp_path / "o")]
-        )
-    assert code == 2
-    assert "Unknown dataset 'NoSuchSet'" in caplog.text
-    assert not (tmp_path / "o").exists()
-    assert prepare_stage.main(["--dataset", "mydata"]) == 2  # no data root anywhere
-
-
-def test_flags_override_params() -> None:
-    params = {"fewshot": {"shots": [1, 2]}, "data": {"root": "d"}}
-    assert prepare_stage.pick([4], params, "fewshot.shots") == [4]
-    assert prepare_stage.pick(None, params, "fewshot.shots") == [1, 2]
-    assert prepare_stage.pick(None, params, "fewshot.seeds", [1, 2, 3]) == [1, 2, 3]
-    with pytest.raises(ValueError, match="shots must be a list of integers"):
-        prepare_stage.as_int_list(["one"], "shots")
-
-
-def test_prepare_stage_repeat_from_params_and_flag(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
-    build_generic(tmp_path / "data", "mydata")
-    splits = load_dataset("mydata", tmp_path / "data")
-    params = tmp_path / "params.yaml"
-    out = tmp_path / "splits"
-    common = ["--dataset", "mydata", "--data-root", str(tmp_path / "data"), "--out", str(out), "--seeds", "1"]
-    params.write_text("data:\n  fewshot_repeat: true\n")
-    assert prepare_stage.main([*common, "--shots", "64", "--params", str(params)]) == 0
-    assert read_fewshot_split(out / "mydata" / "shot64_seed1.json") == make_fewshot_split(splits, 64, 1, repeat=True)
-    assert prepare_stage.main([*common, "--shots", "64", "--params", str(params), "--no-repeat"]) == 0
-    assert read_fewshot_split(out / "mydata" / "shot64_seed1.json") == make_fewshot_split(splits, 64, 1)
-    params.write_text("data:\n  fewshot_repeat: maybe\n")
-    with caplog.at_level(logging.ERROR):
-        assert prepare_stage.main([*common, "--shots", "64", "--params", str(params)]) == 2
-    assert "data.fewshot_repeat" in caplog.text

@@ -40,6 +40,10 @@ class WeightsUnavailableError(UserError, RuntimeError):
     """Pretrained weights could not be loaded (no network, unknown tag, missing file)."""
 
 
+class DeviceUnavailableError(UserError, ValueError):
+    """The requested device (e.g. cuda) is not visible on this machine."""
+
+
 @cache
 def register_project_models() -> None:
     """Make the project's own architectures (the tiny test/demo CLIP) known to open_clip."""
@@ -213,7 +217,7 @@ def resolve_device(spec: str = "auto") -> torch.device:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     device = torch.device(spec)
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {spec!r} requested but no CUDA GPU is visible; use 'auto' or 'cpu'")
+        raise DeviceUnavailableError(f"device {spec!r} requested but no CUDA GPU is visible; use 'auto' or 'cpu'")
     return device
 
 

@@ -23,8 +23,8 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from pipeline.engine.backbone import Backbone
+from pipeline.engine.inputs import FewShotFeatures, TrainImages
 from pipeline.engine.prompt import CoOp, PromptConfig
-from pipeline.features import AugmentedImages, FewShotFeatures, TrainImages
 
 log = logging.getLogger(__name__)
 
@@ -209,7 +209,7 @@ def online_batches(backbone: Backbone, images: TrainImages, trial_seed: int,
     """Fresh crops through the frozen image tower: per batch of (sample index, epoch), yields the crops'
     L2-normalised features (B, E) on the backbone's device and the sample indices (B,).
 
-    Crops are CoOp's train transform seeded per sample (`pipeline.features.crop_seed`), decoded by a
+    Crops are CoOp's train transform seeded per sample (`pipeline.data.images.crop_seed`), decoded by a
     DataLoader with `images.num_workers` processes ahead of the tower; the tower runs as it does for the
     feature cache (`Backbone.encode_images`: no grad, channels-last, fp32 features), autocast to `dtype`.
     """
@@ -217,7 +217,7 @@ def online_batches(backbone: Backbone, images: TrainImages, trial_seed: int,
         raise RuntimeError("the image tower is in training mode (batch-norm statistics would change); call "
                            "backbone.model.eval()")
     loader = DataLoader(
-        AugmentedImages(images, trial_seed), batch_sampler=batches, num_workers=images.num_workers,
+        images.crops(trial_seed), batch_sampler=batches, num_workers=images.num_workers,
         pin_memory=backbone.device.type == "cuda",
         generator=torch.Generator().manual_seed(trial_seed),  # workers' base seed; leaves the global RNG alone
     )

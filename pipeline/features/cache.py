@@ -1,4 +1,4 @@
-"""Cache frozen CLIP image features keyed by image path, and assemble them into CoOp training inputs.
+"""The feature cache: frozen CLIP image features in safetensors shards keyed by image, and its manifest.
 
 CoOp never updates the image encoder, so every image is encoded once and training runs on cached
 features. Train images are cached in V augmented views (CoOp's random-resized-crop + flip; V = 1 means
@@ -6,10 +6,8 @@ the plain test transform), val/test images, and train images too, in one test-tr
 "eval" store). Each view's randomness is seeded from (train key, view index, base seed), so a rebuilt
 cache is identical. The train key is the image path, or with `views_per_seed` the path and the split
 seed (``<path>#seed<S>``): the seeds of an experiment then see different views of an image they share,
-as the official runs see different crops.
-
-`features.views: online` is the exact mode: the train store stays empty, and training crops every
-training image afresh every epoch (`TrainImages`, `AugmentedImages`; the engine encodes them).
+as the official runs see different crops. `features.views: online` caches no train views (training
+crops the images afresh every epoch).
 
 Layout of one cache (one dataset x backbone), see `feature_cache_dir`::
 
@@ -30,22 +28,19 @@ import json
 import logging
 import os
 import re
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
-from PIL import Image, UnidentifiedImageError
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
-from torch.utils.data import DataLoader, Dataset
-from torchvision import transforms as T
+from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from pipeline.atomic import atomic_write, write_json_atomic
-from pipeline.data.datasets import DEFAULT_TEMPLATE, DatasetError, Item
-from pipeline.data.fewshot import eval_list_path, read_eval_list, read_fewshot_split, split_path
+from pipeline.data.images import INTERPOLATION, TRAIN_CROP_SCALE, ImageViews
 from pipeline.errors import UserError
 
 if TYPE_CHECKING:
@@ -61,12 +56,10 @@ DTYPES: dict[str, torch.dtype] = {
     "bfloat16": torch.bfloat16,
 }
 DTYPE_ALIASES = {"fp16": "float16", "fp32": "float32", "bf16": "bfloat16"}
-TRAIN_CROP_SCALE = (0.08, 1.0)
-INTERPOLATION = "bicubic"
 STORES = ("train", "eval")
 MAX_SHARDS = 8  # more shards than this are merged into one, so reads stay a handful of files
 ONLINE = "online"  # features.views value of the exact mode: fresh crops every epoch, none cached
-RERUN = "rerun `dvc repro features` (or `python -m stages.features ...`)"
+REBUILD_HINT = "rerun `dvc repro features` (or `python -m stages.features ...`)"
 
 
 class FeatureCacheError(UserError, RuntimeError):
@@ -75,10 +68,6 @@ class FeatureCacheError(UserError, RuntimeError):
 
 class CacheMismatchError(FeatureCacheError):
     """The cache was built with a different backbone, transform, views or dtype."""
-
-
-class ImageReadError(FeatureCacheError):
-    """An image file could not be opened or decoded."""
 
 
 def canonical_dtype(name: str) -> str:
@@ -182,52 +171,6 @@ def check_views(views: int | str) -> None:
         )
 
 
-def online_workers(num_workers: int | None, cpus_per_trial: float) -> int:
-    """Image-decoding processes of an online trial: features.num_workers, else all its CPUs but one."""
-    return num_workers if num_workers is not None else max(0, int(cpus_per_trial) - 1)
-
-
-def train_key(path: str, seed: int, per_seed: bool) -> str:
-    """Key of a train image's cached views: its path, or with per-seed views its path and split seed."""
-    return f"{path}#seed{seed}" if per_seed else path
-
-
-def image_of_key(key: str, per_seed: bool) -> str:
-    """The data-root-relative image path a train key was made from (`train_key`'s inverse)."""
-    return key.rsplit("#seed", 1)[0] if per_seed else key
-
-
-@dataclass
-class FewShotFeatures:
-    """Engine input for one few-shot split: cached features and labels, float32 on CPU."""
-
-    classnames: list[str]
-    train: torch.Tensor  # (N, V, D) float32, V cached views per image; online: (N, 1, D) test transform
-    train_labels: torch.Tensor  # (N,) int64
-    val: torch.Tensor  # (Nv, D)
-    val_labels: torch.Tensor
-    test: torch.Tensor  # (Nt, D)
-    test_labels: torch.Tensor
-    dataset: str = ""
-    template: str = DEFAULT_TEMPLATE
-    val_is_test: bool = False
-    # Online mode (features.views: online): training encodes fresh crops of these images every epoch, and
-    # `train` holds only the images' test-transform view (from the eval store), for the baselines.
-    train_images: TrainImages | None = None
-
-
-@dataclass
-class EvalFeatures:
-    """Test features of a dataset, e.g. an ImageNet variant for evaluating ImageNet-trained contexts."""
-
-    dataset: str
-    classnames: list[str]
-    test: torch.Tensor  # (Nt, D) float32
-    test_labels: torch.Tensor  # (Nt,) int64, in this dataset's label space
-    template: str = DEFAULT_TEMPLATE
-    imagenet_labels: list[int] | None = None  # this dataset's label -> ImageNet (1000-class) label
-
-
 @dataclass
 class CacheUpdate:
     """What one `update_feature_cache` call did."""
@@ -236,155 +179,6 @@ class CacheUpdate:
     encoded: dict[str, int] = field(default_factory=dict)  # store -> newly encoded images
     total: dict[str, int] = field(default_factory=dict)  # store -> cached images afterwards
     rebuilt: bool = False
-
-
-# ------------------------------------------------------------------------------------------ transforms
-
-
-def build_transforms(
-    image_size: int, mean: Sequence[float], std: Sequence[float]
-) -> tuple[T.Compose, T.Compose]:
-    """CoOp's (train, test) image transforms for a backbone input size and normalisation."""
-    bicubic = T.InterpolationMode.BICUBIC
-    normalize = T.Normalize(mean=list(mean), std=list(std))
-    train = T.Compose(
-        [
-            T.RandomResizedCrop(image_size, scale=TRAIN_CROP_SCALE, interpolation=bicubic),
-            T.RandomHorizontalFlip(),
-            T.ToTensor(),
-            normalize,
-        ]
-    )
-    test = T.Compose(
-        [T.Resize(image_size, interpolation=bicubic), T.CenterCrop(image_size), T.ToTensor(), normalize]
-    )
-    return train, test
-
-
-def _seed_of(text: str) -> int:
-    digest = hashlib.sha256(text.encode()).digest()
-    return int.from_bytes(digest[:8], "little") & (2**63 - 1)
-
-
-def view_seed(key: str, view: int, base_seed: int) -> int:
-    """Seed of one cached view: depends only on the train key (`train_key`), view index and base seed."""
-    return _seed_of(f"{base_seed}\0{view}\0{key}")
-
-
-def crop_seed(key: str, epoch: int, trial_seed: int, base_seed: int) -> int:
-    """Seed of an online crop: the sample's key (`TrainImages.sample_keys`), 0-based epoch, trial seed and
-    features.seed; nothing else (not the batch, worker or step), so a run is reproducible."""
-    return _seed_of(f"{base_seed}\0online\0{trial_seed}\0{epoch}\0{key}")
-
-
-def seeded(transform: Callable[[Image.Image], torch.Tensor], image: Image.Image, seed: int) -> torch.Tensor:
-    """`transform(image)` drawing its randomness from a private RNG seeded with `seed`.
-
-    The global RNG is restored afterwards: results do not depend on batch order, workers or global seeding.
-    """
-    with torch.random.fork_rng(devices=[]):
-        # The CPU generator alone (what the transforms draw from): torch.manual_seed would also queue a lazy
-        # seeding of every accelerator, recording a stack trace each time (a third of a small image's cost).
-        torch.default_generator.manual_seed(seed)
-        return transform(image)
-
-
-def load_image(path: Path) -> Image.Image:
-    """Open an image as RGB, or raise ImageReadError naming the file."""
-    try:
-        with Image.open(path) as image:
-            return image.convert("RGB")
-    except (OSError, UnidentifiedImageError, ValueError, Image.DecompressionBombError) as error:
-        raise ImageReadError(
-            f"Cannot read image {path}: {type(error).__name__}: {error}. Replace the file, or remove it "
-            "from the dataset's split lists, then rerun."
-        ) from None
-
-
-class _ImageViews(Dataset):
-    """Cache key i -> (V, 3, H, W): V seeded augmented views (train keys), or one test-transform view."""
-
-    def __init__(self, data_root: Path, keys: Sequence[str], config: FeatureConfig, augment: bool) -> None:
-        self.data_root = data_root
-        self.keys = list(keys)
-        self.views = config.views if augment else 1
-        self.augment = augment and config.views > 1
-        self.per_seed = augment and config.views_per_seed
-        self.seed = config.augment_seed
-        self.train_tf, self.test_tf = build_transforms(config.image_size, config.mean, config.std)
-
-    def __len__(self) -> int:
-        return len(self.keys)
-
-    def __getitem__(self, index: int) -> torch.Tensor:
-        key = self.keys[index]
-        image = load_image(self.data_root / image_of_key(key, self.per_seed))
-        if not self.augment:
-            return self.test_tf(image).unsqueeze(0)
-        return torch.stack([seeded(self.train_tf, image, view_seed(key, v, self.seed)) for v in range(self.views)])
-
-
-@dataclass(frozen=True)
-class TrainImages:
-    """Online mode's training input: the images to re-crop every epoch, and the crop's settings.
-
-    `paths` are relative to `data_root`, in the split's order (row i of the labels belongs to paths[i]).
-    Whoever trains on this reads the image files: a sweep's Ray workers must see `data_root` at the same
-    path (e.g. a shared filesystem).
-    """
-
-    data_root: str
-    paths: tuple[str, ...]
-    image_size: int
-    mean: tuple[float, float, float]
-    std: tuple[float, float, float]
-    augment_seed: int = 0  # features.seed
-    num_workers: int = 0  # DataLoader worker processes decoding and cropping images; 0: in the trainer's process
-
-    def sample_keys(self) -> list[str]:
-        """Per sample: its path, plus ``#<k>`` for the k-th repeat of a path (a split drawn with repetition),
-        so repeats get crops of their own."""
-        seen: dict[str, int] = {}
-        keys = []
-        for path in self.paths:
-            k = seen.get(path, 0)
-            seen[path] = k + 1
-            keys.append(path if k == 0 else f"{path}#{k}")
-        return keys
-
-    def check(self) -> None:
-        """FileNotFoundError, naming the data root, when this machine cannot see the first image."""
-        first = Path(self.data_root) / self.paths[0] if self.paths else Path(self.data_root)
-        if not first.exists():
-            raise FileNotFoundError(
-                f"online augmentation (features.views: {ONLINE}) reads the training images, but {first} does "
-                f"not exist on this machine: every machine that trains must see data.root ({self.data_root}) "
-                "at the same path, e.g. on a shared filesystem; or cache views (features.views: <int>)."
-            )
-
-
-class AugmentedImages(Dataset):
-    """(sample index, epoch) -> (its CoOp train-transform crop (3, H, W), the index), seeded by `crop_seed`."""
-
-    def __init__(self, images: TrainImages, trial_seed: int) -> None:
-        self.data_root = Path(images.data_root)
-        self.paths = list(images.paths)
-        self.keys = images.sample_keys()
-        self.trial_seed = trial_seed
-        self.base_seed = images.augment_seed
-        self.transform = build_transforms(images.image_size, images.mean, images.std)[0]
-
-    def __len__(self) -> int:
-        return len(self.paths)
-
-    def __getitem__(self, item: tuple[int, int]) -> tuple[torch.Tensor, int]:
-        index, epoch = item
-        image = load_image(self.data_root / self.paths[index])
-        seed = crop_seed(self.keys[index], epoch, self.trial_seed, self.base_seed)
-        return seeded(self.transform, image, seed), index
-
-
-# --------------------------------------------------------------------------------------------- layout
 
 
 def backbone_tag(arch: str, pretrained: str | None) -> str:
@@ -411,13 +205,6 @@ def _paths_checksum(paths: Iterable[str]) -> str:
     return digest.hexdigest()
 
 
-def _save_atomic(tensors: dict[str, torch.Tensor], metadata: dict[str, str], path: Path) -> None:
-    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
-
-
-# ---------------------------------------------------------------------------------------------- cache
-
-
 class FeatureCache:
     """A validated, fully loaded cache: path -> row lookup per store."""
 
@@ -442,7 +229,7 @@ class FeatureCache:
         if missing:
             raise FeatureCacheError(
                 f"{len(missing)} image(s) are not in the {store} feature cache {self.cache_dir}, e.g. "
-                f"{missing[:3]}; the cache was built for other splits. Add them to the features stage and {RERUN}."
+                f"{missing[:3]}; the cache was built for other splits. Add them to the features stage and {REBUILD_HINT}."
             )
         rows = torch.tensor([index[p] for p in paths], dtype=torch.long)
         return self._stores[store][1].index_select(0, rows).float()
@@ -455,9 +242,9 @@ def _read_manifest(cache_dir: Path) -> dict[str, Any] | None:
     try:
         manifest = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise FeatureCacheError(f"Feature cache manifest {path} is corrupt ({error}); {RERUN}.") from None
+        raise FeatureCacheError(f"Feature cache manifest {path} is corrupt ({error}); {REBUILD_HINT}.") from None
     if not isinstance(manifest, dict) or manifest.get("format_version") != CACHE_FORMAT_VERSION:
-        raise FeatureCacheError(f"Feature cache manifest {path} has an unknown format; {RERUN}.")
+        raise FeatureCacheError(f"Feature cache manifest {path} has an unknown format; {REBUILD_HINT}.")
     return manifest
 
 
@@ -479,20 +266,20 @@ def _config_differences(manifest: dict[str, Any], config: FeatureConfig) -> list
 
 def _load_shard(path: Path, expected_count: int, store: str) -> tuple[list[str], torch.Tensor]:
     if not path.is_file():
-        raise FeatureCacheError(f"Feature cache shard {path} is missing; {RERUN}.")
+        raise FeatureCacheError(f"Feature cache shard {path} is missing; {REBUILD_HINT}.")
     try:
         with safe_open(str(path), framework="pt") as f:
             paths = json.loads((f.metadata() or {})["paths"])
             features = f.get_tensor("features")
     except (SafetensorError, KeyError, json.JSONDecodeError, OSError) as error:
-        raise FeatureCacheError(f"Feature cache shard {path} is corrupt ({error}); {RERUN}.") from None
+        raise FeatureCacheError(f"Feature cache shard {path} is corrupt ({error}); {REBUILD_HINT}.") from None
     if len(paths) != expected_count or features.shape[0] != expected_count:
         raise FeatureCacheError(
             f"Feature cache shard {path} holds {features.shape[0]} rows for {len(paths)} paths, the manifest "
-            f"says {expected_count}; {RERUN}."
+            f"says {expected_count}; {REBUILD_HINT}."
         )
     if (store == "train") != (features.dim() == 3):
-        raise FeatureCacheError(f"Feature cache shard {path} has shape {tuple(features.shape)}; {RERUN}.")
+        raise FeatureCacheError(f"Feature cache shard {path} has shape {tuple(features.shape)}; {REBUILD_HINT}.")
     return paths, features
 
 
@@ -508,7 +295,7 @@ def _load_stores(cache_dir: Path, manifest: dict[str, Any]) -> dict[str, tuple[l
             chunks.append(features)
         if _paths_checksum(all_paths) != entry["paths_sha256"] or len(set(all_paths)) != len(all_paths):
             raise FeatureCacheError(
-                f"Feature cache {cache_dir}: the {store} image list does not match the manifest; {RERUN}."
+                f"Feature cache {cache_dir}: the {store} image list does not match the manifest; {REBUILD_HINT}."
             )
         dim = manifest["feature_dim"] or 0
         views = manifest["config"]["views"]
@@ -527,13 +314,13 @@ def open_feature_cache(cache_dir: Path | str, config: FeatureConfig) -> FeatureC
     cache_dir = Path(cache_dir)
     manifest = _read_manifest(cache_dir)
     if manifest is None:
-        raise FeatureCacheError(f"No feature cache at {cache_dir} (manifest.json missing); {RERUN}.")
+        raise FeatureCacheError(f"No feature cache at {cache_dir} (manifest.json missing); {REBUILD_HINT}.")
     diffs = _config_differences(manifest, config)
     if diffs:
         raise CacheMismatchError(
             f"Feature cache {cache_dir} does not match the current configuration: "
             + "; ".join(diffs)
-            + f". {RERUN}."
+            + f". {REBUILD_HINT}."
         )
     return FeatureCache(cache_dir, manifest, _load_stores(cache_dir, manifest))
 
@@ -541,24 +328,27 @@ def open_feature_cache(cache_dir: Path | str, config: FeatureConfig) -> FeatureC
 def _encode(
     backbone: Backbone,
     data_root: Path,
-    paths: list[str],
+    keys: list[str],
     config: FeatureConfig,
-    augment: bool,
+    train_store: bool,
     batch_size: int,
     num_workers: int,
     progress: bool,
     desc: str,
 ) -> torch.Tensor:
-    dataset = _ImageViews(data_root, paths, config, augment)
+    """Features of `keys`: (N, V, D) views of train keys for the train store, else (N, D) test transform."""
+    views = config.views if train_store else 1
+    dataset = ImageViews(data_root, keys, config.image_size, config.mean, config.std, views=views,
+                         per_seed=train_store and config.views_per_seed, augment_seed=config.augment_seed)
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers)
     out: list[torch.Tensor] = []
     dtype = DTYPES[config.dtype]
-    with tqdm(total=len(paths), desc=desc, unit="img", disable=not progress, mininterval=1.0) as bar:
+    with tqdm(total=len(keys), desc=desc, unit="img", disable=not progress, mininterval=1.0) as bar:
         for batch in loader:
             b, v = batch.shape[:2]
             features = backbone.encode_images(batch.flatten(0, 1)).float().cpu()
             features = features.reshape(b, v, -1)
-            out.append((features if augment else features[:, 0]).to(dtype))
+            out.append((features if train_store else features[:, 0]).to(dtype))
             bar.update(b)
     return torch.cat(out)
 
@@ -680,7 +470,7 @@ def _write_update(
         dim = int(features.shape[-1])
         if manifest["feature_dim"] not in (None, dim):
             raise FeatureCacheError(
-                f"Feature dimension changed from {manifest['feature_dim']} to {dim}; {RERUN}."
+                f"Feature dimension changed from {manifest['feature_dim']} to {dim}; {REBUILD_HINT}."
             )
         manifest["feature_dim"] = dim
         entry = manifest["stores"][store]
@@ -708,154 +498,6 @@ def _write_shard(cache_dir: Path, store: str, paths: list[str], features: torch.
     while f"{store}-{n:05d}.safetensors" in taken:
         n += 1
     name = f"{store}-{n:05d}.safetensors"
-    _save_atomic({"features": features.contiguous()}, {"paths": json.dumps(paths)}, cache_dir / name)
+    tensors, metadata = {"features": features.contiguous()}, {"paths": json.dumps(paths)}
+    atomic_write(cache_dir / name, lambda tmp: save_file(tensors, tmp, metadata=metadata))
     return {"file": name, "count": len(paths), "paths_sha256": _paths_checksum(paths)}
-
-
-# --------------------------------------------------------------------------------------------- stages
-
-
-def split_image_paths(
-    splits_dir: Path | str, dataset: str, shots: Iterable[int], seeds: Iterable[int], per_seed: bool = False
-) -> tuple[set[str], set[str]]:
-    """(train keys, eval paths) needed by the given few-shot split files plus the dataset's test list.
-
-    Train keys are image paths, or with `per_seed` (FeatureConfig.views_per_seed) `train_key`s: path and
-    split seed. Eval paths include the train images: their one test-transform view is what the official
-    linear probe (CoOp's lpclip/) trains on. Test-only datasets (ImageNet variants) need just their test
-    list; `shots` and `seeds` are ignored.
-    """
-    train: set[str] = set()
-    evaluation_list = read_eval_list(eval_list_path(splits_dir, dataset))
-    evaluation: set[str] = {item.path for item in evaluation_list.test}
-    if evaluation_list.test_only:
-        return train, evaluation
-    for k in shots:
-        for seed in seeds:
-            split = read_fewshot_split(split_path(splits_dir, dataset, k, seed))
-            train.update(train_key(item.path, split.seed, per_seed) for item in split.train)
-            evaluation.update(item.path for item in (*split.val, *split.train))
-    return train, evaluation
-
-
-def build_dataset_features(
-    cache_root: Path | str,
-    data_root: Path | str,
-    splits_dir: Path | str,
-    dataset: str,
-    shots: Iterable[int],
-    seeds: Iterable[int],
-    backbone: Backbone,
-    views: int | str = 1,
-    dtype: str = "float16",
-    augment_seed: int = 0,
-    batch_size: int = 64,
-    num_workers: int = 0,
-    progress: bool = True,
-    views_per_seed: bool = True,
-) -> CacheUpdate:
-    """Bring one dataset's cache up to date for the given split files (what the features stage runs).
-
-    `views` ONLINE caches no train views (training crops the images itself), only the eval store.
-    """
-    config = FeatureConfig.from_backbone(
-        backbone, views=views, dtype=dtype, augment_seed=augment_seed, views_per_seed=views_per_seed
-    )
-    train, evaluation = split_image_paths(splits_dir, dataset, shots, seeds, config.views_per_seed)
-    if config.online:
-        train = set()
-    cache_dir = feature_cache_dir(cache_root, dataset, backbone.arch, backbone.pretrained)
-    update = update_feature_cache(
-        cache_dir, data_root, train, evaluation, backbone, config, batch_size, num_workers, progress
-    )
-    log.info(
-        "%s: encoded %d train / %d eval images; cache %s holds %d / %d",
-        dataset,
-        update.encoded["train"],
-        update.encoded["eval"],
-        cache_dir,
-        update.total["train"],
-        update.total["eval"],
-    )
-    return update
-
-
-def _labels(items: Sequence[Item]) -> torch.Tensor:
-    return torch.tensor([item.label for item in items], dtype=torch.long)
-
-
-def load_fewshot_features(
-    cache_root: Path | str,
-    split_file: Path | str,
-    config: FeatureConfig,
-    test_file: Path | str | None = None,
-    cache: FeatureCache | None = None,
-    data_root: Path | str | None = None,
-    num_workers: int = 0,
-) -> FewShotFeatures:
-    """Features of one few-shot split file (train views, val, and the dataset's test list).
-
-    `test_file` defaults to ``test.json`` beside the split file. Pass an already opened `cache` to assemble
-    several splits of one dataset without reloading the cache. In online mode (`config.online`) `train` is
-    each train image's test-transform view, and with `data_root` the result also carries the split's
-    `TrainImages` (decoded by `num_workers` processes), which training needs; without it, it serves the
-    baselines only.
-    """
-    split = read_fewshot_split(split_file)
-    evaluation = read_eval_list(test_file if test_file is not None else Path(split_file).parent / "test.json")
-    if evaluation.dataset != split.dataset or evaluation.classnames != split.classnames:
-        raise DatasetError(
-            f"{split_file} and {test_file} belong to different datasets or class lists; rerun the prepare stage."
-        )
-    if cache is None:
-        cache = open_feature_cache(
-            feature_cache_dir(cache_root, split.dataset, config.arch, config.pretrained), config
-        )
-    paths = [item.path for item in split.train]
-    if config.online:
-        train = cache.gather("eval", paths).unsqueeze(1)
-    else:
-        train = cache.gather("train", [train_key(p, split.seed, config.views_per_seed) for p in paths])
-    train_images = None
-    if config.online and data_root is not None:
-        train_images = TrainImages(
-            data_root=str(Path(data_root).resolve()),
-            paths=tuple(paths),
-            image_size=config.image_size,
-            mean=config.mean,
-            std=config.std,
-            augment_seed=config.augment_seed,
-            num_workers=num_workers,
-        )
-    return FewShotFeatures(
-        classnames=split.classnames,
-        train=train,
-        train_labels=_labels(split.train),
-        val=cache.gather("eval", [item.path for item in split.val]),
-        val_labels=_labels(split.val),
-        test=cache.gather("eval", [item.path for item in evaluation.test]),
-        test_labels=_labels(evaluation.test),
-        dataset=split.dataset,
-        template=evaluation.template,
-        val_is_test=split.val_is_test,
-        train_images=train_images,
-    )
-
-
-def load_eval_features(
-    cache_root: Path | str, test_file: Path | str, config: FeatureConfig, cache: FeatureCache | None = None
-) -> EvalFeatures:
-    """Test features of one dataset from its ``test.json`` (e.g. ImageNet-A for an ImageNet-trained context)."""
-    evaluation = read_eval_list(test_file)
-    if cache is None:
-        cache = open_feature_cache(
-            feature_cache_dir(cache_root, evaluation.dataset, config.arch, config.pretrained), config
-        )
-    return EvalFeatures(
-        dataset=evaluation.dataset,
-        classnames=evaluation.classnames,
-        test=cache.gather("eval", [item.path for item in evaluation.test]),
-        test_labels=_labels(evaluation.test),
-        template=evaluation.template,
-        imagenet_labels=evaluation.imagenet_labels,
-    )
