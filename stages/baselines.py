@@ -1,7 +1,9 @@
-"""DVC stage `baselines`: zero-shot CLIP (hand-crafted prompt, prompt ensemble) and the linear probe (once per
-protocol in baselines.linear_probe_protocols: lpclip, the official one, and/or grid, ours) on the cached
-features of every dataset x shots x seed, each an MLflow run, all in baselines/baselines.csv beside
-sweep.results_dir. A thin wrapper around `pipeline.baselines_run` with every setting from the params file.
+"""Zero-shot CLIP and the linear probe on the cached features, each an MLflow run (DVC stage `baselines`).
+
+For every trainable dataset x shots x seed of the params file: zero-shot CLIP with the hand-crafted prompt
+and with the prompt ensemble (once per dataset), and the linear probe once per protocol in
+baselines.linear_probe_protocols (lpclip, the official one, and/or grid, ours). Rows go to
+<report.baselines_dir>/baselines.csv; one parent MLflow run "baselines" with a child run per row.
 """
 
 from __future__ import annotations
@@ -9,21 +11,43 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING
 
-from pipeline.baselines_run import main as baselines_main
+from pipeline import cli
+
+if TYPE_CHECKING:
+    from pipeline.params import Params
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = cli.parser("python -m stages.baselines", __doc__, cli.WITH_DEVICE_NOTE)
+    parser.add_argument("--out", type=Path, metavar="DIR",
+                        help="folder for baselines.csv (default: report.baselines_dir)")
+    parser.add_argument("--methods", nargs="+", metavar="METHOD",
+                        help="which baselines to run, of zero-shot, zero-shot-ensemble and linear-probe "
+                        "(default: all three)")
+    parser.add_argument("--probe-views", type=int, metavar="V",
+                        help="cached views per training image the `grid` linear probe trains on (default: all "
+                        "features.views; 1 keeps ImageNet-sized probes tractable on a CPU); lpclip uses none")
+    parser.add_argument("--tracking-uri", metavar="URI",
+                        help="MLflow tracking URI (default: MLFLOW_TRACKING_URI, else tracking.uri)")
+    parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    cli.add_device(parser, "the frozen CLIP")
+    return parser
+
+
+def run(args: argparse.Namespace, params: Params) -> None:
+    from pipeline.evaluate.baselines import METHODS, run_baselines
+    from pipeline.evaluate.inputs import baselines_dir
+
+    params = cli.with_device(params, args.device)
+    run_baselines(params, args.out or baselines_dir(params), args.methods or METHODS, args.probe_views,
+                  args.tracking_uri, progress=not args.no_progress)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m stages.baselines", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--params", default="params.yaml", help="params file (default: %(default)s)")
-    parser.add_argument("--probe-views", type=int, metavar="V",
-                        help="cached views per image for the `grid` linear probe (default: all features.views)")
-    parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
-    args = parser.parse_args(argv)
-    extra = (["--probe-views", str(args.probe_views)] if args.probe_views else []) + (
-        ["--no-progress"] if args.no_progress else [])
-    return baselines_main(["--params", args.params, *extra])
+    return cli.run(build_parser(), run, argv)
 
 
 if __name__ == "__main__":

@@ -1,28 +1,22 @@
-"""Linear-probe protocols: the official lpclip C search and probe, the baselines stage's protocol column,
-the params key that selects protocols, and the report's protocol labels."""
+"""The baselines stage's library: the params key that selects linear-probe protocols, a row per protocol
+(in baselines.csv and MLflow), lpclip's plain train features, and the report's protocol labels."""
 
 from __future__ import annotations
 
 import csv
-import functools
-import math
 import re
 import shutil
-import warnings
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pytest
 import torch
 import yaml
 from fixtures_data import build_generic
 from mlflow import MlflowClient
 from PIL import Image
-from test_report import BASELINE_COLUMNS, sections, write_csv
-from test_report import workspace as workspace  # noqa: F401  (fixture)
+from report_helpers import BASELINE_COLUMNS, sections, write_csv
 
-from pipeline.baselines_run import StageError, feature_config, open_cache, plain_train_features, run_baselines
 from pipeline.data.datasets import load_dataset
 from pipeline.data.fewshot import (
     eval_list_path,
@@ -33,110 +27,17 @@ from pipeline.data.fewshot import (
     write_eval_list,
     write_fewshot_split,
 )
+from pipeline.data.images import build_transforms
 from pipeline.engine.backbone import Backbone
-from pipeline.engine.baselines import LPCLIP_COARSE_C, lpclip_linear_probe, lpclip_search
-from pipeline.features import (
-    FewShotFeatures,
-    build_dataset_features,
-    build_transforms,
-    feature_cache_dir,
-    load_fewshot_features,
-    update_feature_cache,
-)
+from pipeline.evaluate.baselines import plain_train_features, run_baselines
+from pipeline.evaluate.inputs import StageError, open_cache
+from pipeline.evaluate.linear_probe import lpclip_linear_probe
+from pipeline.features.assemble import load_fewshot_features
+from pipeline.features.build import build_dataset_features
+from pipeline.features.cache import FeatureConfig, feature_cache_dir, update_feature_cache
 from pipeline.params import ParamsError, load_params, params_from_dict
-from pipeline.report import collect, render
-
-# ------------------------------------------------------------------------------------------ the C search
-
-
-def test_lpclip_search_takes_the_official_steps() -> None:
-    """Val accuracy -|log10 C - 0.3|, the official procedure worked by hand: the coarse peak is C = 1 (log 0),
-    then [-1, 1] -> right wins -> [0, 1] -> left -> [0, .5] -> right -> [.25, .5] -> left -> [.25, .375] ->
-    left -> [.25, .3125] -> right -> [.28125, .3125] -> right -> [.296875, .3125] -> left: C = 10^.296875."""
-    calls: list[float] = []
-
-    def val_accuracy(c: float) -> float:
-        calls.append(math.log10(c))
-        return -abs(math.log10(c) - 0.3)
-
-    search = lpclip_search(val_accuracy)
-    rounds = [(-1, 1), (0, 1), (0, 0.5), (0.25, 0.5), (0.25, 0.375), (0.25, 0.3125), (0.28125, 0.3125),
-              (0.296875, 0.3125)]
-    assert calls == pytest.approx([6, 4, 2, 0, -2, -4, -6, *[x for r in rounds for x in r]], abs=1e-12)
-    ends = [math.log10(c) for lc, _, rc, _ in search.rounds for c in (lc, rc)]
-    assert ends == pytest.approx([x for r in rounds for x in r], abs=1e-12)
-    assert [c for c, _ in search.coarse] == list(LPCLIP_COARSE_C)
-    assert math.log10(search.C) == pytest.approx(0.296875, abs=1e-12)
-    # A brute-force dense grid puts the optimum at 0.3: the search ends within its last interval of it.
-    dense = np.linspace(-7, 7, 14001)
-    best = dense[np.argmax([-abs(x - 0.3) for x in dense])]
-    assert abs(math.log10(search.C) - best) <= 0.3125 - 0.296875
-
-
-def test_lpclip_search_ties_keep_the_first_coarse_value_and_the_left_end() -> None:
-    """Equal accuracies everywhere: the coarse argmax is the first value (1e6), and every round keeps its
-    left end, 1e5, so the interval shrinks onto it from the right."""
-    search = lpclip_search(lambda c: 50.0)
-    assert pytest.approx(1e5, rel=1e-12) == search.C
-    assert [lc for lc, _, _, _ in search.rounds] == pytest.approx([1e5] * 8, rel=1e-12)
-    assert [math.log10(rc) for _, _, rc, _ in search.rounds] == pytest.approx(
-        [7, 6, 5.5, 5.25, 5.125, 5.0625, 5.03125, 5.015625], abs=1e-12)
-
-
-# ------------------------------------------------------------------------------------------- the probe
-
-
-def scaled_problem(seed: int = 3, classes: int = 4, shots: int = 4, dim: int = 16) -> tuple[FewShotFeatures, torch.Tensor]:
-    """Noisy Gaussian classes with per-row scales from 0.2 to 5, so normalising the features matters.
-    Returns the split (its `train` holds unrelated "augmented views") and the plain train features."""
-    g = torch.Generator().manual_seed(seed)
-    means = torch.randn(classes, dim, generator=g)
-
-    def sample(n: int) -> tuple[torch.Tensor, torch.Tensor]:
-        y = torch.arange(classes).repeat_interleave(n)
-        x = means[y] + torch.randn(len(y), dim, generator=g)
-        return x * torch.empty(len(y), 1).uniform_(0.2, 5.0, generator=g), y
-
-    plain, train_y = sample(shots)
-    val, val_y = sample(8)
-    test, test_y = sample(20)
-    views = torch.randn(len(train_y), 3, dim, generator=g)  # must not be used
-    return FewShotFeatures(["a", "b", "c", "d"][:classes], views, train_y, val, val_y, test, test_y), plain
-
-
-def sklearn_reference(x: np.ndarray, y: np.ndarray, c: float) -> Any:
-    from sklearn.exceptions import ConvergenceWarning
-    from sklearn.linear_model import LogisticRegression
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", ConvergenceWarning)
-        return LogisticRegression(solver="lbfgs", max_iter=1000, C=c).fit(x, y)
-
-
-def test_lpclip_probe_fits_raw_plain_features_like_sklearn() -> None:
-    data, plain = scaled_problem()
-    result = lpclip_linear_probe(data, plain)
-    x, y = plain.double().numpy(), data.train_labels.numpy()
-    xv, yv = data.val.double().numpy(), data.val_labels.numpy()
-
-    @functools.cache
-    def val_acc(c: float, normalise: bool = False) -> float:
-        def norm(a: np.ndarray) -> np.ndarray:
-            return a / np.linalg.norm(a, axis=1, keepdims=True) if normalise else a
-
-        return 100.0 * float((sklearn_reference(norm(x), y, c).predict(norm(xv)) == yv).mean())
-
-    search = result["search"]
-    seen = [*search.coarse, *[p for r in search.rounds for p in (r[:2], r[2:])]]
-    assert [acc for _, acc in seen] == pytest.approx([val_acc(c) for c, _ in seen])
-    # The features are used raw: on normalised ones some coarse C scores differently.
-    assert any(val_acc(c, normalise=True) != acc for c, acc in search.coarse)
-    final = sklearn_reference(x, y, result["C"])
-    assert result["val_acc"] == pytest.approx(val_acc(result["C"]))
-    assert result["test_acc"] == pytest.approx(
-        100.0 * float((final.predict(data.test.double().numpy()) == data.test_labels.numpy()).mean()))
-    assert lpclip_linear_probe(data, plain) == result  # deterministic
-
+from pipeline.report.collect import collect
+from pipeline.report.html import render
 
 # ---------------------------------------------------------------------------------------- params key
 
@@ -184,6 +85,7 @@ def stage_root(tmp_path: Path) -> Path:
     return tmp_path
 
 
+@pytest.mark.slow
 def test_stage_runs_each_protocol_and_records_it(stage_root: Path, tiny: Backbone) -> None:
     params = stage_params(stage_root, ["lpclip", "grid"])
     build_dataset_features(stage_root / "cache", stage_root / "data", stage_root / "splits", "mydata", [2], [1, 2],
@@ -205,7 +107,7 @@ def test_stage_runs_each_protocol_and_records_it(stage_root: Path, tiny: Backbon
 
     # lpclip trained on the training images encoded with the test transform, not on the augmented views.
     _, test_tf = build_transforms(tiny.image_size, tiny.mean, tiny.std)
-    config = feature_config(params, tiny)
+    config = FeatureConfig.from_params(tiny, params.features)
     cache = open_cache(params, "mydata", config)
     for row in (r for r in rows if r["protocol"] == "lpclip"):
         split_file = split_path(stage_root / "splits", "mydata", 2, row["seed"])
@@ -221,11 +123,12 @@ def test_stage_runs_each_protocol_and_records_it(stage_root: Path, tiny: Backbon
             f"{expected['C']:g}", round(expected["test_acc"], 4), round(expected["val_acc"], 4))
 
 
+@pytest.mark.slow
 def test_stage_says_how_to_get_the_plain_train_features(stage_root: Path, tiny: Backbone) -> None:
     """A cache whose eval store lacks the training images (built before they were added) is refused for
     lpclip with the command that adds them."""
     params = stage_params(stage_root, ["lpclip"])
-    config = feature_config(params, tiny)
+    config = FeatureConfig.from_params(tiny, params.features)
     cache_dir = feature_cache_dir(stage_root / "cache", "mydata", tiny.arch, tiny.pretrained)
     build_dataset_features(stage_root / "cache", stage_root / "data", stage_root / "splits", "mydata", [2], [1, 2],
                            tiny, views=2, progress=False)
@@ -242,14 +145,15 @@ def test_stage_says_how_to_get_the_plain_train_features(stage_root: Path, tiny: 
 # ------------------------------------------------------------------------------------------ the report
 
 
-def test_report_labels_linear_probe_numbers_with_their_protocol(workspace: dict[str, Any]) -> None:  # noqa: F811
+def test_report_labels_linear_probe_numbers_with_their_protocol(report_workspace: dict[str, Any]) -> None:
     rows = [{"method": "linear-probe", "protocol": protocol, "dataset": "Caltech101", "shots": 16, "seed": seed,
              "val_acc": 50, "test_acc": base + seed} for protocol, base in (("lpclip", 70.0), ("grid", 80.0))
             for seed in (1, 2)]
     rows.append({"method": "linear-probe", "protocol": "", "dataset": "Caltech101", "shots": 16, "seed": 1,
                  "val_acc": 50, "test_acc": 40.0})  # a row from before protocols were recorded
-    write_csv(workspace["root"] / "out" / "baselines" / "baselines.csv", [*BASELINE_COLUMNS, "protocol"], rows)
-    numbers = sections(render(collect(workspace["params"])))["accuracy"]
+    write_csv(report_workspace["root"] / "out" / "baselines" / "baselines.csv", [*BASELINE_COLUMNS, "protocol"],
+              rows)
+    numbers = sections(render(collect(report_workspace["params"])))["accuracy"]
     table_rows = {m.group(1): m.group(0) for m in re.finditer(r"<tr><td>Caltech101</td><td>([^<]*)</td>.*?</tr>",
                                                               numbers)}
     assert "71.50 ± 0.50" in table_rows["Linear probe CLIP (official lpclip protocol)"]

@@ -1,6 +1,6 @@
-"""Domain generalisation: contexts learned on ImageNet, evaluated on ImageNet-V2, -Sketch, -A and -R.
+"""The domain-shift stage's library: contexts learned on ImageNet, evaluated on ImageNet-V2, -Sketch, -A and -R.
 
-For every finished ImageNet trial of the sweep at the largest shot count (16 in the paper; ``--shots``
+For every finished ImageNet trial of the sweep at the largest shot count (16 in the paper; ``shots``
 picks another), the learned context is evaluated on the source's test set and on each ImageNet variant
 in ``data.datasets``, beside zero-shot CLIP (hand-crafted prompt, and the prompt ensemble) on each.
 ImageNet-A and -R cover 200 of the 1000 classes: their ``imagenet_labels`` say which ImageNet class each
@@ -8,16 +8,14 @@ of their classes is, so a class-specific context contributes exactly those class
 context is run over the subset's class names (the same classifier restricted to the subset).
 
 Writes ``<out>/domain_shift.csv`` (one row per method x context x target; atomically) and logs one MLflow
-run "domain-shift" with the CSV and per-target means. ``<out>`` defaults to ``baselines/`` beside
-``sweep.results_dir``.
+run "domain-shift" with the CSV and per-target means.
 """
 
 from __future__ import annotations
 
-import argparse
+import csv
 import dataclasses
 import logging
-import sys
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
@@ -28,31 +26,22 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from pipeline.atomic import write_csv_atomic
-from pipeline.baselines_run import (
-    StageError,
-    StageRun,
-    backbone_label,
-    baselines_dir,
-    dataset_folder,
-    feature_config,
-    fmt,
-    open_cache,
-    read_csv,
-    stage_backbone,
-    trial_artifacts,
-)
-from pipeline.data.datasets import DatasetError
+from pipeline.data.datasets import dataset_folder
 from pipeline.data.fewshot import EvalList, eval_list_path, read_eval_list
 from pipeline.engine.backbone import Backbone
-from pipeline.engine.context import ContextFileError, ContextMeta, context_model, load_context
+from pipeline.engine.context import ContextMeta, context_model, load_context
+from pipeline.engine.inputs import EvalFeatures
 from pipeline.engine.train import evaluate
-from pipeline.features import EvalFeatures, load_eval_features
-from pipeline.params import Params, ParamsError, load_params
-from pipeline.tracking import resolve_tracking_uri
+from pipeline.evaluate.inputs import StageError, accuracy_cell, open_cache, stage_backbone
+from pipeline.evaluate.zero_shot import ensemble_accuracy, zero_shot_accuracy
+from pipeline.features.assemble import load_eval_features
+from pipeline.features.cache import FeatureConfig
+from pipeline.params import Params
+from pipeline.tracking import StageRun, backbone_label, resolve_tracking_uri, trial_artifacts
 
 log = logging.getLogger(__name__)
 
-SOURCE = "ImageNet"
+SOURCE_DATASET = "ImageNet"  # the dataset the transferred contexts were learned on
 COLUMNS = ["method", "config", "n_ctx", "ctx_init", "csc", "class_token_position", "source", "target", "shots",
            "seed", "test_acc", "trial_key", "backbone"]
 
@@ -90,16 +79,10 @@ def _normalized(features: EvalFeatures, device: torch.device) -> tuple[torch.Ten
 
 def context_accuracy(backbone: Backbone, ctx: torch.Tensor, meta: ContextMeta, rows: list[int],
                      target: EvalFeatures) -> float:
+    """Test accuracy (%) on `target` of a learned context restricted to the source rows `rows`."""
     sub, sub_meta = restrict(ctx, meta, rows, target.classnames)
     model = context_model(backbone, sub, sub_meta)
     return evaluate(model, *_normalized(target, backbone.device))
-
-
-def zero_shot_accuracy(backbone: Backbone, target: EvalFeatures, ensemble: bool) -> float:
-    from pipeline.engine.baselines import accuracy, ensemble_templates, zero_shot_weights
-
-    templates = ensemble_templates(target.dataset, target.template) if ensemble else (target.template,)
-    return accuracy(target.test, target.test_labels, zero_shot_weights(backbone, target.classnames, templates))
 
 
 def variant_targets(params: Params) -> list[str]:
@@ -107,7 +90,7 @@ def variant_targets(params: Params) -> list[str]:
     out = []
     for dataset in params.data.datasets:
         folder = dataset_folder(dataset)
-        if folder == SOURCE:
+        if folder == SOURCE_DATASET:
             continue
         try:
             evaluation = read_eval_list(eval_list_path(params.data.splits_dir, folder))
@@ -118,6 +101,12 @@ def variant_targets(params: Params) -> list[str]:
     return out
 
 
+def read_trials(path: Path) -> list[dict[str, str]]:
+    """The sweep's trials.csv as rows of strings."""
+    with path.open(newline="", encoding="utf-8") as f:
+        return list(csv.DictReader(f))
+
+
 def run_domain_shift(params: Params, out_dir: Path, shots: int | None = None, tracking_uri: str | None = None,
                      progress: bool = True) -> list[dict[str, Any]]:
     """Evaluate the sweep's ImageNet contexts and zero-shot CLIP on the ImageNet variants; write the CSV."""
@@ -126,9 +115,10 @@ def run_domain_shift(params: Params, out_dir: Path, shots: int | None = None, tr
     if not trials_path.is_file():
         raise StageError(f"{trials_path} is missing; run the sweep first (dvc repro sweep)")
     targets = variant_targets(params)
-    trials = [r for r in read_csv(trials_path) if dataset_folder(r["dataset"]) == SOURCE and r["state"] == "FINISHED"]
+    trials = [r for r in read_trials(trials_path)
+              if dataset_folder(r["dataset"]) == SOURCE_DATASET and r["state"] == "FINISHED"]
     why_not = ""
-    if SOURCE not in [dataset_folder(d) for d in params.data.datasets]:
+    if SOURCE_DATASET not in [dataset_folder(d) for d in params.data.datasets]:
         why_not = "data.datasets has no ImageNet"
     elif not targets:
         why_not = "data.datasets lists no prepared ImageNet variant (ImageNetV2, ImageNetSketch, ImageNetA, ImageNetR)"
@@ -146,24 +136,24 @@ def run_domain_shift(params: Params, out_dir: Path, shots: int | None = None, tr
 
     uri = resolve_tracking_uri(tracking_uri, params.tracking.uri)
     backbone = stage_backbone(params)
-    config = feature_config(params, backbone)
-    source_list = read_eval_list(eval_list_path(params.data.splits_dir, SOURCE))
+    config = FeatureConfig.from_params(backbone, params.features)
+    label = backbone_label(params.backbone.arch, params.backbone.pretrained)
+    source_list = read_eval_list(eval_list_path(params.data.splits_dir, SOURCE_DATASET))
     evaluations = {name: load_eval_features(params.features.dir, eval_list_path(params.data.splits_dir, name), config,
                                             cache=open_cache(params, name, config))
-                   for name in [SOURCE, *targets]}
-    rows_of = {name: list(range(len(source_list.classnames))) if name == SOURCE
+                   for name in [SOURCE_DATASET, *targets]}
+    rows_of = {name: list(range(len(source_list.classnames))) if name == SOURCE_DATASET
                else subset_rows(source_list.imagenet_labels, read_eval_list(eval_list_path(params.data.splits_dir,
                                                                                             name)))
                for name in evaluations}
     run = StageRun.start(params, "domain-shift", "domain_shift",
-                         {"source": SOURCE, "targets": ",".join(targets), "shots": chosen, "contexts": len(trials),
-                          "backbone": backbone_label(params)}, tracking_uri)
+                         {"source": SOURCE_DATASET, "targets": ",".join(targets), "shots": chosen,
+                          "contexts": len(trials), "backbone": label}, tracking_uri)
     out: list[dict[str, Any]] = []
     try:
-        for method in ("zero-shot", "zero-shot-ensemble"):
+        for method, accuracy in (("zero-shot", zero_shot_accuracy), ("zero-shot-ensemble", ensemble_accuracy)):
             for name, target in evaluations.items():
-                out.append(_row(method, None, name, 0, 0, zero_shot_accuracy(backbone, target, "ensemble" in method),
-                                params))
+                out.append(_row(method, None, name, 0, 0, accuracy(backbone, target), label))
         with tempfile.TemporaryDirectory(prefix="coop-domain-shift-") as tmp:
             for trial in tqdm(trials, desc="ImageNet contexts", disable=not progress):
                 folder = trial_artifacts(trial, results_dir, Path(tmp), uri, names=("ctx.safetensors", "ctx.json"))
@@ -176,7 +166,7 @@ def run_domain_shift(params: Params, out_dir: Path, shots: int | None = None, tr
                                      "test list; rerun prepare/sweep with the same data")
                 for name, target in evaluations.items():
                     acc = context_accuracy(backbone, ctx, meta, rows_of[name], target)
-                    out.append(_row("CoOp", trial, name, chosen, int(trial["seed"]), acc, params))
+                    out.append(_row("CoOp", trial, name, chosen, int(trial["seed"]), acc, label))
         path = out_dir / "domain_shift.csv"
         write_csv_atomic(path, COLUMNS, out)
         means = {}
@@ -194,44 +184,11 @@ def run_domain_shift(params: Params, out_dir: Path, shots: int | None = None, tr
 
 
 def _row(method: str, trial: dict[str, str] | None, target: str, shots: int, seed: int, acc: float,
-         params: Params) -> dict[str, Any]:
+         backbone: str) -> dict[str, Any]:
     config = {}
     if trial is not None:
         config = {"n_ctx": int(trial["n_ctx"]), "ctx_init": trial["ctx_init"], "csc": trial["csc"] == "True",
                   "class_token_position": trial["class_token_position"]}
-    return {"method": method, "config": trial.get("config", "") if trial else "", **config, "source": SOURCE,
-            "target": target, "shots": shots, "seed": seed, "test_acc": fmt(acc),
-            "trial_key": trial["trial_key"] if trial else "", "backbone": backbone_label(params)}
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m pipeline.domain_shift", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--params", default="params.yaml", help="params file (default: %(default)s)")
-    parser.add_argument("--out", type=Path,
-                        help="folder for domain_shift.csv (default: report.baselines_dir)")
-    parser.add_argument("--shots", type=int,
-                        help="evaluate the ImageNet contexts trained with this many shots (default: the largest)")
-    parser.add_argument("--tracking-uri",
-                        help="MLflow tracking URI holding the sweep's runs (default: MLFLOW_TRACKING_URI, else "
-                        "tracking.uri)")
-    parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
-    return parser
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    try:
-        params = load_params(args.params)
-        run_domain_shift(params, args.out or baselines_dir(params), args.shots, args.tracking_uri,
-                         progress=not args.no_progress)
-    except (ParamsError, StageError, DatasetError, ContextFileError) as error:
-        log.error("%s", error)
-        return 2
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
-
+    return {"method": method, "config": trial.get("config", "") if trial else "", **config, "source": SOURCE_DATASET,
+            "target": target, "shots": shots, "seed": seed, "test_acc": accuracy_cell(acc),
+            "trial_key": trial["trial_key"] if trial else "", "backbone": backbone}

@@ -1,7 +1,8 @@
-"""The paper's baselines on cached features: zero-shot CLIP (hand-crafted prompt, prompt ensemble), linear probe.
+"""The linear probe on cached features, in two protocols: the official CoOp one (lpclip) and ours (grid).
 
-The linear probe comes in two protocols: `lpclip_linear_probe` runs the official CoOp one (``lpclip/``),
-`linear_probe` ours (``grid``): a fixed C grid on the normalised features of every cached augmented view.
+`lpclip_linear_probe` runs the official CoOp probe (``lpclip/``): the training images' test-transform
+features, not normalised, C from a coarse-then-halving search; `grid_linear_probe` ours: a fixed C grid on
+the normalised features of every cached augmented view.
 """
 
 from __future__ import annotations
@@ -15,24 +16,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from pipeline.engine.backbone import Backbone
-from pipeline.features import FewShotFeatures
+from pipeline.engine.inputs import FewShotFeatures
 
 log = logging.getLogger(__name__)
 
-# CLIP's seven ImageNet templates chosen for prompt ensembling (CLIP repository, "Prompt_Engineering");
-# the official CoOp code calls them IMAGENET_TEMPLATES_SELECT.
-ENSEMBLE_TEMPLATES = (
-    "itap of a {}.",
-    "a bad photo of the {}.",
-    "a origami {}.",
-    "a photo of the large {}.",
-    "a {} in a video game.",
-    "art of the {}.",
-    "a photo of the small {}.",
-)
 # CLIP's protocol sweeps the inverse regularisation strength C; our `grid` protocol uses a coarse log grid.
-LINEAR_PROBE_C = tuple(float(c) for c in np.logspace(-6, 6, 13))
+GRID_C = tuple(float(c) for c in np.logspace(-6, 6, 13))
 # The official lpclip search (lpclip/linear_probe.py): these seven C values first, in this order, then
 # LPCLIP_STEPS rounds that halve an interval in log10(C) around the best of them (the .sh runs 8 steps).
 LPCLIP_COARSE_C = (1e6, 1e4, 1e2, 1.0, 1e-2, 1e-4, 1e-6)
@@ -40,52 +29,7 @@ LPCLIP_STEPS = 8
 LPCLIP_MAX_ITER = 1000
 
 
-def _names(classnames: list[str]) -> list[str]:
-    return [n.replace("_", " ") for n in classnames]
-
-
-@torch.no_grad()
-def zero_shot_weights(
-    backbone: Backbone, classnames: list[str], templates: list[str] | tuple[str, ...], chunk: int = 1024
-) -> torch.Tensor:
-    """(C, E) normalised classifier: per class, the mean of its normalised template embeddings, renormalised."""
-    texts = [t.format(name) for name in _names(classnames) for t in templates]
-    # Encoded in chunks of prompts, not a forward per class: ImageNet's 1000 x 8 prompts in a few passes.
-    features = torch.cat([backbone.encode_text(texts[i : i + chunk]) for i in range(0, len(texts), chunk)])
-    per_class = F.normalize(features, dim=-1).view(len(classnames), len(templates), -1)
-    return F.normalize(per_class.mean(1), dim=-1)
-
-
-def accuracy(features: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor) -> float:
-    """Top-1 accuracy (%) of a cosine classifier."""
-    if len(labels) == 0:
-        return float("nan")
-    logits = F.normalize(features.float().to(weights.device), dim=-1) @ weights.t()
-    return 100.0 * float((logits.argmax(-1).cpu() == labels).float().mean())
-
-
-def zero_shot_accuracy(backbone: Backbone, data: FewShotFeatures, template: str | None = None) -> float:
-    """Zero-shot CLIP with the dataset's hand-crafted CoOp prompt on the test split."""
-    weights = zero_shot_weights(backbone, data.classnames, [template or data.template])
-    return accuracy(data.test, data.test_labels, weights)
-
-
-def ensemble_templates(dataset: str, template: str) -> tuple[str, ...]:
-    """The official ensemble: the seven templates, plus the dataset's hand-crafted one except on ImageNet.
-
-    As CoOp's ZeroshotCLIP2, which adds the custom template for every dataset whose name is not exactly
-    "ImageNet" (so ImageNet-V2/-Sketch/-A/-R do get it).
-    """
-    return ENSEMBLE_TEMPLATES if dataset == "ImageNet" else (*ENSEMBLE_TEMPLATES, template)
-
-
-def ensemble_accuracy(backbone: Backbone, data: FewShotFeatures) -> float:
-    """Zero-shot CLIP with the official prompt ensemble (`ensemble_templates`)."""
-    weights = zero_shot_weights(backbone, data.classnames, ensemble_templates(data.dataset, data.template))
-    return accuracy(data.test, data.test_labels, weights)
-
-
-def linear_probe(data: FewShotFeatures, c_grid: tuple[float, ...] = LINEAR_PROBE_C, seed: int = 0) -> dict:
+def grid_linear_probe(data: FewShotFeatures, c_grid: tuple[float, ...] = GRID_C, seed: int = 0) -> dict:
     """Our `grid` protocol: logistic regression on the L2-normalised features, C picked on the val split.
 
     Trains on every cached (augmented) view of each training image. Returns the chosen C (the first best

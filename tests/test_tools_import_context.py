@@ -12,7 +12,7 @@ from torch.optim.lr_scheduler import CosineAnnealingLR, _LRScheduler
 from pipeline.engine.backbone import Backbone, tokenize
 from pipeline.engine.context import context_model, load_context
 from pipeline.engine.reference import official_logits
-from pipeline.import_context import CheckpointError, import_context, load_checkpoint, main
+from pipeline.tools.import_context import CheckpointError, import_context, load_checkpoint, main
 
 CLASSNAMES = ["cat", "golden_retriever", "sports car", "oak tree"]
 
@@ -195,3 +195,17 @@ def test_tokenizer_sanity_for_placeholder_prompts() -> None:
     a = tokenize(["X X X X cat."])[0]
     b = tokenize(["a photo of a cat."])[0]
     assert int(a.argmax()) == int(b.argmax()) and torch.equal(a[5:7], b[5:7])
+
+
+def test_bad_position_and_malformed_class_names_exit_2_naming_them(tmp_path: Path, caplog) -> None:
+    checkpoint = tmp_path / "model.pth.tar-50"
+    dassl_checkpoint(checkpoint, torch.randn(16, 64), len(CLASSNAMES))
+    common = ["--checkpoint", str(checkpoint), "--arch", "coop-tiny", "--no-weights", "--out",
+              str(tmp_path / "ctx.safetensors")]
+    assert main([*common, "--classnames", str(classnames_file(tmp_path)), "--position", "back"]) == 2
+    assert "--position must be one of end, middle, front, got 'back'" in caplog.text
+    wrong_shape = tmp_path / "names.json"
+    wrong_shape.write_text(json.dumps({"names": CLASSNAMES}))  # neither a list nor a test.json
+    assert main([*common, "--classnames", str(wrong_shape)]) == 2
+    assert "KeyError: 'classnames'" in caplog.text
+    assert not (tmp_path / "ctx.safetensors").exists()

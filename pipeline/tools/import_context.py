@@ -11,7 +11,7 @@ pickled object makes the import fail.
 The context's shape gives n_ctx and unified vs class-specific; the class-token position and the class
 names (for CSC: one per context row, in label order) come from the command line.
 
-    python -m pipeline.import_context --checkpoint model.pth.tar-50 --arch RN50 --pretrained openai \\
+    python -m pipeline.tools.import_context --checkpoint model.pth.tar-50 --arch RN50 --pretrained openai \\
         --dataset ImageNet --data-root data/coop --position end --out contexts/imagenet_rn50.safetensors
 """
 
@@ -27,13 +27,15 @@ import sys
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
-
-from pipeline.engine.context import ContextFileError, ContextMeta, context_model, save_context
-from pipeline.engine.prompt import POSITIONS
+from pipeline import cli
 from pipeline.errors import UserError
+
+if TYPE_CHECKING:
+    import torch
+
+    from pipeline.engine.context import ContextMeta
 
 log = logging.getLogger(__name__)
 
@@ -74,6 +76,8 @@ def _allowed(name: str) -> bool:
 
 def load_checkpoint(path: Path) -> dict[str, Any]:
     """The checkpoint as a dict, read with weights_only=True; CheckpointError if anything else is pickled."""
+    import torch
+
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} does not exist")
     stubs: dict[str, Any] = {}
@@ -112,6 +116,8 @@ def _last_line(error: BaseException) -> str:
 
 def extract_ctx(checkpoint: dict[str, Any], path: Path) -> torch.Tensor:
     """The ``ctx`` tensor of a Dassl prompt-learner checkpoint (or a bare state dict), as float32."""
+    import torch
+
     state = checkpoint.get("state_dict", checkpoint)
     if not isinstance(state, dict):
         raise CheckpointError(f"{path}: 'state_dict' is a {type(state).__name__}, expected a dict of tensors")
@@ -177,14 +183,17 @@ def import_context(
     shots: int = 0,
     seed: int = 0,
     load_weights: bool = True,
+    device: str = "auto",
 ) -> tuple[Path, ContextMeta]:
     """Convert an official CoOp checkpoint into ``out`` (.safetensors) + its .json metadata.
 
     n_ctx and csc are read off the tensor; when given they must agree with it. With `load_weights` the
-    backbone is loaded to record its fingerprint and to build the classifier once as a check.
+    backbone is loaded (on `device`) to record its fingerprint and to build the classifier once as a check.
     """
-    from pipeline.costmodel import tower_shape
-    from pipeline.engine.backbone import WeightsUnavailableError, count_tokens, load_backbone
+    from pipeline.engine.backbone import WeightsUnavailableError, count_tokens, load_backbone, resolve_device
+    from pipeline.engine.context import ContextFileError, ContextMeta, context_model, save_context
+    from pipeline.engine.flops import tower_shape
+    from pipeline.engine.prompt import POSITIONS
 
     if position not in POSITIONS:
         raise CheckpointError(f"--position must be one of {', '.join(POSITIONS)}, got {position!r}")
@@ -215,7 +224,7 @@ def import_context(
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                backbone = load_backbone(arch, pretrained)
+                backbone = load_backbone(arch, pretrained, resolve_device(device))
             fingerprint = backbone.fingerprint
         except WeightsUnavailableError as error:
             log.warning("weights %s/%s unavailable (%s); the context's fingerprint is left unknown",
@@ -248,10 +257,7 @@ def _sha256(path: Path) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="python -m pipeline.import_context", description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    parser = cli.parser("python -m pipeline.tools.import_context", __doc__, params=False)
     parser.add_argument("--checkpoint", type=Path, required=True,
                         help="the official checkpoint, e.g. output/.../prompt_learner/model.pth.tar-50")
     parser.add_argument("--arch", required=True, help="open_clip architecture it was trained with: RN50, ViT-B-16, ...")
@@ -267,7 +273,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="read the class names from <DIR>/<dataset>/test.json written by stages.prepare")
     parser.add_argument("--data-root", type=Path,
                         help="read the class names with the dataset's reader from this data root (official layout)")
-    parser.add_argument("--position", choices=POSITIONS, default="end",
+    # No `choices`: they live with the prompt learner, which imports torch; import_context checks the value.
+    parser.add_argument("--position", default="end", metavar="{end,middle,front}",
                         help="class token position the context was trained with (default end)")
     parser.add_argument("--n-ctx", type=int, help="expected number of context vectors (checked against the tensor)")
     parser.add_argument("--csc", action="store_true", default=None,
@@ -279,21 +286,25 @@ def build_parser() -> argparse.ArgumentParser:
                         help="do not load the backbone (no fingerprint, no check that the classifier builds)")
     parser.add_argument("--out", type=Path, required=True,
                         help="output .safetensors file; its .json metadata is written beside it")
+    cli.add_device(parser, "the backbone loaded for the check")
     return parser
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+def run(args: argparse.Namespace, params: None) -> None:
     pretrained = None if str(args.pretrained).lower() in ("none", "null", "random", "") else args.pretrained
     try:
         names = read_classnames(args.classnames, args.dataset or None, args.data_root, args.splits_dir)
         import_context(args.checkpoint, args.out, args.arch, pretrained, names, args.position, args.n_ctx,
-                       args.csc, args.ctx_init, args.dataset, args.shots, args.seed, not args.no_weights)
-    except (CheckpointError, ContextFileError, FileNotFoundError, KeyError, ValueError) as error:
-        log.error("%s", error)
-        return 2
-    return 0
+                       args.csc, args.ctx_init, args.dataset, args.shots, args.seed, not args.no_weights,
+                       args.device)
+    except UserError:
+        raise
+    except (KeyError, ValueError) as error:  # a class-names file of the wrong shape, an unknown --arch, ...
+        raise CheckpointError(f"{type(error).__name__}: {error}") from None
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return cli.run(build_parser(), run, argv)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,1 @@
+"""Evaluation: zero-shot CLIP, linear probes, and the libraries of the baselines and domain-shift stages."""

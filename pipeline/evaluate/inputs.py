@@ -1,0 +1,67 @@
+"""Shared by the evaluation stages: the backbone of the params, its feature caches, test-only datasets."""
+
+from __future__ import annotations
+
+import logging
+import math
+import warnings
+from pathlib import Path
+
+from pipeline.data.datasets import dataset_folder
+from pipeline.data.fewshot import eval_list_path, read_eval_list
+from pipeline.engine.backbone import Backbone, load_backbone, resolve_device
+from pipeline.errors import UserError
+from pipeline.features.cache import (
+    FeatureCache,
+    FeatureCacheError,
+    FeatureConfig,
+    feature_cache_dir,
+    open_feature_cache,
+)
+from pipeline.params import Params
+
+log = logging.getLogger(__name__)
+
+
+class StageError(UserError, RuntimeError):
+    """An evaluation stage cannot run: missing inputs or services; the message names the fix."""
+
+
+def baselines_dir(params: Params) -> Path:
+    """Home of baselines.csv and domain_shift.csv (report.baselines_dir)."""
+    return Path(params.report.baselines_dir)
+
+
+def stage_backbone(params: Params, device: str | None = None) -> Backbone:
+    """params' backbone (the one the feature caches were built with), frozen, on `device` (train.device)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        backbone = load_backbone(params.backbone.arch, params.backbone.pretrained,
+                                 device=device or resolve_device(params.train.device))
+    if backbone.pretrained is None:
+        log.warning("backbone %s has RANDOM weights: accuracies are meaningless (demo/test setup)", backbone.arch)
+    return backbone
+
+
+def open_cache(params: Params, dataset: str, config: FeatureConfig) -> FeatureCache:
+    """The dataset's feature cache under features.dir; StageError says how to build it."""
+    folder = dataset_folder(dataset)
+    try:
+        return open_feature_cache(feature_cache_dir(params.features.dir, folder, config.arch, config.pretrained),
+                                  config)
+    except FeatureCacheError as error:
+        raise StageError(f"{error}\nRun `dvc repro features` (or python -m stages.features --dataset {folder}).") from None
+
+
+def is_test_only(params: Params, dataset: str) -> bool:
+    """True for datasets without few-shot splits (ImageNet variants), judged by the prepare stage's test list."""
+    path = eval_list_path(params.data.splits_dir, dataset_folder(dataset))
+    try:
+        return read_eval_list(path).test_only
+    except FileNotFoundError:
+        raise StageError(f"{path} is missing; run `dvc repro prepare` (python -m stages.prepare).") from None
+
+
+def accuracy_cell(value: float | None) -> float | str:
+    """An accuracy as the stages' CSV files hold it: rounded to 4 decimals, blank when missing or NaN."""
+    return round(value, 4) if value is not None and math.isfinite(value) else ""
