@@ -19,6 +19,7 @@ import os
 import sys
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import yaml
@@ -29,12 +30,12 @@ sys.path.insert(0, str(REPO))  # stages/ lives in the checkout
 log = logging.getLogger("bench.sweep")
 
 
-def prepare_workspace(config: Path, work: Path, epochs: int | None) -> Path:
+def prepare_workspace(params_file: Path, work: Path, epochs: int | None) -> Path:
     """params.yaml with every path inside `work`, and its splits + feature cache built there."""
     from stages.features import main as features_main
     from stages.prepare import main as prepare_main
 
-    raw = yaml.safe_load(config.read_text()) or {}
+    raw = yaml.safe_load(params_file.read_text()) or {}
     data = raw.setdefault("data", {})
     data["root"] = str((REPO / data.get("root", "data/demo")).resolve())
     data["splits_dir"] = str(work / "splits")
@@ -57,7 +58,7 @@ def prepare_workspace(config: Path, work: Path, epochs: int | None) -> Path:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", type=Path, default=REPO / "params.yaml", help="params file to sweep")
+    parser.add_argument("--params", type=Path, default=REPO / "params.yaml", help="params file to sweep")
     parser.add_argument("--search", choices=("grid", "random", "optuna"), default="optuna")
     parser.add_argument("--num-samples", type=int, default=8)
     parser.add_argument("--max-concurrent", type=int)
@@ -68,21 +69,22 @@ def main() -> int:
     log.setLevel(logging.INFO)
 
     from pipeline.params import load_params
-    from pipeline.sweep.runner import SweepOptions, run_sweep
+    from pipeline.sweep.tuner import SweepOptions, run_sweep
 
     with tempfile.TemporaryDirectory(prefix="bench-sweep-") as tmp:
         work = (args.workdir or Path(tmp)).resolve()
         work.mkdir(parents=True, exist_ok=True)
-        params_path = prepare_workspace(args.config, work, args.epochs)
+        params_path = prepare_workspace(args.params, work, args.epochs)
         params = load_params(params_path)
+        flags = {"search": args.search, "num_samples": args.num_samples, "max_concurrent": args.max_concurrent}
+        params = replace(params, sweep=replace(params.sweep, **{k: v for k, v in flags.items() if v is not None}))
         os.environ.pop("MLFLOW_TRACKING_URI", None)
-        outcome = run_sweep(params, SweepOptions(search=args.search, num_samples=args.num_samples,
-                                                 max_concurrent=args.max_concurrent, verbose=0))
+        outcome = run_sweep(params, SweepOptions(verbose=0))
     records = outcome.records
     trained = [r for r in records if r.train_seconds is not None]
     n = len(records)
     train_sum = sum(r.train_seconds or 0.0 for r in trained)
-    concurrency = args.max_concurrent or params.sweep.max_concurrent
+    concurrency = params.sweep.max_concurrent
     print(f"machine: {os.cpu_count()} CPUs; search {args.search}, {n} trials "
           f"({outcome.counts.get('finished', 0)} finished), max {concurrency} concurrent, "
           f"{params.sweep.cpus_per_trial:g} CPU per trial")

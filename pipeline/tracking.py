@@ -351,9 +351,6 @@ class TrialRun:
             batch, self._pending = self._pending[:1000], self._pending[1000:]
             self.client.log_batch(self.run_id, metrics=batch)
 
-    def set_tags(self, tags: dict[str, Any]) -> None:
-        self.client.log_batch(self.run_id, tags=_tags(tags))
-
     def log_artifacts(self, folder: Path) -> None:
         self.client.log_artifacts(self.run_id, str(folder))
 

@@ -1,26 +1,148 @@
-"""DVC stage `sweep`: run the hyperparameter sweep of params.yaml (sweep.search, sweep.space, ...).
+"""Hyperparameter sweep of CoOp prompt learning on Ray Tune, tracked in MLflow (DVC stage `sweep`).
 
-A thin wrapper around `pipeline.sweep`: the same code as ``python -m pipeline.sweep --config PARAMS``, with
-every choice taken from the params file. Writes <sweep.results_dir>/trials.csv, summary.csv, metrics.json
-and plots.csv; trials are tracked in MLflow (tracking.uri, or MLFLOW_TRACKING_URI).
+Every trial trains one CoOp context (dataset x shots x seed x prompt variant x lr/epochs/precision) on
+cached CLIP features and logs to its own nested MLflow run. The search space comes from sweep.space in
+the params file; word initialisations (ctx_init) fix n_ctx and rule out CSC, so no trial is spent on an
+impossible or duplicate combination. Results: <sweep.results_dir>/trials.csv, summary.csv (mean +- std
+over seeds, best configuration per dataset x shots chosen on validation accuracy), metrics.json and
+plots.csv.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import logging
+import os
+import signal
 import sys
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
-from pipeline.sweep.__main__ import main as sweep_main
+from pipeline import cli
+
+if TYPE_CHECKING:
+    from pipeline.params import Params
+
+log = logging.getLogger("stages.sweep")
+
+EXIT_INTERRUPTED = 130  # as after Ctrl-C: the sweep saved its state; --resume continues it
+
+EPILOG = """\
+examples:
+  python -m stages.sweep --dry-run                        # list the trials of params.yaml's grid
+  python -m stages.sweep --search optuna --num-samples 8  # TPE over the same space
+  python -m stages.sweep --address 10.0.0.1:6379 --tracking-uri http://10.0.0.1:5000
+  python -m stages.sweep --resume                         # continue the latest interrupted sweep
+(`python -m pipeline.sweep` and `coop-sweep` are the same command.)
+
+exit status: 0 done (failed trials are listed in trials.csv), 2 bad configuration or unreachable cluster/tracking/features,
+130 interrupted (resume with --resume).
+"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = cli.parser("python -m stages.sweep", __doc__, EPILOG)
+    parser.add_argument(
+        "--search", choices=("grid", "random", "optuna"),
+        help="grid: every distinct valid combination once; random: a seeded draw of --num-samples distinct "
+        "combinations; optuna: TPE (seeded by sweep.optuna_seed) over the conditional space, --num-samples trials "
+        "(default: sweep.search)",
+    )
+    parser.add_argument(
+        "--num-samples", type=int, metavar="N",
+        help="trials for random/optuna, capped at the number of distinct valid combinations; ignored by grid "
+        "(default: sweep.num_samples)",
+    )
+    parser.add_argument(
+        "--max-concurrent", type=int, metavar="N",
+        help="trials running at the same time; each also takes sweep.cpus_per_trial CPUs and sweep.gpus_per_trial "
+        "GPUs (fractions share a GPU) (default: sweep.max_concurrent)",
+    )
+    parser.add_argument(
+        "--address", metavar="HOST:PORT",
+        help="address of a running Ray cluster (`ray start --head` prints it; 'auto' finds one on this machine); "
+        "an address that does not answer fails within seconds (default: sweep.address, else RAY_ADDRESS, else a "
+        "new local Ray instance)",
+    )
+    parser.add_argument(
+        "--resume", nargs="?", const="latest", metavar="NAME",
+        help="continue an interrupted sweep (the latest one under sweep.storage, or the one named NAME): only "
+        "unfinished trials run, trials already FINISHED in MLflow are not retrained and get no second run",
+    )
+    parser.add_argument(
+        "--tracking-uri", metavar="URI",
+        help="MLflow tracking URI, e.g. http://host:5000 or sqlite:///mlflow.db (relative SQLite paths are made "
+        "absolute) (default: MLFLOW_TRACKING_URI, else tracking.uri)",
+    )
+    parser.add_argument("--name", help="Ray Tune experiment name (default: sweep.name, else <search>-<timestamp>)")
+    asha = parser.add_mutually_exclusive_group()
+    asha.add_argument("--asha", dest="asha", action="store_true", default=None,
+                      help="early-stop weak trials with ASHA on val_acc (needs train.eval_every > 0) (default: sweep.asha)")
+    asha.add_argument("--no-asha", dest="asha", action="store_false", help="run every trial to its last epoch")
+    parser.add_argument(
+        "--dry-run", action="store_true",
+        help="print the trials the sweep would run (optuna: the configurations it may choose from) and their "
+        "count, then exit; starts nothing",
+    )
+    parser.add_argument("--quiet", action="store_true",
+                        help="no Ray Tune progress table, warnings only (overrides --log-level)")
+    return parser
+
+
+def with_flags(params: Params, args: argparse.Namespace) -> Params:
+    """params with sweep.* replaced by the flags given on the command line."""
+    flags = {"search": args.search, "num_samples": args.num_samples, "max_concurrent": args.max_concurrent,
+             "address": args.address, "name": args.name, "asha": args.asha}
+    given = {key: value for key, value in flags.items() if value is not None}
+    return dataclasses.replace(params, sweep=dataclasses.replace(params.sweep, **given))
+
+
+def _terminate_like_interrupt(signum: int, frame: object) -> None:
+    # Ray Tune saves its state and stops gracefully on SIGUSR1 (as on Ctrl-C); make SIGTERM do the same.
+    os.kill(os.getpid(), signal.SIGUSR1)
+
+
+def dry_run(params: Params) -> None:
+    """Print the planned trials and their estimated GPU-hours; start nothing."""
+    from pipeline.sweep.estimate import estimate_gpu_hours
+    from pipeline.sweep.plan import plan_sweep
+
+    plan = plan_sweep(params)
+    print(plan.describe())
+    configs = plan.configs[: plan.num_samples] if plan.search == "optuna" else plan.configs
+    print(estimate_gpu_hours(params, configs).summary())
+    if params.features.views == "online":
+        print(f"features.views = online: every trial crops and encodes its training images every epoch, "
+              f"reading them from data.root ({params.data.root}), which every Ray worker must see.")
+
+
+def run(args: argparse.Namespace, params: Params | None) -> int:
+    assert params is not None
+    if args.quiet:
+        logging.getLogger().setLevel(logging.WARNING)
+    params = with_flags(params, args)
+    if args.num_samples is not None and params.sweep.search == "grid" and not args.resume:
+        log.info("grid runs every distinct configuration once; --num-samples is ignored")
+    if args.dry_run:
+        dry_run(params)
+        return 0
+    from pipeline.sweep.tuner import SweepOptions, run_sweep
+
+    if hasattr(signal, "SIGUSR1"):
+        signal.signal(signal.SIGTERM, _terminate_like_interrupt)
+    outcome = run_sweep(params, SweepOptions(resume=args.resume, tracking_uri=args.tracking_uri,
+                                             verbose=0 if args.quiet else 1))
+    if outcome.interrupted:
+        return EXIT_INTERRUPTED
+    if outcome.counts.get("failed"):
+        log.warning("%d trial(s) FAILED; their reasons are in trials.csv and MLflow (tag sweep.failure_reason)",
+                    outcome.counts["failed"])
+    return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m stages.sweep", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--params", default="params.yaml", help="params file (default: %(default)s)")
-    parser.add_argument("--dry-run", action="store_true", help="list the trials the stage would run, then exit")
-    args = parser.parse_args(argv)
-    return sweep_main(["--config", args.params, *(["--dry-run"] if args.dry_run else [])])
+    return cli.run(build_parser(), run, argv)
 
 
 if __name__ == "__main__":

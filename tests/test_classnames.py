@@ -265,16 +265,17 @@ def test_report_shows_the_first_class_context_by_label(tiny):
 
 
 def test_trial_artifacts_name_csc_rows_by_label(tiny, tmp_path):
-    from pipeline.sweep.trial import TrialContext, write_artifacts
+    from pipeline.params import TrainParams
+    from pipeline.sweep.trial import TrialSettings, write_artifacts
 
     names = ["missile", "cat", "missile"]
     data = separable_problem(tiny, names, shots=2, views=1)
     result = train_coop(tiny, data, PromptConfig(n_ctx=2, csc=True), TrainConfig(), epochs=1, progress=False)
-    context = TrialContext("s", tiny.arch, tiny.pretrained, tiny.fingerprint, "cpu", {}, "", "", "", "", {}, {},
-                           nearest_words=1)
+    settings = TrialSettings("s", tiny.arch, tiny.pretrained, tiny.fingerprint, TrainParams(device="cpu"), "", "", "",
+                             "", {}, {}, nearest_words=1)
     config = {"n_ctx": 2, "ctx_init": "", "csc": True, "class_token_position": "end", "dataset": "synthetic",
               "shots": 2, "seed": 1, "lr": 0.002, "epochs": 1}
-    write_artifacts(tmp_path, config, context, tiny, data, result, TrainConfig(), "key")
+    write_artifacts(tmp_path, config, settings, tiny, data, result, TrainConfig(), "key")
     vectors = json.loads((tmp_path / "nearest_words.json").read_text())["vectors"]
     assert [(v["label"], v["class"], v["position"]) for v in vectors] == [
         (0, "missile", 1), (0, "missile", 2), (1, "cat", 1), (1, "cat", 2), (2, "missile", 1), (2, "missile", 2)]

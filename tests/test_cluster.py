@@ -30,8 +30,11 @@ from sweep_helpers import (
 )
 
 from pipeline.engine.context import load_context
-from pipeline.sweep.runner import SweepError, check_ray_address
+from pipeline.sweep.cluster import check_ray_address
+from pipeline.sweep.plan import SweepError
 from pipeline.tracking import KEY_TAG, NODE_TAG, PARENT_TAG
+
+pytestmark = pytest.mark.slow  # real Ray nodes and an MLflow server
 
 HEAD_IP, WORKER_IP = "127.0.0.2", "127.0.0.3"
 RAY = str(Path(PYTHON).parent / "ray")
@@ -119,7 +122,7 @@ def test_sweep_spreads_over_two_nodes_and_logs_to_an_mlflow_server(
         tracking={"experiment": "cluster"},
     )
     with mlflow_server(tmp_path / "mlflow") as uri:
-        done = run_cli(["--config", str(params), "--address", cluster.address, "--tracking-uri", uri, "--quiet"],
+        done = run_cli(["--params", str(params), "--address", cluster.address, "--tracking-uri", uri, "--quiet"],
                        env=cluster.env, timeout=400, cwd=tmp_path)
         assert done.returncode == 0, done.stderr[-5000:]
 

@@ -14,8 +14,11 @@ from mlflow import MlflowClient
 from sweep_helpers import DemoWorkspace
 
 from pipeline.params import load_params
-from pipeline.sweep.runner import SweepError, SweepOptions, run_sweep
+from pipeline.sweep.plan import SweepError
+from pipeline.sweep.tuner import SweepOptions, run_sweep
 from pipeline.tracking import GPU_TAG
+
+pytestmark = pytest.mark.slow  # real Ray Tune sweeps
 
 
 @pytest.fixture(scope="module")
@@ -31,11 +34,11 @@ def test_half_gpu_trials_share_the_one_gpu_in_a_random_search(demo_ws: DemoWorks
         "half_gpu",
         data={"shots": [1], "seeds": [1, 2]},
         train={"epochs": 2, "device": "auto"},
-        sweep={"space": {"n_ctx": [2, 4, 8], "csc": [False, True]}, "num_samples": 4, "gpus_per_trial": 0.5,
-               "storage": str(root / "ray"), "results_dir": str(root / "res")},
+        sweep={"search": "random", "space": {"n_ctx": [2, 4, 8], "csc": [False, True]}, "num_samples": 4,
+               "gpus_per_trial": 0.5, "storage": str(root / "ray"), "results_dir": str(root / "res")},
         tracking={"uri": f"sqlite:///{root}/mlflow.db", "experiment": "half"},
     ))
-    outcome = run_sweep(params, SweepOptions(search="random", verbose=0))
+    outcome = run_sweep(params, SweepOptions(verbose=0))
     assert outcome.counts["finished"] == 4
     client = MlflowClient(f"sqlite:///{root}/mlflow.db")
     experiment = client.get_experiment_by_name("half")
@@ -54,4 +57,4 @@ def test_more_gpu_per_trial_than_the_cluster_has_is_refused(demo_ws: DemoWorkspa
         tracking={"uri": f"sqlite:///{root}/mlflow.db", "experiment": "two"},
     ))
     with pytest.raises(SweepError, match="asks for 1 CPU and 2 GPU"):
-        run_sweep(params, SweepOptions(search="grid", verbose=0))
+        run_sweep(params, SweepOptions(verbose=0))

@@ -1,6 +1,7 @@
 """The sweep end to end on the demo dataset: real Ray Tune (one local session for the module), real MLflow
-(SQLite), real feature caches built by the prepare/features stages. The CLI's full run on a Ray cluster and
-an MLflow server is in test_cluster.py."""
+(SQLite), real feature caches built by the prepare/features stages. The command's full run on a Ray cluster
+and an MLflow server is in test_cluster.py; planning and resume state in test_sweep_plan.py and
+test_sweep_resume.py, the command line and --dry-run in test_stages_sweep.py."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ import statistics
 import threading
 import time
 from collections import defaultdict
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -25,13 +27,14 @@ from sweep_helpers import DemoWorkspace, free_port
 from pipeline.engine.backbone import count_tokens
 from pipeline.engine.context import load_context
 from pipeline.params import load_params
-from pipeline.sweep.__main__ import build_parser
-from pipeline.sweep.__main__ import main as cli_main
+from pipeline.sweep.cluster import check_ray_address
 from pipeline.sweep.inputs import MissingInputsError
+from pipeline.sweep.plan import SweepError
 from pipeline.sweep.results import ConfigSummary, TrialRecord, select_best, summarize
-from pipeline.sweep.runner import SweepError, SweepOptions, check_ray_address, run_sweep
-from pipeline.sweep.space import build_space, trial_key
+from pipeline.sweep.space import trial_key
+from pipeline.sweep.tuner import SweepOptions, run_sweep
 from pipeline.tracking import KEY_TAG, PARENT_TAG, REASON_TAG
+from stages.sweep import main as cli_main
 
 WORDS = "a photo of a"
 
@@ -74,49 +77,6 @@ def test_best_is_chosen_on_validation_never_test() -> None:
     assert select_best([ConfigSummary("D", 4, "x", a, [1], [math.nan], [1.0])]) is None
 
 
-# ------------------------------------------------------------------------------------------------- CLI
-
-
-def test_help_explains_every_flag() -> None:
-    text = build_parser().format_help()
-    for flag in ("--search", "--num-samples", "--max-concurrent", "--address", "--resume", "--config",
-                 "--dry-run", "--tracking-uri"):
-        assert flag in text
-    assert "optuna" in text and "Ray" in text and "MLflow" in text
-    parser = build_parser()
-    assert parser.parse_args(["--resume"]).resume == "latest"
-    assert parser.parse_args(["--resume", "grid-1"]).resume == "grid-1"
-    assert parser.parse_args([]).config == "params.yaml"
-
-
-def test_dry_run_prints_the_trials_and_their_count(demo_ws: DemoWorkspace,
-                                                   capsys: pytest.CaptureFixture) -> None:
-    space = {"n_ctx": [4, 8], "ctx_init": ["", WORDS], "csc": [False, True]}
-    params = demo_ws.params("dry", sweep={"space": space, "storage": str(demo_ws.root / "dry-ray")})
-    assert cli_main(["--config", str(params), "--dry-run", "--search", "grid"]) == 0
-    out = capsys.readouterr().out
-    expected = build_space(load_params(params)).enumerate()
-    # 2 shots x 2 seeds x (4 random-init variants + 1 word-init variant)
-    assert len(expected) == 2 * 2 * 5
-    assert f"{len(expected)} trial(s) would run" in out
-    for config in expected:
-        assert trial_key(config) in out
-    assert not (demo_ws.root / "dry-ray").exists()  # a dry run starts nothing
-
-
-def test_cli_errors_name_the_problem(demo_ws: DemoWorkspace, caplog: pytest.LogCaptureFixture) -> None:
-    bad_key = demo_ws.params("badkey", sweep={"space": {"n_ctxx": [4]}})
-    assert cli_main(["--config", str(bad_key), "--dry-run"]) == 2
-    assert "sweep.space.n_ctxx" in caplog.text
-    caplog.clear()
-    nothing = demo_ws.params("nothing", sweep={"space": {"ctx_init": [WORDS]}})
-    assert cli_main(["--config", str(nothing), "--search", "optuna", "--dry-run"]) == 2
-    assert "nothing to search" in caplog.text
-    caplog.clear()
-    assert cli_main(["--config", str(demo_ws.root / "missing.yaml"), "--dry-run"]) == 2
-    assert "does not exist" in caplog.text
-
-
 # ------------------------------------------------------------------------- in-process, one Ray session
 
 
@@ -127,6 +87,7 @@ def ray_session() -> Any:
     ray.shutdown()
 
 
+@pytest.mark.slow
 def test_interrupted_sweep_resumes_without_duplicates(demo_ws: DemoWorkspace,
                                                       ray_session: Any) -> None:
     """Interrupt a sweep the way Ctrl-C does (Tune's graceful stop), then --resume it."""
@@ -194,6 +155,7 @@ def test_interrupted_sweep_resumes_without_duplicates(demo_ws: DemoWorkspace,
     assert sorted(p.name for p in (root / "results" / "contexts").iterdir()) == sorted(keys)
 
 
+@pytest.mark.slow
 def test_optuna_sweep_end_to_end(demo_ws: DemoWorkspace, ray_session: Any) -> None:
     root = demo_ws.root / "optuna"
     space = {"n_ctx": [4, 8], "ctx_init": ["", WORDS], "csc": [False, True], "lr": [0.002, 0.02]}
@@ -201,11 +163,12 @@ def test_optuna_sweep_end_to_end(demo_ws: DemoWorkspace, ray_session: Any) -> No
         "optuna",
         data={"shots": [1, 2], "seeds": [1, 2]},
         train={"epochs": 3, "eval_every": 1},
-        sweep={"space": space, "num_samples": 6, "storage": str(root / "ray"), "results_dir": str(root / "res")},
+        sweep={"search": "optuna", "space": space, "num_samples": 6, "storage": str(root / "ray"),
+               "results_dir": str(root / "res")},
         tracking={"uri": f"sqlite:///{root}/mlflow.db", "experiment": "opt"},
     )
     params = load_params(params_path)
-    outcome = run_sweep(params, SweepOptions(search="optuna", verbose=0))
+    outcome = run_sweep(params, SweepOptions(verbose=0))
     assert outcome.counts["total"] == 6 and outcome.counts["finished"] == 6 and not outcome.interrupted
 
     rows = read_csv(root / "res" / "trials.csv")
@@ -227,7 +190,8 @@ def test_optuna_sweep_end_to_end(demo_ws: DemoWorkspace, ray_session: Any) -> No
         for tag in ("git_commit", "feature_cache", "dataset", "shots", "seed", "backbone", "node_ip",
                     "ray.trial_id"):
             assert tags.get(tag), tag
-        assert {"n_ctx", "ctx_init", "csc", "class_token_position", "lr", "epochs", "train.momentum"} <= set(params_logged)
+        assert {"n_ctx", "ctx_init", "csc", "class_token_position", "lr", "epochs", "train.momentum",
+                "features.views_per_seed", "features.num_workers"} <= set(params_logged)
         assert [m.step for m in client.get_metric_history(child.info.run_id, "loss")] == [1, 2, 3]
         assert [m.step for m in client.get_metric_history(child.info.run_id, "val_acc")] == [1, 2, 3]
         assert {"train_acc", "lr", "test_acc", "val_acc"} <= set(child.data.metrics)
@@ -288,6 +252,7 @@ def _by_setting(summary: list[dict]) -> dict[tuple, list[dict]]:
     return out
 
 
+@pytest.mark.slow
 def test_failing_trial_is_marked_failed_retried_and_the_sweep_goes_on(demo_ws: DemoWorkspace,
                                                                       ray_session: Any) -> None:
     root = demo_ws.root / "failing"
@@ -299,7 +264,7 @@ def test_failing_trial_is_marked_failed_retried_and_the_sweep_goes_on(demo_ws: D
                "results_dir": str(root / "res")},
         tracking={"uri": f"sqlite:///{root}/mlflow.db", "experiment": "fail"},
     )
-    outcome = run_sweep(load_params(params_path), SweepOptions(search="grid", verbose=0))
+    outcome = run_sweep(load_params(params_path), SweepOptions(verbose=0))
     assert outcome.counts["finished"] == 1 and outcome.counts["failed"] == 1
     rows = {float(r["lr"]): r for r in read_csv(root / "res" / "trials.csv")}
     assert rows[0.002]["state"] == "FINISHED"
@@ -311,6 +276,7 @@ def test_failing_trial_is_marked_failed_retried_and_the_sweep_goes_on(demo_ws: D
     assert failed.data.tags["sweep.attempt"] == "2"
 
 
+@pytest.mark.slow
 def test_asha_stops_weak_trials_at_its_rungs_and_says_so(demo_ws: DemoWorkspace,
                                                           ray_session: Any) -> None:
     """9 epochs, grace 1, reduction factor 3: ASHA's rungs are epochs 1 and 3. Trials run one at a time so
@@ -325,7 +291,7 @@ def test_asha_stops_weak_trials_at_its_rungs_and_says_so(demo_ws: DemoWorkspace,
                "asha_reduction_factor": 3, "storage": str(root / "ray"), "results_dir": str(root / "res")},
         tracking={"uri": uri, "experiment": "asha"},
     )
-    outcome = run_sweep(load_params(params_path), SweepOptions(search="grid", verbose=0))
+    outcome = run_sweep(load_params(params_path), SweepOptions(verbose=0))
     rows = read_csv(root / "res" / "trials.csv")
     assert len(rows) == 10 and {r["state"] for r in rows} <= {"FINISHED", "STOPPED"}
     stopped = [r for r in rows if r["state"] == "STOPPED"]
@@ -356,6 +322,7 @@ def test_asha_stops_weak_trials_at_its_rungs_and_says_so(demo_ws: DemoWorkspace,
     assert int(by_key[leader]["last_epoch"]) > 1
 
 
+@pytest.mark.slow
 def test_unreachable_services_and_missing_features_fail_before_any_trial(demo_ws: DemoWorkspace,
                                                                          ray_session: Any) -> None:
     root = demo_ws.root / "errors"
@@ -364,13 +331,13 @@ def test_unreachable_services_and_missing_features_fail_before_any_trial(demo_ws
         tracking={"uri": f"sqlite:///{root}/mlflow.db"},
     ))
     dead = f"127.0.0.1:{free_port()}"
-    for options, needle in (
-        (SweepOptions(address=dead), "does not answer"),
-        (SweepOptions(tracking_uri=f"http://{dead}"), "does not answer"),
+    for with_address, options, needle in (
+        (replace(params, sweep=replace(params.sweep, address=dead)), SweepOptions(), "does not answer"),
+        (params, SweepOptions(tracking_uri=f"http://{dead}"), "does not answer"),
     ):
         start = time.monotonic()
         with pytest.raises(SweepError, match=needle) as info:
-            run_sweep(params, options)
+            run_sweep(with_address, options)
         assert time.monotonic() - start < 15
         assert dead in str(info.value)
     listener = socket.socket()  # accepts connections, never speaks Ray
@@ -393,17 +360,7 @@ def test_unreachable_services_and_missing_features_fail_before_any_trial(demo_ws
     assert not (root / "ray").exists() and not (root / "res").exists()
 
 
-def test_stage_entry_point_runs_the_params_search(demo_ws: DemoWorkspace,
-                                                  capsys: pytest.CaptureFixture) -> None:
-    """stages.sweep is the DVC stage: same code, the params' search (checked through its plan)."""
-    from stages.sweep import main as stage_main
-
-    params = demo_ws.params("stage", sweep={"search": "random", "num_samples": 3, "space": {"n_ctx": [4, 8]}})
-    assert stage_main(["--params", str(params), "--dry-run"]) == 0
-    out = capsys.readouterr().out
-    assert "random: 3 trials" in out and "3 trial(s) would run" in out
-
-
+@pytest.mark.slow
 def test_online_augmentation_trial(demo_ws: DemoWorkspace, ray_session: Any,
                                    capsys: pytest.CaptureFixture) -> None:
     """features.views: online through the sweep: a cache without train views, one trial cropping the demo's
@@ -426,7 +383,7 @@ def test_online_augmentation_trial(demo_ws: DemoWorkspace, ray_session: Any,
         sweep={"space": {"n_ctx": [4]}, "storage": str(root / "ray"), "results_dir": str(root / "res")},
         tracking={"uri": uri, "experiment": "online"},
     )
-    assert cli_main(["--config", str(params_path), "--dry-run"]) == 0
+    assert cli_main(["--params", str(params_path), "--dry-run"]) == 0
     out = capsys.readouterr().out
     assert "1 trial(s) would run" in out and "assumption: features.views = online" in out
     from pipeline.sweep.inputs import load_inputs

@@ -32,7 +32,7 @@ from pipeline.features import (
     open_feature_cache,
 )
 from pipeline.params import Params
-from pipeline.sweep.trial import feature_key
+from pipeline.sweep.plan import feature_key
 
 log = logging.getLogger(__name__)
 

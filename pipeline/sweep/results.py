@@ -64,9 +64,9 @@ class TrialRecord:
             "state": self.state,
             "config": config_label(self.config),
             "last_epoch": "" if self.last_epoch is None else self.last_epoch,
-            "val_acc": _fmt(self.val_acc),
-            "test_acc": _fmt(self.test_acc),
-            "train_seconds": _fmt(self.train_seconds),
+            "val_acc": _csv_number(self.val_acc),
+            "test_acc": _csv_number(self.test_acc),
+            "train_seconds": _csv_number(self.train_seconds),
             "node_ip": self.node_ip,
             "mlflow_run_id": self.mlflow_run_id,
             "reason": self.reason.replace("\n", " ")[:500],
@@ -100,10 +100,10 @@ class ConfigSummary:
             **{k: self.config[k] for k in HYPER_KEYS},
             "n_seeds": len(self.seeds),
             "seeds": " ".join(map(str, sorted(self.seeds))),
-            "val_acc_mean": _fmt(self.val_mean),
-            "val_acc_std": _fmt(_std(self.val)),
-            "test_acc_mean": _fmt(self.test_mean),
-            "test_acc_std": _fmt(_std(self.test)),
+            "val_acc_mean": _csv_number(self.val_mean),
+            "val_acc_std": _csv_number(_std(self.val)),
+            "test_acc_mean": _csv_number(self.test_mean),
+            "test_acc_std": _csv_number(_std(self.test)),
             "best": self.best,
         }
 
@@ -122,7 +122,8 @@ def _std(values: list[float]) -> float:
     return statistics.pstdev(values) if values else math.nan
 
 
-def _fmt(value: float | None) -> float | str:
+def _csv_number(value: float | None) -> float | str:
+    """A number as a CSV cell: 4 decimals, or empty when missing or not finite."""
     return round(value, 4) if _finite(value) else ""
 
 
@@ -190,8 +191,8 @@ def metrics_json(records: Sequence[TrialRecord], summaries: Sequence[ConfigSumma
 def plot_rows(summaries: Sequence[ConfigSummary]) -> list[dict[str, Any]]:
     rows = []
     for s in summaries:
-        entry = {"dataset": s.dataset, "config": s.label, "shots": s.shots, "test_acc": _fmt(s.test_mean),
-                 "test_acc_std": _fmt(_std(s.test)), "val_acc": _fmt(s.val_mean), "n_seeds": len(s.seeds)}
+        entry = {"dataset": s.dataset, "config": s.label, "shots": s.shots, "test_acc": _csv_number(s.test_mean),
+                 "test_acc_std": _csv_number(_std(s.test)), "val_acc": _csv_number(s.val_mean), "n_seeds": len(s.seeds)}
         rows.append({"series": f"{s.dataset} | {s.label}", **entry})
         if s.best:
             rows.append({"series": f"{s.dataset} | best by val", **entry})

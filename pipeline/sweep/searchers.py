@@ -10,12 +10,16 @@ from __future__ import annotations
 
 import json
 import logging
+import warnings
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ray.tune.search import Searcher
 
 from pipeline.sweep.space import SearchSpace, trial_key
+
+if TYPE_CHECKING:
+    from pipeline.sweep.plan import SweepPlan
 
 log = logging.getLogger(__name__)
 
@@ -157,3 +161,22 @@ class UniqueSearcher(Searcher):
     def on_unpause(self, trial_id: str) -> None:
         self.searcher.on_unpause(self._inner_ids.get(trial_id, trial_id))
 
+
+def build_searcher(plan: SweepPlan, optuna_seed: int) -> Searcher:
+    """The plan's list in order (grid, random), or TPE seeded by `optuna_seed` that never repeats a configuration."""
+    if plan.search != "optuna":
+        return ConfigListSearcher(plan.configs)
+    import optuna
+    from ray.tune.search.optuna import OptunaSearch
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        # group=True models the conditional space (n_ctx/csc exist only under random init) jointly; fewer
+        # random start-up trials than Optuna's 10 so TPE gets to act within a small budget.
+        sampler = optuna.samplers.TPESampler(
+            seed=optuna_seed, multivariate=True, group=True,
+            n_startup_trials=max(2, min(10, plan.num_samples // 2)),
+        )
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    inner = OptunaSearch(space=plan.space.define_by_run(), metric=METRIC, mode=MODE, sampler=sampler)
+    return UniqueSearcher(inner, plan.space)

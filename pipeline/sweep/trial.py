@@ -10,6 +10,7 @@ test accuracy too, which the sweep records but never selects on.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import logging
@@ -30,63 +31,82 @@ from pipeline.engine.interpret import format_entry, nearest_word_entries
 from pipeline.engine.prompt import PromptConfig, resolve_n_ctx
 from pipeline.engine.train import EpochMetrics, TrainConfig, TrainResult, train_coop
 from pipeline.features import FewShotFeatures
+from pipeline.params import FeatureParams, TrainParams
+from pipeline.sweep.plan import feature_key
 from pipeline.sweep.space import config_label, trial_key
 from pipeline.tracking import GPU_TAG, NODE_TAG, RAY_TRIAL_TAG, SWEEP_TAG, TrialRun
 
 log = logging.getLogger(__name__)
 
 
+# TrainConfig fields each trial takes from its own configuration; every other one comes from train.* in params.
+TRIAL_TRAIN_KEYS = ("lr", "epochs", "precision", "seed")
+
+
 @dataclass(frozen=True)
-class TrialContext:
+class TrialSettings:
     """Everything a trial needs besides its configuration and features; the same for every trial."""
 
     sweep_name: str
     arch: str
     pretrained: str | None
     backbone_fingerprint: str
-    device: str  # train.device: auto | cpu | cuda | cuda:N
-    train: dict[str, Any]  # train.* settings the space does not vary (momentum, batch_size, eval_every, ...)
+    train: TrainParams  # train.* of params; the trial's configuration overrides TRIAL_TRAIN_KEYS
     tracking_uri: str
     experiment_id: str
     parent_run_id: str
     git_commit: str
     cache_fingerprints: dict[str, str]  # dataset -> fingerprint of its feature cache
-    feature_settings: dict[str, Any]  # features.views / dtype / seed, for the record
+    feature_settings: dict[str, Any]  # recorded_feature_settings(params.features)
     nearest_words: int = 3
     cpus_per_trial: float = 1.0
 
 
-def feature_key(dataset: str, shots: int, seed: int) -> str:
-    return f"{dataset}|{shots}|{seed}"
+def recorded_feature_settings(features: FeatureParams) -> dict[str, Any]:
+    """The features.* settings that shape a trial's inputs, as its MLflow params and config.json record them."""
+    return {"views": features.views, "views_per_seed": features.views_per_seed, "dtype": features.dtype,
+            "seed": features.seed, "num_workers": features.num_workers}
+
+
+def shared_train_settings(train: TrainParams) -> dict[str, Any]:
+    """The TrainConfig fields every trial of the sweep shares, as train.* in params gives them."""
+    return {f.name: getattr(train, f.name) for f in dataclasses.fields(TrainConfig) if f.name not in TRIAL_TRAIN_KEYS}
+
+
+def train_config(train: TrainParams, config: dict[str, Any]) -> TrainConfig:
+    """The trial's TrainConfig: train.* from params, with the lr, epochs, precision and seed of its configuration."""
+    return TrainConfig(**shared_train_settings(train), lr=config["lr"], epochs=int(config["epochs"]),
+                       precision=config["precision"], seed=config["seed"])
 
 
 def run_name(config: dict[str, Any]) -> str:
     return f"{config['dataset']}-{config['shots']}shot-seed{config['seed']} {config_label(config)}"
 
 
-def trial_params(config: dict[str, Any], context: TrialContext) -> dict[str, Any]:
+def trial_params(config: dict[str, Any], settings: TrialSettings) -> dict[str, Any]:
     """Every setting that determines the trial's result, as logged to MLflow."""
     return {
         **config,
         "n_ctx_effective": resolve_n_ctx(PromptConfig(config["n_ctx"], config["ctx_init"])),
-        **{f"train.{k}": v for k, v in sorted(context.train.items())},
-        **{f"features.{k}": v for k, v in sorted(context.feature_settings.items())},
-        "backbone.arch": context.arch,
-        "backbone.pretrained": context.pretrained,
+        **{f"train.{k}": v for k, v in sorted(shared_train_settings(settings.train).items())},
+        **{f"features.{k}": v for k, v in sorted(settings.feature_settings.items())},
+        "backbone.arch": settings.arch,
+        "backbone.pretrained": settings.pretrained,
     }
 
 
-def trial_tags(config: dict[str, Any], context: TrialContext, key: str, trial_id: str, node_ip: str) -> dict[str, Any]:
+def trial_tags(config: dict[str, Any], settings: TrialSettings, key: str, trial_id: str,
+               node_ip: str) -> dict[str, Any]:
     return {
-        SWEEP_TAG: context.sweep_name,
+        SWEEP_TAG: settings.sweep_name,
         RAY_TRIAL_TAG: trial_id,
         NODE_TAG: node_ip,
         GPU_TAG: ",".join(str(g) for g in ray.get_gpu_ids()) or "none",  # shared GPUs show the same id
         "hostname": socket.gethostname(),
-        "git_commit": context.git_commit,
-        "feature_cache": context.cache_fingerprints.get(config["dataset"], "unknown"),
-        "backbone": f"{context.arch}/{context.pretrained or 'random'}",
-        "backbone_fingerprint": context.backbone_fingerprint,
+        "git_commit": settings.git_commit,
+        "feature_cache": settings.cache_fingerprints.get(config["dataset"], "unknown"),
+        "backbone": f"{settings.arch}/{settings.pretrained or 'random'}",
+        "backbone_fingerprint": settings.backbone_fingerprint,
         "dataset": config["dataset"],
         "shots": config["shots"],
         "seed": config["seed"],
@@ -113,13 +133,13 @@ def _backbone(arch: str, pretrained: str | None, device: str) -> Backbone:
         return load_backbone(arch, pretrained, device=device)
 
 
-def write_artifacts(folder: Path, config: dict[str, Any], context: TrialContext, backbone: Backbone,
+def write_artifacts(folder: Path, config: dict[str, Any], settings: TrialSettings, backbone: Backbone,
                     data: FewShotFeatures, result: TrainResult, train_cfg: TrainConfig, key: str) -> None:
     """ctx.safetensors + ctx.json (the learned context), its nearest words, and the resolved config."""
     prompt = PromptConfig(config["n_ctx"], config["ctx_init"], config["csc"], config["class_token_position"])
     meta = ContextMeta(
-        arch=context.arch,
-        pretrained=context.pretrained,
+        arch=settings.arch,
+        pretrained=settings.pretrained,
         fingerprint=backbone.fingerprint,
         n_ctx=resolve_n_ctx(prompt),
         class_token_position=prompt.class_token_position,
@@ -131,27 +151,27 @@ def write_artifacts(folder: Path, config: dict[str, Any], context: TrialContext,
         seed=config["seed"],
         val_acc=result.val_acc,
         test_acc=result.test_acc,
-        extra={"trial_key": key, "sweep": context.sweep_name, "lr": config["lr"], "epochs": config["epochs"]},
+        extra={"trial_key": key, "sweep": settings.sweep_name, "lr": config["lr"], "epochs": config["epochs"]},
     )
     ctx = result.ctx
     save_context(folder / "ctx.safetensors", ctx, meta)
 
     # CSC rows are named by label and class name: ImageNet has two classes called 'missile'.
-    entries = nearest_word_entries(ctx, backbone, data.classnames, k=context.nearest_words)
+    entries = nearest_word_entries(ctx, backbone, data.classnames, k=settings.nearest_words)
     lines = [format_entry(entry) for entry in entries]
-    (folder / "nearest_words.json").write_text(json.dumps({"k": context.nearest_words, "vectors": entries}, indent=2))
+    (folder / "nearest_words.json").write_text(json.dumps({"k": settings.nearest_words, "vectors": entries}, indent=2))
     (folder / "nearest_words.txt").write_text("\n".join(lines) + "\n")
 
     resolved = {
         "trial_key": key,
-        "sweep": context.sweep_name,
+        "sweep": settings.sweep_name,
         "config": config,
         "prompt": asdict(prompt) | {"n_ctx_effective": meta.n_ctx},
         "train": train_cfg.to_dict(),
-        "backbone": {"arch": context.arch, "pretrained": context.pretrained, "fingerprint": backbone.fingerprint},
-        "features": {**context.feature_settings, "cache": context.cache_fingerprints.get(config["dataset"])},
+        "backbone": {"arch": settings.arch, "pretrained": settings.pretrained, "fingerprint": backbone.fingerprint},
+        "features": {**settings.feature_settings, "cache": settings.cache_fingerprints.get(config["dataset"])},
         "device": str(backbone.device),
-        "git_commit": context.git_commit,
+        "git_commit": settings.git_commit,
     }
     (folder / "config.json").write_text(json.dumps(resolved, indent=2, sort_keys=True))
 
@@ -163,21 +183,21 @@ def _close(run: TrialRun, status: str, reason: str = "") -> None:
         log.error("could not mark MLflow run %s %s: %s", run.run_id, status, error)
 
 
-def run_trial(config: dict[str, Any], context: TrialContext, features: dict[str, ray.ObjectRef]) -> None:
-    """Ray Tune function trainable; `context` and `features` arrive through tune.with_parameters."""
+def run_trial(config: dict[str, Any], settings: TrialSettings, features: dict[str, ray.ObjectRef]) -> None:
+    """Ray Tune function trainable; `settings` and `features` arrive through tune.with_parameters."""
     config = dict(config)
     key = trial_key(config)
-    torch.set_num_threads(max(1, int(context.cpus_per_trial)))
+    torch.set_num_threads(max(1, int(settings.cpus_per_trial)))
     trial_id = tune.get_context().get_trial_id() or ""
     node_ip = ray.util.get_node_ip_address()
     run, finished = TrialRun.open(
-        context.tracking_uri,
-        context.experiment_id,
-        context.parent_run_id,
+        settings.tracking_uri,
+        settings.experiment_id,
+        settings.parent_run_id,
         key,
         run_name(config),
-        trial_params(config, context),
-        trial_tags(config, context, key, trial_id, node_ip),
+        trial_params(config, settings),
+        trial_tags(config, settings, key, trial_id, node_ip),
     )
     if finished is not None:
         # Resumed sweep: this trial completed before the interruption; report its result, do not retrain.
@@ -193,16 +213,15 @@ def run_trial(config: dict[str, Any], context: TrialContext, features: dict[str,
     last_epoch = 0
     try:
         data: FewShotFeatures = ray.get(features[feature_key(config["dataset"], config["shots"], config["seed"])])
-        backbone = _backbone(context.arch, context.pretrained, trial_device(context.device))
-        if backbone.fingerprint != context.backbone_fingerprint:
+        backbone = _backbone(settings.arch, settings.pretrained, trial_device(settings.train.device))
+        if backbone.fingerprint != settings.backbone_fingerprint:
             raise RuntimeError(
                 f"this worker's backbone weights ({backbone.fingerprint}) differ from the driver's "
-                f"({context.backbone_fingerprint}) that encoded the features; give every node the same "
-                f"{context.arch} / {context.pretrained} weights"
+                f"({settings.backbone_fingerprint}) that encoded the features; give every node the same "
+                f"{settings.arch} / {settings.pretrained} weights"
             )
         prompt = PromptConfig(config["n_ctx"], config["ctx_init"], config["csc"], config["class_token_position"])
-        train_cfg = TrainConfig(**{**context.train, "lr": config["lr"], "epochs": epochs,
-                                   "precision": config["precision"], "seed": config["seed"]})
+        train_cfg = train_config(settings.train, config)
 
         def on_epoch(m: EpochMetrics) -> None:
             nonlocal last_epoch
@@ -215,7 +234,7 @@ def run_trial(config: dict[str, Any], context: TrialContext, features: dict[str,
 
         result = train_coop(backbone, data, prompt, train_cfg, epochs, on_epoch=on_epoch, progress=False)
         with tempfile.TemporaryDirectory(prefix="coop-trial-") as tmp:
-            write_artifacts(Path(tmp), config, context, backbone, data, result, train_cfg, key)
+            write_artifacts(Path(tmp), config, settings, backbone, data, result, train_cfg, key)
             run.log_artifacts(Path(tmp))
         run.log_metrics({"test_acc": result.test_acc, "train_seconds": result.train_seconds}, step=epochs,
                         flush=True)

@@ -1,0 +1,317 @@
+"""Run a planned sweep on Ray Tune: check tracking and cluster, fit, settle the MLflow runs, write the results.
+
+Order matters for failing fast: the plan (space errors), the tracking server (seconds), the Ray address
+(seconds) and the feature caches are all checked before a Ray worker starts or a trial runs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from pipeline.params import Params
+from pipeline.sweep.cluster import check_ray_address, check_resources, init_ray, resolve_address
+from pipeline.sweep.plan import SweepError, SweepPlan, check_precision, plan_sweep
+from pipeline.sweep.results import ResultFiles, TrialRecord, counts, summarize, write_results
+from pipeline.sweep.resume import SweepState, read_state, write_state
+from pipeline.sweep.space import CONFIG_KEYS, max_epochs, trial_key
+from pipeline.tracking import (
+    NODE_TAG,
+    REASON_TAG,
+    SweepRun,
+    TrackingError,
+    TrialOutcome,
+    check_tracking_uri,
+    git_commit,
+    resolve_tracking_uri,
+)
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class SweepOptions:
+    """Choices of one sweep run that are not params (those override params.sweep via dataclasses.replace)."""
+
+    resume: str | None = None  # "latest" or an experiment name
+    tracking_uri: str | None = None  # --tracking-uri: outranks MLFLOW_TRACKING_URI, which outranks tracking.uri
+    verbose: int = 1  # Ray Tune's progress output: 0 silent, 1 status table
+
+
+@dataclass
+class SweepOutcome:
+    name: str
+    experiment_path: Path
+    tracking_uri: str
+    experiment_id: str
+    parent_run_id: str
+    records: list[TrialRecord]
+    files: ResultFiles
+    wall_seconds: float
+    fit_seconds: float
+    interrupted: bool
+    counts: dict[str, int] = field(default_factory=dict)
+
+
+def run_sweep(params: Params, options: SweepOptions) -> SweepOutcome:
+    """Plan, check, run and record one sweep (or resume one); see the module docstring for the order."""
+    start = time.perf_counter()
+    storage = Path(params.sweep.storage).resolve()
+    state = read_state(storage, options.resume) if options.resume else None
+    if state is not None:
+        params = dataclasses.replace(params, sweep=dataclasses.replace(params.sweep, search=state.search))
+    plan = plan_sweep(params)
+    check_precision(params, plan)
+    if state is not None:
+        state.check_plan(plan)
+
+    uri = state.tracking_uri if state is not None else resolve_tracking_uri(options.tracking_uri, params.tracking.uri)
+    if state is not None and options.tracking_uri and options.tracking_uri != uri:
+        log.warning("resuming with the sweep's own tracking URI %s (ignoring %s)", uri, options.tracking_uri)
+    try:
+        check_tracking_uri(uri, timeout=params.tracking.check_timeout_s)
+    except TrackingError as error:
+        raise SweepError(str(error)) from None
+    address = resolve_address(params)
+    if address:
+        check_ray_address(address)
+
+    from pipeline.sweep.inputs import load_inputs
+
+    inputs = load_inputs(params, plan.triples)
+
+    name = state.name if state is not None else (
+        params.sweep.name or f"{plan.search}-{datetime.now():%Y%m%d-%H%M%S}")
+    experiment_path = storage / name
+    if state is None and experiment_path.exists():
+        raise SweepError(f"a sweep named {name!r} already exists under {storage}; resume it with --resume {name} "
+                         "or choose another --name")
+
+    commit = git_commit()
+    if state is None:
+        parent = SweepRun.start(
+            uri, params.tracking.experiment, name,
+            params={"search": plan.search, "num_samples": plan.num_samples, "max_concurrent": plan.max_concurrent,
+                    "asha": params.sweep.asha, "retries": params.sweep.retries,
+                    "space": json.dumps({k: list(v) for k, v in plan.space.values.items()}),
+                    "backbone": f"{params.backbone.arch}/{params.backbone.pretrained}",
+                    "cpus_per_trial": params.sweep.cpus_per_trial, "gpus_per_trial": params.sweep.gpus_per_trial},
+            tags={"git_commit": commit, "search": plan.search, "backbone_fingerprint": inputs.backbone.fingerprint,
+                  "ray_experiment": str(experiment_path),
+                  **{f"feature_cache.{d}": fp for d, fp in inputs.cache_fingerprints.items()}},
+        )
+        write_state(storage, SweepState(
+            name=name, search=plan.search, plan=plan.fingerprint(), tracking_uri=uri,
+            experiment_id=parent.experiment_id, parent_run_id=parent.run_id,
+            created=datetime.now().isoformat(timespec="seconds"),
+        ))
+    else:
+        parent = SweepRun.reopen(uri, state.parent_run_id)
+    log.info("sweep %s: MLflow parent run %s in %s", name, parent.run_id, uri)
+
+    started_ray = False
+    try:
+        started_ray = init_ray(address)
+        outcome = _fit(params, options, plan, inputs, parent, name, experiment_path, commit, resume=state is not None)
+    except BaseException:
+        parent.client.set_terminated(parent.run_id, "FAILED")
+        raise
+    finally:
+        if started_ray:
+            import ray
+
+            ray.shutdown()
+    outcome.wall_seconds = time.perf_counter() - start
+    return outcome
+
+
+def _trial_dirname(trial: Any) -> str:
+    # Ray's default folder name spells out the whole config (ctx_init strings included): too long.
+    return f"trial_{trial.trial_id}"
+
+
+def _scheduler(plan: SweepPlan, params: Params) -> Any:
+    """ASHA on val_acc by epoch when sweep.asha (or --asha), else None: every trial runs to its last epoch."""
+    if not params.sweep.asha:
+        return None
+    from ray.tune.schedulers import ASHAScheduler
+
+    if params.train.eval_every < 1:
+        log.warning("ASHA acts on intermediate val_acc, but train.eval_every=0 evaluates only at the end; "
+                    "set train.eval_every > 0 for early stopping to happen")
+    top = max_epochs(plan.configs)
+    return ASHAScheduler(time_attr="epoch", metric="val_acc", mode="max", max_t=top,
+                         grace_period=min(params.sweep.asha_grace_epochs, top),
+                         reduction_factor=params.sweep.asha_reduction_factor)
+
+
+def _records(results: Any, children: dict[str, Any], plan: SweepPlan, ended: set[str]) -> list[TrialRecord]:
+    """One record per trial, with its final state, accuracies and MLflow run.
+
+    Planned grid/random trials that Ray never created (the sweep was interrupted first) are listed as
+    UNFINISHED too, so trials.csv always shows the whole plan.
+    """
+    # Ray's Trial objects (status, id) sit beside the Results in the same order; Result has no status.
+    trials = list(getattr(getattr(results, "_experiment_analysis", None), "trials", None) or [])
+    records = []
+    for index, result in enumerate(results):
+        trial = trials[index] if index < len(trials) else None
+        config = {k: result.config[k] for k in CONFIG_KEYS}
+        key = trial_key(config)
+        metrics = result.metrics or {}
+        trial_id = trial.trial_id if trial is not None else str(metrics.get("trial_id", ""))
+        status = trial.status if trial is not None else "TERMINATED"
+        run = children.get(key)
+        test = metrics.get("test_acc")
+        if result.error is not None:
+            state = "FAILED"
+        elif isinstance(test, (int, float)) and math.isfinite(test):
+            state = "FINISHED"
+        elif status == "TERMINATED" and trial_id in ended:
+            state = "STOPPED"
+        else:
+            state = "UNFINISHED"
+        reason = run.data.tags.get(REASON_TAG, "") if run is not None else ""
+        if not reason and result.error is not None:
+            reason = f"{type(result.error).__name__}: {str(result.error).strip().splitlines()[-1][:300]}"
+        records.append(TrialRecord(
+            config=config, trial_id=trial_id, trial_key=key, state=state,
+            val_acc=metrics.get("val_acc"), test_acc=test if state == "FINISHED" else None,
+            train_seconds=metrics.get("train_seconds"),
+            last_epoch=metrics.get("epoch"),
+            node_ip=(run.data.tags.get(NODE_TAG, "") if run is not None else "") or str(metrics.get("node_ip", "")),
+            mlflow_run_id=run.info.run_id if run is not None else str(metrics.get("mlflow_run_id", "")),
+            reason=reason if state != "FINISHED" else "",
+        ))
+    if plan.search != "optuna":
+        created = {r.trial_key for r in records}
+        records += [TrialRecord(config=dict(c), trial_key=trial_key(c), reason="not started")
+                    for c in plan.configs if trial_key(c) not in created]
+    return records
+
+
+def _failure_reason(record: TrialRecord) -> str:
+    """What MLflow's sweep.failure_reason tag should say about a trial that did not finish."""
+    if record.state == "STOPPED":
+        return (f"stopped early by ASHA at epoch {record.last_epoch} of {record.config['epochs']} "
+                f"(val_acc {record.val_acc} below its rung)")
+    if record.state == "UNFINISHED":
+        return "the sweep was interrupted before this trial finished; resume it with --resume"
+    return record.reason
+
+
+def _parent_metrics(records: list[TrialRecord]) -> dict[str, float]:
+    metrics: dict[str, float] = {f"trials_{k}": v for k, v in counts(records).items()}
+    for s in summarize(records):
+        if s.best:
+            metrics[f"best_val_acc.{s.dataset}.{s.shots}shot"] = s.val_mean
+            metrics[f"best_test_acc.{s.dataset}.{s.shots}shot"] = s.test_mean
+    return {k: v for k, v in metrics.items() if math.isfinite(v)}
+
+
+def _fit(params: Params, options: SweepOptions, plan: SweepPlan, inputs: Any, parent: SweepRun, name: str,
+         experiment_path: Path, commit: str, resume: bool) -> SweepOutcome:
+    import ray
+    from ray import tune
+
+    from pipeline.sweep.callbacks import WATCHERS, EndWatcher
+    from pipeline.sweep.contexts import export_contexts
+    from pipeline.sweep.searchers import build_searcher
+    from pipeline.sweep.trial import (
+        TrialSettings,
+        recorded_feature_settings,
+        run_name,
+        run_trial,
+        trial_params,
+    )
+
+    check_resources(params)
+    refs = {k: ray.put(v) for k, v in inputs.features.items()}
+    settings = TrialSettings(
+        sweep_name=name,
+        arch=params.backbone.arch,
+        pretrained=inputs.backbone.pretrained,
+        backbone_fingerprint=inputs.backbone.fingerprint,
+        train=params.train,
+        tracking_uri=parent.uri,
+        experiment_id=parent.experiment_id,
+        parent_run_id=parent.run_id,
+        git_commit=commit,
+        cache_fingerprints=inputs.cache_fingerprints,
+        feature_settings=recorded_feature_settings(params.features),
+        nearest_words=params.sweep.nearest_words,
+        cpus_per_trial=params.sweep.cpus_per_trial,
+    )
+    trainable = tune.with_resources(
+        tune.with_parameters(run_trial, settings=settings, features=refs),
+        {"cpu": params.sweep.cpus_per_trial, "gpu": params.sweep.gpus_per_trial},
+    )
+    fit_start = time.perf_counter()
+    if resume:
+        if not tune.Tuner.can_restore(str(experiment_path)):
+            raise SweepError(f"no Ray Tune state at {experiment_path} to resume from (was the sweep ever started?)")
+        tuner = tune.Tuner.restore(str(experiment_path), trainable=trainable, resume_unfinished=True,
+                                   resume_errored=False, restart_errored=False)
+    else:
+        tuner = tune.Tuner(
+            trainable,
+            tune_config=tune.TuneConfig(
+                search_alg=build_searcher(plan, params.sweep.optuna_seed),
+                scheduler=_scheduler(plan, params),
+                num_samples=plan.num_samples,
+                max_concurrent_trials=plan.max_concurrent,
+                reuse_actors=True,  # one worker process (and backbone load) serves many trials
+                trial_dirname_creator=_trial_dirname,
+            ),
+            run_config=tune.RunConfig(
+                name=name,
+                storage_path=str(experiment_path.parent),
+                failure_config=tune.FailureConfig(max_failures=params.sweep.retries),
+                callbacks=[EndWatcher(name)],
+                verbose=options.verbose,
+            ),
+        )
+    results = tuner.fit()
+    fit_seconds = time.perf_counter() - fit_start
+    watcher = WATCHERS.pop(name, None)
+    ended = watcher.all_ended() if watcher is not None else set()
+
+    # Settle MLflow: each child run agrees with Ray's final word on its trial (a worker that crashed or was
+    # stopped could not close its own run), then the records are read again with the settled runs.
+    children = {r.data.tags.get("sweep.trial_key"): r for r in parent.children()}
+    records = _records(results, children, plan, ended)
+    outcomes = {}
+    for record in records:
+        outcomes[record.trial_key] = TrialOutcome(
+            state=record.state,
+            reason=_failure_reason(record),
+            run_name=run_name(record.config),
+            params=trial_params(record.config, settings),
+            tags={"sweep.name": name, "ray.trial_id": record.trial_id, "dataset": record.config["dataset"],
+                  "shots": record.config["shots"], "seed": record.config["seed"], "git_commit": commit},
+        )
+    parent.settle(outcomes)
+    children = {r.data.tags.get("sweep.trial_key"): r for r in parent.children()}
+    records = _records(results, children, plan, ended)
+
+    results_dir = Path(params.sweep.results_dir).resolve()
+    exported = export_contexts(parent.uri, records, results_dir / "contexts", progress=options.verbose > 0)
+    log.info("copied %d learned context(s) from MLflow into %s", exported, results_dir / "contexts")
+    files = write_results(results_dir, records)
+    tally = counts(records)
+    # Fewer optuna trials than asked for means Tune stopped early (the searcher caps num_samples itself).
+    interrupted = tally["unfinished"] > 0 or len(records) < plan.num_samples
+    parent.finish("KILLED" if interrupted else "FINISHED", _parent_metrics(records), files.all())
+    if interrupted:
+        log.warning("sweep %s interrupted with %d unfinished trial(s); continue it with: "
+                    "python -m pipeline.sweep --resume %s", name, tally["unfinished"], name)
+    log.info("sweep %s: %s; results in %s", name, ", ".join(f"{v} {k}" for k, v in tally.items()), files.trials.parent)
+    return SweepOutcome(name, experiment_path, parent.uri, parent.experiment_id, parent.run_id, records, files,
+                        0.0, fit_seconds, interrupted, tally)

@@ -1,0 +1,112 @@
+"""The sweep command (stages/sweep.py, also `python -m pipeline.sweep`): flags, --dry-run, exit status."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from sweep_helpers import REPO, base_params
+
+from pipeline.params import load_params
+from pipeline.sweep.space import build_space, trial_key
+from stages.sweep import build_parser, main, with_flags
+
+WORDS = "a photo of a"
+
+
+def write_params(folder: Path, name: str, **sections: dict) -> Path:
+    """The sweep tests' base params (paths inside `folder`, nothing built there) with `sections` merged in."""
+    data = base_params(folder)
+    for section, values in sections.items():
+        data.setdefault(section, {}).update(values)
+    path = folder / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    return path
+
+
+def test_help_explains_every_flag() -> None:
+    text = build_parser().format_help()
+    for flag in ("--params", "--log-level", "--search", "--num-samples", "--max-concurrent", "--address", "--resume",
+                 "--tracking-uri", "--name", "--asha", "--no-asha", "--dry-run", "--quiet"):
+        assert flag in text
+    assert "optuna" in text and "Ray" in text and "MLflow" in text and "exit status" in text
+    parser = build_parser()
+    assert parser.parse_args(["--resume"]).resume == "latest"
+    assert parser.parse_args(["--resume", "grid-1"]).resume == "grid-1"
+    assert parser.parse_args([]).params == Path("params.yaml")
+
+
+def test_flags_replace_the_params_they_name(tmp_path: Path) -> None:
+    params = load_params(write_params(tmp_path, "p", sweep={"search": "random", "num_samples": 3, "asha": True,
+                                                            "address": "10.0.0.1:6379", "name": "mine"}))
+    parser = build_parser()
+    assert with_flags(params, parser.parse_args([])) == params
+    changed = with_flags(params, parser.parse_args(["--search", "optuna", "--num-samples", "9", "--max-concurrent",
+                                                    "4", "--address", "auto", "--name", "other", "--no-asha"]))
+    assert changed.sweep.search == "optuna" and changed.sweep.num_samples == 9 and changed.sweep.max_concurrent == 4
+    assert changed.sweep.address == "auto" and changed.sweep.name == "other" and changed.sweep.asha is False
+    assert changed.sweep.space == params.sweep.space and changed.train == params.train
+
+
+def test_dry_run_prints_the_trials_and_their_count(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    space = {"n_ctx": [4, 8], "ctx_init": ["", WORDS], "csc": [False, True]}
+    params = write_params(tmp_path, "dry", sweep={"search": "random", "space": space,
+                                                  "storage": str(tmp_path / "dry-ray")})
+    assert main(["--params", str(params), "--dry-run", "--search", "grid"]) == 0
+    out = capsys.readouterr().out
+    expected = build_space(load_params(params)).enumerate()
+    # 2 shots x 2 seeds x (4 random-init variants + 1 word-init variant)
+    assert len(expected) == 2 * 2 * 5
+    assert out.startswith(f"grid: {len(expected)} trials:") and f"{len(expected)} trial(s) would run" in out
+    for config in expected:
+        assert trial_key(config) in out
+    assert "GPU-hours" in out or "GPU hours" in out  # the cost estimate follows the listing
+    assert not (tmp_path / "dry-ray").exists()  # a dry run starts nothing
+
+
+def test_dry_run_of_the_params_search(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """What dvc.yaml runs: every choice from the params file."""
+    params = write_params(tmp_path, "stage", sweep={"search": "random", "num_samples": 3, "space": {"n_ctx": [4, 8]}})
+    assert main(["--params", str(params), "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "random: 3 trials" in out and "3 trial(s) would run" in out
+
+
+def test_errors_name_the_problem_and_exit_2(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    bad_key = write_params(tmp_path, "badkey", sweep={"space": {"n_ctxx": [4]}})
+    assert main(["--params", str(bad_key), "--dry-run"]) == 2
+    assert "sweep.space.n_ctxx" in caplog.text
+    caplog.clear()
+    nothing = write_params(tmp_path, "nothing", sweep={"space": {"ctx_init": [WORDS]}})
+    assert main(["--params", str(nothing), "--search", "optuna", "--dry-run"]) == 2
+    assert "nothing to search" in caplog.text
+    caplog.clear()
+    assert main(["--params", str(write_params(tmp_path, "ok")), "--num-samples", "0", "--search", "random",
+                 "--dry-run"]) == 2
+    assert "sweep.num_samples (--num-samples)" in caplog.text
+    caplog.clear()
+    assert main(["--params", str(tmp_path / "missing.yaml"), "--dry-run"]) == 2
+    assert "does not exist" in caplog.text
+
+
+def test_quiet_keeps_warnings_only(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    params = str(write_params(tmp_path, "q"))
+    assert main(["--params", params, "--dry-run", "--num-samples", "3"]) == 0
+    assert "--num-samples is ignored" in caplog.text  # grid: an INFO message
+    caplog.clear()
+    assert main(["--params", params, "--dry-run", "--num-samples", "3", "--quiet"]) == 0
+    assert "--num-samples is ignored" not in caplog.text
+
+
+def test_python_m_pipeline_sweep_is_the_same_command(tmp_path: Path) -> None:
+    params = write_params(tmp_path, "m", sweep={"space": {"n_ctx": [4, 8]}})
+    done = subprocess.run([sys.executable, "-m", "pipeline.sweep", "--params", str(params), "--dry-run"], cwd=REPO,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "grid: 8 trials:" in done.stdout and "8 trial(s) would run" in done.stdout
+    bad = subprocess.run([sys.executable, "-m", "pipeline.sweep", "--params", str(tmp_path / "none.yaml")],
+                         cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and "does not exist" in bad.stderr
