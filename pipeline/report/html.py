@@ -147,7 +147,7 @@ def section_domain(data: ReportData) -> str:
     summary = domain_shift_table(data.domain_shift_rows)
     if summary is None:
         return empty_note("No domain-shift results: they need ImageNet trials and the ImageNet variants in "
-                          "data.datasets (run python -m pipeline.domain_shift).")
+                          "data.datasets (run python -m stages.domain_shift).")
     rows = []
     for name, by_target in summary.accuracy.items():
         cells = [mean_std_text(*by_target[t]) if t in by_target else "" for t in summary.targets]
