@@ -1,7 +1,7 @@
 """Copy the learned contexts of finished trials from MLflow into ``<results_dir>/contexts/<trial_key>/``.
 
 Trials upload their artifacts to the tracking server from whichever node they ran on; the driver brings
-them together afterwards so `pipeline.predict`, the baselines and the report (and DVC, which tracks the
+them together afterwards so the predict tool, the baselines and the report (and DVC, which tracks the
 folder) find every context on local disk. Each trial's folder appears atomically (download into a temp
 folder, then rename); folders of trials that are not in this sweep's table are removed.
 """
