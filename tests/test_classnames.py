@@ -21,23 +21,19 @@ from PIL import Image
 import pipeline.engine.prompt as prompt_module
 from pipeline.data.datasets import load_dataset
 from pipeline.data.fewshot import EvalList, make_eval_list
-from pipeline.domain_shift import context_accuracy, restrict, subset_rows
-from pipeline.engine.baselines import (
-    ENSEMBLE_TEMPLATES,
-    accuracy,
-    linear_probe,
-    zero_shot_accuracy,
-    zero_shot_weights,
-)
+from pipeline.data.images import build_transforms
 from pipeline.engine.context import ContextMeta, context_model, load_context, save_context
+from pipeline.engine.inputs import EvalFeatures
 from pipeline.engine.interpret import format_entry, nearest_word_entries, nearest_words
 from pipeline.engine.prompt import CoOp, PromptConfig, duplicate_classnames
 from pipeline.engine.reference import official_logits
 from pipeline.engine.train import TrainConfig, evaluate, train_coop
-from pipeline.features import EvalFeatures, build_transforms
-from pipeline.import_context import import_context, read_classnames
-from pipeline.predict import main as predict_main
+from pipeline.evaluate.domain_shift import context_accuracy, restrict, subset_rows
+from pipeline.evaluate.linear_probe import grid_linear_probe
+from pipeline.evaluate.zero_shot import ENSEMBLE_TEMPLATES, accuracy, zero_shot_accuracy, zero_shot_weights
 from pipeline.report.html import first_class_context
+from pipeline.tools.import_context import import_context, read_classnames
+from pipeline.tools.predict import main as predict_main
 
 NAMES = list(IMAGENET_CLASSNAMES)
 MISSILES, SUNGLASSES = [657, 744], [836, 837]
@@ -125,7 +121,7 @@ def test_real_imagenet_class_list_trains_evaluates_and_transfers(tiny, tmp_path,
     assert 0.0 <= zero_shot_accuracy(tiny, data) <= 100.0
 
     # The linear probe never sees names: it tells all 1000 classes apart on these separable features.
-    probe = linear_probe(data, c_grid=(1.0,))
+    probe = grid_linear_probe(data, c_grid=(1.0,))
     assert probe["test_acc"] > 95.0
 
     # The context artifact keeps the list as it is, duplicates included, and rebuilds the classifier.
@@ -220,7 +216,7 @@ def test_imagenet_reader_keeps_equal_names_apart(tmp_path, caplog):
 
 
 def test_import_reads_coop_classnames_txt_and_keeps_equal_names(tiny, tmp_path):
-    from test_import_context import dassl_checkpoint
+    from test_tools_import_context import dassl_checkpoint
 
     lines = [f"n{i:08d} {n}" for i, n in enumerate(NAMES)]
     path = tmp_path / "classnames.txt"

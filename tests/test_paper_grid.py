@@ -110,7 +110,7 @@ def paper_run(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
                           capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stderr[-4000:]
     run_stage("stages.baselines", path, "--no-progress")
-    run_stage("pipeline.domain_shift", path, "--no-progress")
+    run_stage("stages.domain_shift", path, "--no-progress")
     run_stage("stages.report", path)
     out = root / "out"
     return {"root": root, "params": load_params(path), "uri": raw["tracking"]["uri"],
@@ -160,16 +160,18 @@ def test_domain_shift_transfers_the_imagenet_contexts(paper_run: dict[str, Any])
 
     # ImageNet-A covers ImageNet classes 1 and 3: a class-specific context must score as the full 4-class
     # classifier restricted to those two classes' columns.
-    from pipeline.baselines_run import feature_config, open_cache, stage_backbone, trial_artifacts
     from pipeline.engine.context import context_model
-    from pipeline.features import load_eval_features
+    from pipeline.evaluate.inputs import open_cache, stage_backbone
+    from pipeline.features.assemble import load_eval_features
+    from pipeline.features.cache import FeatureConfig
+    from pipeline.tracking import trial_artifacts
 
     csc = next(r for r in coop if r["csc"] == "True" and r["target"] == "ImageNetA")
     folder = trial_artifacts(imagenet16[csc["trial_key"]], Path(params.sweep.results_dir),
                              paper_run["root"] / "fetched", paper_run["uri"])
     ctx, meta = load_context(folder / "ctx.safetensors")
     backbone = stage_backbone(params, "cpu")
-    config = feature_config(params, backbone)
+    config = FeatureConfig.from_params(backbone, params.features)
     target = load_eval_features(params.features.dir, eval_list_path(params.data.splits_dir, "ImageNetA"), config,
                                 cache=open_cache(params, "ImageNetA", config))
     assert read_eval_list(eval_list_path(params.data.splits_dir, "ImageNetA")).imagenet_labels == [1, 3]
