@@ -17,7 +17,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from pipeline.data.datasets import DatasetError, resolve_name
+from pipeline.data.datasets import DatasetError, dataset_folder
 from pipeline.data.fewshot import split_path
 from pipeline.engine.backbone import Backbone, WeightsUnavailableError, load_backbone
 from pipeline.errors import UserError
@@ -46,12 +46,6 @@ class SweepInputs:
     backbone: Backbone
     features: dict[str, FewShotFeatures]  # feature_key(dataset, shots, seed) -> features
     cache_fingerprints: dict[str, str]  # dataset -> fingerprint of its feature cache manifest
-
-
-def dataset_folder(name: str) -> str:
-    """The folder stages.prepare writes a dataset's splits and cache under (its canonical registry name)."""
-    info = resolve_name(name)
-    return info.name if info is not None else name
 
 
 def cache_fingerprint(cache: FeatureCache) -> str:
@@ -129,4 +123,3 @@ def load_inputs(params: Params, triples: list[tuple[str, int, int]]) -> SweepInp
     total = sum(f.train.numel() + f.val.numel() + f.test.numel() for f in features.values()) * 4
     log.info("loaded %d feature sets (%.1f MiB) for %d dataset(s)", len(features), total / 2**20, len(by_dataset))
     return SweepInputs(backbone, features, fingerprints)
-
