@@ -368,7 +368,7 @@ def test_online_augmentation_trial(demo_ws: DemoWorkspace, ray_session: Any,
     import warnings
 
     from pipeline.engine.backbone import load_backbone
-    from pipeline.features import build_dataset_features
+    from pipeline.features.build import build_dataset_features
 
     root = demo_ws.root / "online"
     with warnings.catch_warnings():

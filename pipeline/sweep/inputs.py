@@ -20,15 +20,14 @@ from tqdm import tqdm
 from pipeline.data.datasets import DatasetError, dataset_folder
 from pipeline.data.fewshot import split_path
 from pipeline.engine.backbone import Backbone, WeightsUnavailableError, load_backbone
+from pipeline.engine.inputs import FewShotFeatures
 from pipeline.errors import UserError
-from pipeline.features import (
+from pipeline.features.assemble import load_fewshot_features, online_workers
+from pipeline.features.cache import (
     FeatureCache,
     FeatureCacheError,
     FeatureConfig,
-    FewShotFeatures,
     feature_cache_dir,
-    load_fewshot_features,
-    online_workers,
     open_feature_cache,
 )
 from pipeline.params import Params
@@ -123,3 +122,4 @@ def load_inputs(params: Params, triples: list[tuple[str, int, int]]) -> SweepInp
     total = sum(f.train.numel() + f.val.numel() + f.test.numel() for f in features.values()) * 4
     log.info("loaded %d feature sets (%.1f MiB) for %d dataset(s)", len(features), total / 2**20, len(by_dataset))
     return SweepInputs(backbone, features, fingerprints)
+

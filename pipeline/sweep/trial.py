@@ -27,10 +27,10 @@ from ray import tune
 
 from pipeline.engine.backbone import Backbone, load_backbone, resolve_device
 from pipeline.engine.context import ContextMeta, save_context
+from pipeline.engine.inputs import FewShotFeatures
 from pipeline.engine.interpret import format_entry, nearest_word_entries
 from pipeline.engine.prompt import PromptConfig, resolve_n_ctx
 from pipeline.engine.train import EpochMetrics, TrainConfig, TrainResult, train_coop
-from pipeline.features import FewShotFeatures
 from pipeline.params import FeatureParams, TrainParams
 from pipeline.sweep.plan import feature_key
 from pipeline.sweep.space import config_label, trial_key
