@@ -1,0 +1,363 @@
+"""GPU-hours of CoOp trials and sweeps from the FLOP model: the GPU catalogue, trial and grid estimates.
+
+A step's time combines its compute time ``FLOPs / (peak x utilisation)`` (pipeline.engine.flops) with a
+per-step floor (kernel launches) in quadrature; a trial adds a fixed overhead. With online augmentation
+(``features.views: online``) our steps also run the image encoder on the batch's fresh crops, in the trial's
+precision. `GPUS` holds the figures, fitted to H100 measurements (within 20% of every measured step) or, for
+other GPUs, assumed; `python bench/costmodel.py` times real steps on the local accelerator next to the
+model's FLOPs, to check or recalibrate (docs/reproduce.md has what we measured).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from pipeline.engine.flops import (
+    OFFICIAL_TOKENS,
+    PATHS,
+    PromptLayout,
+    image_encoder_gflops,
+    packs_tokens,
+    prompt_layout,
+    step_flops,
+    tower_shape,
+)
+
+if TYPE_CHECKING:
+    from pipeline.params import Params
+
+# Class names are tokenised only when the prepared split files are at hand; otherwise the longest class
+# name is assumed to be this many BPE tokens, and names this long on average (ImageNet's CLIP class names:
+# longest 12 tokens, mean 2.2).
+ASSUMED_MAX_NAME_TOKENS = 12
+ASSUMED_MEAN_NAME_TOKENS = 2.2
+# Online augmentation: CPU seconds to decode one training image and make its crop (load, RandomResizedCrop
+# to 224 px bicubic, flip, to tensor, normalise), measured on one core of the development CPU for a
+# 500 x 375 JPEG, ImageNet's typical size (0.7 ms decode + 2.0 ms transform).
+DECODE_SECONDS_PER_IMAGE = 2.8e-3
+
+# Classes per dataset (CoOp's Table 1 statistics), so a dry run works before any data is prepared.
+DATASET_CLASSES: dict[str, int] = {
+    "ImageNet": 1000,
+    "Caltech101": 100,
+    "OxfordPets": 37,
+    "StanfordCars": 196,
+    "OxfordFlowers": 102,
+    "Flowers102": 102,
+    "Food101": 101,
+    "FGVCAircraft": 100,
+    "SUN397": 397,
+    "DTD": 47,
+    "EuroSAT": 10,
+    "UCF101": 101,
+    "FashionMNIST": 10,
+}
+
+
+@dataclass(frozen=True)
+class GPU:
+    """Throughput of one accelerator for CoOp steps, by path. A step costs its launch-bound floor (the time
+    to issue its kernels, whatever their work) and its compute time, combined in quadrature: close to the
+    larger one when one dominates, more than either when they are alike."""
+
+    name: str
+    peak_tflops: float  # dense fp16/bf16 tensor-core peak (datasheet)
+    peak_tflops_fp32: float  # plain fp32 (no TF32), what precision=fp32 runs at
+    utilisation: dict[str, float]  # fraction of peak each path's matmuls reach
+    launch_s: dict[str, float]  # per-step floor, by path
+    trial_overhead_s: float  # per trial: worker start, backbone to GPU, features in, evaluation, MLflow
+
+    def step_seconds(self, flops: float, path: str, precision: str = "fp16") -> float:
+        peak = self.peak_tflops_fp32 if precision == "fp32" else self.peak_tflops
+        return math.hypot(self.launch_s[path], flops / (peak * 1e12 * self.utilisation[path]))
+
+
+# Measured on one H100 SXM (80 GB HBM3) with `python bench/costmodel.py` (RN50 and ViT-B/16 text towers,
+# 10 / 100 / 1000 classes, fp16 / bf16, our paths CUDA-graphed as train_coop runs them on a GPU, the
+# official step eager; table in docs/reproduce.md). The fit is within 20% of every measured step:
+# floors 2.0 ms (truncated), 3.4 ms (shared prefix: twice the layer calls) and 26 ms (official: eager
+# kernels, 32 images through the image encoder); 1000-class steps reach 16% of the 989 TFLOP/s datasheet
+# peak on the truncated and official paths and 10% on the shared-prefix path (masked attention over
+# expanded keys). A100 and V100 rows are ASSUMPTIONS: their datasheet peaks (312 and 125 TFLOP/s dense
+# fp16, 19.5 and 15.7 fp32) with the H100's utilisation and floors.
+_H100_UTILISATION = {"truncated": 0.16, "shared": 0.10, "official": 0.16}
+_H100_LAUNCH = {"truncated": 0.0020, "shared": 0.0034, "official": 0.026}
+GPUS: dict[str, GPU] = {
+    "H100": GPU("H100", 989.0, 67.0, _H100_UTILISATION, _H100_LAUNCH, 20.0),
+    "A100": GPU("A100", 312.0, 19.5, _H100_UTILISATION, _H100_LAUNCH, 20.0),
+    "V100": GPU("V100", 125.0, 15.7, _H100_UTILISATION, _H100_LAUNCH, 20.0),
+}
+
+
+def steps_per_epoch(n_train: int, batch: int) -> int:
+    """Optimizer steps per epoch: Dassl drops the last incomplete batch (one batch if N < batch)."""
+    return max(1, n_train // min(batch, max(n_train, 1)))
+
+
+@dataclass
+class TrialEstimate:
+    """GPU time of one trial configuration and what it was computed from."""
+
+    config: dict[str, Any]
+    n_classes: int
+    steps: int
+    layout: PromptLayout
+    path: str
+    flops_per_step: float
+    seconds: float
+
+    @property
+    def gpu_hours(self) -> float:
+        return self.seconds / 3600.0
+
+
+@dataclass
+class GridEstimate:
+    """GPU time of a set of trials on one assumed GPU model; one trial holds one GPU."""
+
+    gpu: GPU
+    trials: list[TrialEstimate]
+    assumptions: list[str] = field(default_factory=list)
+
+    @property
+    def gpu_hours(self) -> float:
+        return sum(t.gpu_hours for t in self.trials)
+
+    def wall_hours(self, n_gpus: int) -> float:
+        """Wall time on `n_gpus` GPUs with one trial per GPU (greedy longest-first packing)."""
+        if n_gpus < 1:
+            raise ValueError("n_gpus must be >= 1")
+        loads = [0.0] * n_gpus
+        for seconds in sorted((t.seconds for t in self.trials), reverse=True):
+            loads[loads.index(min(loads))] += seconds
+        return max(loads) / 3600.0
+
+    def by_dataset(self) -> dict[str, float]:
+        hours: dict[str, float] = {}
+        for t in self.trials:
+            hours[t.config["dataset"]] = hours.get(t.config["dataset"], 0.0) + t.gpu_hours
+        return hours
+
+    def summary(self, n_gpus: Sequence[int] = (1, 8, 32)) -> str:
+        """A few lines for a --dry-run printout."""
+        lines = [
+            f"cost model: {len(self.trials)} trials, {self.gpu_hours:.1f} GPU-hours on {self.gpu.name} "
+            "(one GPU per trial)",
+            "  wall time: " + ", ".join(f"{n} GPU{'s' if n > 1 else ''} {self.wall_hours(n):.1f} h" for n in n_gpus),
+        ]
+        for dataset, hours in sorted(self.by_dataset().items(), key=lambda kv: -kv[1]):
+            lines.append(f"  {dataset:<14} {hours:8.2f} GPU-h")
+        lines += [f"  assumption: {a}" for a in self.assumptions]
+        return "\n".join(lines)
+
+
+def _class_name_tokens(splits_dir: str | Path | None, dataset: str) -> tuple[int, int, float] | None:
+    """(classes, longest and mean class name in tokens) from the prepare stage's test.json, if it exists."""
+    if splits_dir is None:
+        return None
+    from pipeline.data.datasets import resolve_name
+
+    info = resolve_name(dataset)
+    path = Path(splits_dir) / (info.name if info else dataset) / "test.json"
+    if not path.is_file():
+        return None
+    from pipeline.engine.backbone import count_tokens
+
+    names = json.loads(path.read_text(encoding="utf-8"))["classnames"]
+    tokens = [count_tokens(str(n).replace("_", " ")) for n in names]
+    return len(names), max(tokens), sum(tokens) / len(tokens)
+
+
+def estimate_trial(
+    config: dict[str, Any],
+    arch: str,
+    gpu: GPU,
+    batch: int = 32,
+    path: str | None = None,
+    splits_dir: str | Path | None = None,
+    classes: dict[str, int] | None = None,
+    shared_prefix: bool | None = None,
+    pack_tokens: bool | None = None,
+    online: bool = False,
+    loader_workers: int = 0,
+) -> TrialEstimate:
+    """GPU seconds of one trial configuration (keys as in the sweep: dataset, shots, n_ctx, csc, ...).
+
+    `online` (features.views: online): our paths also encode every step's training images (a fresh crop
+    of each image every epoch) with the image encoder, at the official path's utilisation, and a step
+    takes at least the CPU time of decoding its images on `loader_workers` processes (0: in the trial's
+    own process, before the GPU work).
+
+    `path` None picks what our engine runs on a GPU: the shared-prefix path for unified contexts where
+    `shared_prefix` (train.shared_prefix) allows it (None: where the engine's own rule prefers it),
+    the truncated path otherwise. `pack_tokens` (train.pack_tokens) likewise: None follows the engine's
+    rule for running only each prompt's real tokens.
+    """
+    from pipeline.engine.backbone import count_tokens
+    from pipeline.engine.prompt import prefers_shared_prefix
+    from pipeline.engine.train import default_epochs
+
+    dataset, shots = str(config["dataset"]), int(config["shots"])
+    found = _class_name_tokens(splits_dir, dataset)
+    if found is not None:
+        n_classes, name_tokens, mean_name_tokens = found
+    else:
+        table = {**DATASET_CLASSES, **(classes or {})}
+        if dataset not in table:
+            raise ValueError(
+                f"no class count for dataset {dataset!r}: prepare it first (so test.json exists) or pass "
+                f"classes={{{dataset!r}: N}}"
+            )
+        n_classes, name_tokens, mean_name_tokens = table[dataset], ASSUMED_MAX_NAME_TOKENS, ASSUMED_MEAN_NAME_TOKENS
+    init = str(config.get("ctx_init") or "").strip()
+    n_ctx = count_tokens(init) if init else int(config.get("n_ctx", 16))
+    csc = bool(config.get("csc", False))
+    position = str(config.get("class_token_position", "end"))
+    layout = prompt_layout(n_ctx, name_tokens, csc, position, mean_name_tokens)
+    precision = str(config.get("precision") or "fp16")
+    if path is None:
+        if shared_prefix is None:
+            shared_prefix = prefers_shared_prefix("cuda", precision, n_classes, layout.prefix)
+        path = "shared" if layout.prefix > 0 and shared_prefix else "truncated"
+    packed = packs_tokens(n_classes, layout, path, precision) if pack_tokens is None else pack_tokens
+    epochs = config.get("epochs") or default_epochs(dataset, shots)
+    steps = int(epochs) * steps_per_epoch(shots * n_classes, batch)
+    shape = tower_shape(arch)
+    image = image_encoder_gflops(arch) if path == "official" else 0.0
+    flops = step_flops(shape, n_classes, layout, path, batch, image, packed and path != "official").total
+    step_seconds = gpu.step_seconds(flops, path, precision)
+    if online and path != "official":
+        # The engine encodes the crops in a forward of its own (train.image_dtype: the trial's precision).
+        images = min(batch, shots * n_classes)
+        image_flops = images * image_encoder_gflops(arch) * 1e9
+        step_seconds += online_image_seconds(gpu, image_flops, precision)
+        decode_seconds = images * DECODE_SECONDS_PER_IMAGE
+        if loader_workers > 0:
+            step_seconds = max(step_seconds, decode_seconds / loader_workers)  # workers decode ahead
+        else:
+            step_seconds += decode_seconds
+        flops += image_flops
+    seconds = steps * step_seconds + gpu.trial_overhead_s
+    return TrialEstimate(dict(config), n_classes, steps, layout, path, flops, seconds)
+
+
+def online_image_seconds(gpu: GPU, image_flops: float, precision: str = "fp16") -> float:
+    """Seconds of one online step's image forward: the precision's peak at the official step's utilisation."""
+    peak = gpu.peak_tflops_fp32 if precision == "fp32" else gpu.peak_tflops
+    return image_flops / (peak * 1e12 * gpu.utilisation["official"])
+
+
+def _online_assumption(gpu: GPU, arch: str, batch: int, workers: int) -> str:
+    where = f"{workers} loader worker(s) per trial" if workers else "the trial's own process (0 loader workers)"
+    return (
+        f"features.views = online: every step also encodes its {batch} freshly cropped training images with the "
+        f"{arch} image encoder ({image_encoder_gflops(arch):.1f} GFLOPs each; every training image once per epoch) "
+        f"in the trial's precision at {gpu.utilisation['official']:.0%} of its peak, after decoding and cropping "
+        f"them ({DECODE_SECONDS_PER_IMAGE * 1e3:g} ms of CPU per image) on {where} (features.num_workers, "
+        "default sweep.cpus_per_trial - 1)"
+    )
+
+
+def _assumptions(gpu: GPU, splits_dir: str | Path | None) -> list[str]:
+    return [
+        f"{gpu.name}: {gpu.peak_tflops:g} TFLOP/s fp16/bf16 dense peak ({gpu.peak_tflops_fp32:g} fp32), "
+        "utilisation " + ", ".join(f"{v:.0%} ({k})" for k, v in gpu.utilisation.items()),
+        "per-step floor " + ", ".join(f"{v * 1e3:g} ms ({k})" for k, v in gpu.launch_s.items())
+        + f" (CUDA-graphed ours, eager official), {gpu.trial_overhead_s:g} s per trial",
+        "class counts and name lengths from "
+        + (f"{splits_dir}/<dataset>/test.json where prepared, else " if splits_dir else "")
+        + f"CoOp's dataset statistics with class names of {ASSUMED_MEAN_NAME_TOKENS:g} tokens on average, "
+        f"{ASSUMED_MAX_NAME_TOKENS} at most",
+        "packed steps (only real tokens) reach the utilisation fitted on padded ones",
+        "feature caching (the features stage: one pass over the images, views x train + test) is not included",
+    ]
+
+
+def estimate_gpu_hours(
+    params: Params,
+    trials: Iterable[dict[str, Any]] | None = None,
+    gpu: str | GPU = "H100",
+    path: str | None = None,
+) -> GridEstimate:
+    """GPU-hours of a sweep: each trial config (the sweep's canonical dicts) on one `gpu`.
+
+    `trials` None enumerates params' grid (or the first sweep.num_samples configurations of a random or
+    Optuna search). `path` None models our engine (with features.views: online, its image encoding
+    too); "official" models the official CoOp code on the same trials. Call `.summary()` for a printout,
+    `.gpu_hours` / `.wall_hours(n)` for numbers.
+    """
+    from pipeline.features.assemble import online_workers
+
+    spec = GPUS[gpu] if isinstance(gpu, str) else gpu
+    if trials is None:
+        from pipeline.sweep.space import build_space
+
+        configs = build_space(params).enumerate()
+        if params.sweep.search != "grid":
+            configs = configs[: params.sweep.num_samples]
+    else:
+        configs = list(trials)
+    splits_dir = params.data.splits_dir
+    online = params.features.views == "online" and path != "official"
+    workers = online_workers(params.features.num_workers, params.sweep.cpus_per_trial)
+    estimates = [
+        estimate_trial(c, params.backbone.arch, spec, params.train.batch_size, path, splits_dir,
+                       shared_prefix=params.train.shared_prefix, pack_tokens=params.train.pack_tokens, online=online,
+                       loader_workers=workers)
+        for c in configs
+    ]
+    assumptions = _assumptions(spec, splits_dir)
+    if online:
+        assumptions.insert(0, _online_assumption(spec, params.backbone.arch, params.train.batch_size, workers))
+    return GridEstimate(spec, estimates, assumptions)
+
+
+def imagenet_16shot_estimate(gpu: str | GPU = "H100", arch: str = "RN50") -> dict[str, Any]:
+    """Cost of one 16-shot ImageNet CoOp trial (1000 classes, 50 epochs, M=16, end, unified), ours vs official.
+
+    Returns hours on `gpu` for our shared-prefix path, our truncated path and the official 77-token path
+    (with its per-step image encoding), their FLOPs per step, and the published wall time for reference
+    (the time the CoOp authors give for one such run on one GPU: pipeline/data/published.json).
+    """
+    from pipeline.data.published import load_published
+
+    spec = GPUS[gpu] if isinstance(gpu, str) else gpu
+    config = {"dataset": "ImageNet", "shots": 16, "seed": 1, "n_ctx": 16, "ctx_init": "", "csc": False,
+              "class_token_position": "end", "epochs": 50, "precision": "fp16"}
+    names = _imagenet_name_tokens()
+    result: dict[str, Any] = {"gpu": spec.name, "arch": arch, "classes": 1000, "epochs": 50, "batch": 32,
+                              "steps": 50 * steps_per_epoch(16 * 1000, 32), "paths": {}}
+    for path in PATHS:
+        estimate = estimate_trial(config, arch, spec, 32, path, classes={"ImageNet": 1000})
+        if names is not None and path != "official":
+            # Use the real ImageNet class names' lengths rather than the generic assumption.
+            layout = prompt_layout(16, names[0], False, "end", names[1])
+            packed = packs_tokens(1000, layout, path, "fp16")
+            flops = step_flops(tower_shape(arch), 1000, layout, path, 32, packed=packed).total
+            seconds = estimate.steps * spec.step_seconds(flops, path) + spec.trial_overhead_s
+            estimate = TrialEstimate(config, 1000, estimate.steps, layout, path, flops, seconds)
+        result["paths"][path] = {"tflops_per_step": estimate.flops_per_step / 1e12, "hours": estimate.gpu_hours,
+                                 "tokens_per_prompt": OFFICIAL_TOKENS if path == "official" else estimate.layout.length,
+                                 "mean_tokens_per_prompt": OFFICIAL_TOKENS if path == "official"
+                                 else estimate.layout.real_length}
+    published = load_published().get("timing", {}).get("imagenet_16shot_one_gpu_hours")
+    result["published_official_hours"] = published
+    result["speedup_vs_official"] = result["paths"]["official"]["hours"] / result["paths"]["shared"]["hours"]
+    return result
+
+
+def _imagenet_name_tokens() -> tuple[int, float] | None:
+    """(longest, mean) ImageNet class name in CLIP tokens, from open_clip's class list."""
+    try:
+        from open_clip.zero_shot_metadata import IMAGENET_CLASSNAMES
+
+        from pipeline.engine.backbone import count_tokens
+    except ImportError:
+        return None
+    tokens = [count_tokens(n) for n in IMAGENET_CLASSNAMES]
+    return max(tokens), sum(tokens) / len(tokens)

@@ -1,0 +1,71 @@
+"""Cost model: GPU-hours of a params file's sweep (the --dry-run estimate) or of one 16-shot ImageNet trial.
+
+Counts the FLOPs of every trial's CoOp steps (pipeline.engine.flops) and turns them into GPU time on an
+assumed GPU model (pipeline.sweep.estimate: peaks, utilisation and per-step floors fitted to H100 steps).
+`python bench/costmodel.py` times real steps on this machine's accelerator next to the model's FLOPs.
+
+examples:
+  python -m pipeline.tools.costmodel --params configs/paper_rn50.yaml --gpu H100 --gpus 1 8 32
+  python -m pipeline.tools.costmodel --params configs/paper_rn50.yaml --official  # the official code
+  python -m pipeline.tools.costmodel --imagenet                                   # 16-shot ImageNet
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from dataclasses import asdict
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from pipeline import cli
+from pipeline.sweep.estimate import GPUS  # light: torch and open_clip load only when FLOPs are counted
+
+if TYPE_CHECKING:
+    from pipeline.params import Params
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = cli.parser("python -m pipeline.tools.costmodel", __doc__)
+    parser.add_argument("--gpu", choices=sorted(GPUS), default="H100",
+                        help="assumed GPU model for the estimate (default: %(default)s)")
+    parser.add_argument("--official", action="store_true",
+                        help="cost the grid as the official CoOp code would run it (77 tokens, image encoder)")
+    parser.add_argument("--gpus", type=int, nargs="+", default=[1, 8, 32], metavar="N",
+                        help="GPU counts to print wall times for (default: 1 8 32)")
+    parser.add_argument("--imagenet", action="store_true",
+                        help="print the 16-shot ImageNet trial estimate (ours vs official) as JSON instead")
+    parser.add_argument("--arch", default="RN50", help="architecture for --imagenet (default: %(default)s)")
+    parser.add_argument("--out", type=Path, metavar="PATH", help="also write the result to this JSON file")
+    return parser
+
+
+def run(args: argparse.Namespace, params: Params | None) -> int:
+    from pipeline.sweep.estimate import estimate_gpu_hours, imagenet_16shot_estimate
+
+    result: dict[str, Any]
+    if args.imagenet:
+        result = imagenet_16shot_estimate(args.gpu, args.arch)
+        sys.stdout.write(json.dumps(result, indent=2) + "\n")
+    else:
+        assert params is not None  # cli.run loads --params
+        estimate = estimate_gpu_hours(params, gpu=args.gpu, path="official" if args.official else None)
+        sys.stdout.write(estimate.summary(args.gpus) + "\n")
+        result = {"gpu": asdict(estimate.gpu), "gpu_hours": estimate.gpu_hours,
+                  "wall_hours": {str(n): estimate.wall_hours(n) for n in args.gpus},
+                  "by_dataset": estimate.by_dataset(), "trials": len(estimate.trials)}
+    if args.out:
+        from pipeline.atomic import write_json_atomic
+
+        write_json_atomic(args.out, result)
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return cli.run(build_parser(), run, argv)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,88 @@
+"""GPU-hours of trials and grids: steps per trial, step time on a GPU model, the paper grid, 16-shot ImageNet."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+from pipeline.data.published import load_published
+from pipeline.engine.backbone import count_tokens
+from pipeline.engine.flops import PATHS
+from pipeline.engine.prompt import prefers_shared_prefix
+from pipeline.params import load_params
+from pipeline.sweep.estimate import (
+    GPUS,
+    estimate_gpu_hours,
+    estimate_trial,
+    imagenet_16shot_estimate,
+    steps_per_epoch,
+)
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_steps_and_step_time_follow_the_recipe_and_the_gpu() -> None:
+    assert steps_per_epoch(16 * 1000, 32) == 500  # 16-shot ImageNet
+    assert steps_per_epoch(10, 32) == 1 and steps_per_epoch(33, 32) == 1 and steps_per_epoch(64, 32) == 2
+    h100 = GPUS["H100"]
+    assert h100.step_seconds(1e6, "truncated") == pytest.approx(h100.launch_s["truncated"], rel=1e-3)  # launch-bound
+    big = 1e15
+    assert h100.step_seconds(big, "official") == pytest.approx(big / (989e12 * h100.utilisation["official"]),
+                                                               rel=1e-3)  # compute-bound
+    alike = h100.launch_s["truncated"] * 989e12 * h100.utilisation["truncated"]  # compute time == floor
+    assert h100.step_seconds(alike, "truncated") == pytest.approx(math.sqrt(2) * h100.launch_s["truncated"])
+    assert h100.step_seconds(big, "truncated", "fp32") > h100.step_seconds(big, "truncated", "fp16")
+    assert GPUS["V100"].step_seconds(big, "official") > h100.step_seconds(big, "official")
+
+
+def test_grid_estimate_of_the_paper_profile() -> None:
+    params = load_params(REPO / "configs" / "paper_rn50.yaml")
+    ours = estimate_gpu_hours(params)
+    official = estimate_gpu_hours(params, path="official")
+    assert len(ours.trials) == len(official.trials) == 990
+    for mine, theirs in zip(ours.trials, official.trials, strict=True):
+        assert mine.config == theirs.config and mine.steps == theirs.steps
+        # shared_prefix null: the engine's GPU rule decides per trial, and so does the model
+        expected = "shared" if prefers_shared_prefix("cuda", mine.config["precision"], mine.n_classes,
+                                                     mine.layout.prefix) else "truncated"
+        assert mine.path == expected
+        assert mine.seconds < theirs.seconds
+    imagenet16 = [t for t in ours.trials if t.config["dataset"] == "ImageNet" and t.config["shots"] == 16]
+    assert {t.steps for t in imagenet16} == {50 * 500} and {t.n_classes for t in imagenet16} == {1000}
+    eurosat1 = next(t for t in ours.trials if t.config["dataset"] == "EuroSAT" and t.config["shots"] == 1)
+    assert eurosat1.steps == 50 and eurosat1.n_classes == 10  # 10 images: one (short) batch per epoch
+    total = ours.gpu_hours
+    assert total == pytest.approx(sum(ours.by_dataset().values()))
+    longest = max(t.gpu_hours for t in ours.trials)
+    for n in (1, 8, 64):
+        assert max(total / n, longest) * (1 - 1e-9) <= ours.wall_hours(n) <= total / n + longest
+    assert ours.by_dataset()["ImageNet"] == max(ours.by_dataset().values())
+    assert "990 trials" in ours.summary()
+
+
+def test_estimate_reads_real_class_names_when_prepared(tmp_path: Path) -> None:
+    folder = tmp_path / "Toy"
+    folder.mkdir()
+    names = ["a", "b", "an extraordinarily long and unusual class name here"]
+    (folder / "test.json").write_text(json.dumps({"classnames": names}))
+    config = {"dataset": "Toy", "shots": 4, "n_ctx": 16, "ctx_init": "", "csc": True, "class_token_position": "end",
+              "epochs": 10, "precision": "fp16"}
+    trial = estimate_trial(config, "RN50", GPUS["H100"], splits_dir=tmp_path)
+    assert trial.n_classes == 3 and trial.layout.length == 1 + 16 + max(count_tokens(n) for n in names) + 2
+    with pytest.raises(ValueError, match="no class count"):
+        estimate_trial(config, "RN50", GPUS["H100"])
+
+
+def test_imagenet_16shot_estimate_cites_the_published_time() -> None:
+    result = imagenet_16shot_estimate("H100")
+    paths = result["paths"]
+    assert set(paths) == set(PATHS) and result["steps"] == 25000
+    assert paths["official"]["tokens_per_prompt"] == 77 and paths["truncated"]["tokens_per_prompt"] < 77
+    assert paths["official"]["tflops_per_step"] > 2 * paths["truncated"]["tflops_per_step"]
+    assert paths["official"]["hours"] > paths["truncated"]["hours"] > 0
+    assert result["published_official_hours"] == pytest.approx(14 + 40 / 60, abs=1e-3)
+    assert result["published_official_hours"] == load_published()["timing"]["imagenet_16shot_one_gpu_hours"]
+    assert math.isfinite(result["speedup_vs_official"]) and result["speedup_vs_official"] > 1

@@ -1,0 +1,28 @@
+"""The cost model command: the grid estimate of a params file, the 16-shot ImageNet estimate, bad input."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from pipeline.tools.costmodel import main
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_cli_prints_the_grid_estimate(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    out = tmp_path / "estimate.json"
+    assert main(["--params", str(REPO / "configs" / "paper_vitb16.yaml"), "--gpus", "1", "16", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "990 trials" in printed and "16 GPUs" in printed and "assumption:" in printed
+    saved = json.loads(out.read_text())
+    assert saved["trials"] == 990 and saved["wall_hours"]["16"] < saved["wall_hours"]["1"]
+    assert main(["--params", str(tmp_path / "nope.yaml")]) == 2
+
+
+def test_cli_prints_the_imagenet_estimate(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["--imagenet", "--gpu", "A100", "--params", str(REPO / "params.yaml")]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["gpu"] == "A100" and result["arch"] == "RN50" and result["published_official_hours"] > 14
