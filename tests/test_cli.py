@@ -40,3 +40,12 @@ def test_setup_logging_drops_only_the_root_loggers_info_chatter(root_handlers) -
 
     assert not ours.filter(record("root", logging.INFO))
     assert ours.filter(record("root", logging.WARNING)) and ours.filter(record("pipeline.x", logging.INFO))
+
+
+def test_device_flag_overrides_train_device_only_when_given() -> None:
+    from pipeline.params import params_from_dict
+
+    params = params_from_dict({"train": {"device": "cpu"}})
+    assert cli.with_device(params, "auto") is params  # left at its default: the params decide
+    assert cli.with_device(params, "cuda:1").train.device == "cuda:1"
+    assert cli.with_device(params, "cuda:1").train.lr == params.train.lr
