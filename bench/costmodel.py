@@ -131,7 +131,7 @@ def measure(
 
 def build_parser() -> argparse.ArgumentParser:
     parser = cli.parser("python bench/costmodel.py", __doc__, params=False)
-    cli.add_device(parser, "the measured steps")
+    cli.add_device(parser)
     parser.add_argument("--arch", default="RN50", help="open_clip architecture; random weights cost the same "
                         "(default: %(default)s)")
     parser.add_argument("--classes", type=int, nargs="+", default=[1000], metavar="N",
