@@ -15,16 +15,12 @@ from PIL import Image
 from torchvision import transforms as T
 
 from pipeline.engine.backbone import Backbone, load_backbone
+from pipeline.engine.inputs import TrainImages
 from pipeline.engine.prompt import PromptConfig
 from pipeline.engine.train import TrainConfig, online_batches, train_coop
-from pipeline.features import (
-    AugmentedImages,
-    FeatureConfig,
-    TrainImages,
-    build_dataset_features,
-    load_fewshot_features,
-    open_feature_cache,
-)
+from pipeline.features.assemble import load_fewshot_features
+from pipeline.features.build import build_dataset_features
+from pipeline.features.cache import FeatureConfig, open_feature_cache
 from stages import prepare as prepare_stage
 
 DEMO_ROOT = Path(__file__).resolve().parents[1] / "data" / "demo"
@@ -42,8 +38,9 @@ def demo(tmp_path_factory: pytest.TempPathFactory, backbone: Backbone) -> Path:
     """The bundled demo's 2-shot splits (seeds 1, 2) and an online-mode feature cache."""
     root = tmp_path_factory.mktemp("online")
     logging.getLogger("stages.prepare").setLevel(logging.WARNING)
-    assert prepare_stage.main(["--dataset", "FashionMNIST", "--data-root", str(DEMO_ROOT), "--out",
-                               str(root / "splits"), "--shots", "2", "--seeds", "1", "2"]) == 0
+    (root / "defaults.yaml").write_text("")  # every key at its default unless a flag gives it
+    assert prepare_stage.main(["--params", str(root / "defaults.yaml"), "--dataset", "FashionMNIST", "--data-root",
+                               str(DEMO_ROOT), "--out", str(root / "splits"), "--shots", "2", "--seeds", "1", "2"]) == 0
     update = build_dataset_features(root / "cache", DEMO_ROOT, root / "splits", "FashionMNIST", [2], [1, 2],
                                     backbone, views="online", dtype="float32", progress=False)
     assert update.encoded["train"] == 0 and update.total["train"] == 0  # no train views cached
@@ -94,13 +91,13 @@ def test_online_features_are_open_clip_features_of_the_seeded_crops(demo: Path, 
 def test_crops_differ_by_epoch_and_trial_seed_and_repeat_exactly(demo: Path, backbone: Backbone) -> None:
     images = load(demo, backbone).train_images
     assert images is not None
-    seed1, seed2 = AugmentedImages(images, 1), AugmentedImages(images, 2)
+    seed1, seed2 = images.crops(1), images.crops(2)
     crop, index = seed1[(0, 0)]
     assert index == 0 and crop.shape == (3, backbone.image_size, backbone.image_size)
-    assert torch.equal(crop, AugmentedImages(images, 1)[(0, 0)][0])  # same (seed, epoch): same crop
+    assert torch.equal(crop, images.crops(1)[(0, 0)][0])  # same (seed, epoch): same crop
     assert not torch.equal(crop, seed1[(0, 1)][0])  # next epoch
     assert not torch.equal(crop, seed2[(0, 0)][0])  # other trial seed
-    other_base = AugmentedImages(replace(images, augment_seed=5), 1)
+    other_base = replace(images, augment_seed=5).crops(1)
     assert not torch.equal(crop, other_base[(0, 0)][0])  # other features.seed
     # Loader workers decode in other processes, in another order: the features are the same.
     batches = [[(i, e) for i in range(8)] for e in range(2)]
@@ -139,15 +136,15 @@ def test_online_cache_holds_no_train_views_and_a_missing_root_is_named(demo: Pat
 
 
 def test_cost_model_counts_the_image_encoder_per_image_and_epoch() -> None:
-    from pipeline.costmodel import (
+    from pipeline.engine.flops import image_encoder_gflops
+    from pipeline.params import params_from_dict
+    from pipeline.sweep.estimate import (
         DECODE_SECONDS_PER_IMAGE,
         GPUS,
         estimate_gpu_hours,
         estimate_trial,
-        image_encoder_gflops,
         online_image_seconds,
     )
-    from pipeline.params import params_from_dict
 
     gpu = GPUS["H100"]
     config = {"dataset": "ImageNet", "shots": 16, "seed": 1, "n_ctx": 16, "ctx_init": "", "csc": False,
