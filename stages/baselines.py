@@ -28,8 +28,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="which baselines to run, of zero-shot, zero-shot-ensemble and linear-probe "
                         "(default: all three)")
     parser.add_argument("--probe-views", type=int, metavar="V",
-                        help="cached views per training image the `grid` linear probe trains on (default: all "
-                        "features.views; 1 keeps ImageNet-sized probes tractable on a CPU); lpclip uses none")
+                        help="cached views per training image the `grid` linear probe trains on (default: "
+                        "all features.views; 1 keeps ImageNet-sized probes tractable on a CPU); lpclip uses "
+                        "none")
     parser.add_argument("--tracking-uri", metavar="URI",
                         help="MLflow tracking URI (default: MLFLOW_TRACKING_URI, else tracking.uri)")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")

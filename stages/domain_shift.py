@@ -25,10 +25,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--out", type=Path, metavar="DIR",
                         help="folder for domain_shift.csv (default: report.baselines_dir)")
     parser.add_argument("--shots", type=int,
-                        help="evaluate the ImageNet contexts trained with this many shots (default: the largest)")
+                        help="evaluate the ImageNet contexts trained with this many shots (default: the "
+                        "largest)")
     parser.add_argument("--tracking-uri", metavar="URI",
-                        help="MLflow tracking URI holding the sweep's runs (default: MLFLOW_TRACKING_URI, else "
-                        "tracking.uri)")
+                        help="MLflow tracking URI holding the sweep's runs (default: MLFLOW_TRACKING_URI, "
+                        "else tracking.uri)")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     cli.add_device(parser, "the frozen CLIP")
     return parser

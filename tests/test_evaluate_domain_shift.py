@@ -1,7 +1,7 @@
-"""The domain-shift stage's library: what it needs before it runs, and matching variant classes by ImageNet label.
+"""The domain-shift stage's library: what it needs before it runs, variant classes matched by ImageNet label.
 
-Transfer itself is checked end to end in test_paper_grid.py and on CLIP's real class list in test_classnames.py;
-an empty table without ImageNet (and the report's line for it) in test_report_html.py.
+Transfer itself is checked end to end in test_paper_grid.py and on CLIP's real class list in
+test_classnames.py; an empty table without ImageNet (and the report's line for it) in test_report_html.py.
 """
 
 from __future__ import annotations
@@ -18,8 +18,8 @@ from pipeline.params import params_from_dict
 
 def variant(labels: list[int] | None) -> EvalList:
     names = [f"class {i}" for i in range(len(labels or [0, 1]))]
-    return EvalList(dataset="ImageNetA", classnames=names, template="a photo of a {}.", test=[], test_only=True,
-                    imagenet_labels=labels)
+    return EvalList(dataset="ImageNetA", classnames=names, template="a photo of a {}.", test=[],
+                    imagenet_labels=labels, test_only=True)
 
 
 def test_variant_classes_map_to_the_source_rows_of_their_imagenet_labels() -> None:
@@ -29,7 +29,8 @@ def test_variant_classes_map_to_the_source_rows_of_their_imagenet_labels() -> No
 
 
 def test_unmatched_variants_are_refused_naming_the_classes() -> None:
-    with pytest.raises(StageError, match=r"'class 1' \(ImageNet label 4\) are not among the 4 ImageNet classes"):
+    not_among = r"'class 1' \(ImageNet label 4\) are not among the 4 ImageNet classes"
+    with pytest.raises(StageError, match=not_among):
         subset_rows([5, 3, 9, 1], variant([1, 4]))
     with pytest.raises(StageError, match="ImageNetA has no ImageNet label map"):
         subset_rows([5, 3, 9, 1], variant(None))

@@ -58,7 +58,7 @@ def test_ensemble_uses_the_official_templates(tiny, dataset):
 
 
 def test_test_only_features_score_like_a_few_shot_split(tiny):
-    """The domain-shift stage scores zero-shot CLIP on EvalFeatures: the same test set gives the same numbers."""
+    """The domain-shift stage scores zero-shot CLIP on EvalFeatures: same test set, same numbers."""
     data = separable_problem(tiny, CLASSNAMES)
     data.dataset, data.template = "ImageNetV2", "a photo of a {}, a type of pet."
     target = EvalFeatures(data.dataset, data.classnames, data.test, data.test_labels, data.template)

@@ -16,12 +16,12 @@ REPO = Path(__file__).resolve().parents[1]
 
 def test_help_lists_every_flag_at_once() -> None:
     start = time.perf_counter()
-    done = subprocess.run([sys.executable, "-m", "stages.baselines", "--help"], cwd=REPO, capture_output=True,
-                          text=True, timeout=120)
+    done = subprocess.run([sys.executable, "-m", "stages.baselines", "--help"], cwd=REPO,
+                          capture_output=True, text=True, timeout=120)
     seconds = time.perf_counter() - start
     assert done.returncode == 0 and "DVC stage `baselines`" in done.stdout
-    for flag in ("--params", "--log-level", "--out", "--methods", "--probe-views", "--tracking-uri", "--no-progress",
-                 "--device"):
+    for flag in ("--params", "--log-level", "--out", "--methods", "--probe-views", "--tracking-uri",
+                 "--no-progress", "--device"):
         assert flag in done.stdout
     assert seconds < 5  # about 0.2 s; generous for a loaded machine, far below importing the library
 
@@ -30,6 +30,6 @@ def test_unknown_method_exits_2_naming_the_choices(tmp_path: Path, caplog) -> No
     params = tmp_path / "params.yaml"
     params.write_text(yaml.safe_dump({"report": {"baselines_dir": str(tmp_path / "out")}}))
     assert main(["--params", str(params), "--methods", "zero-shot", "few-shot"]) == 2
-    assert "unknown baseline method(s) ['few-shot']; choose from zero-shot, zero-shot-ensemble, linear-probe" in (
-        caplog.text)
+    choices = "zero-shot, zero-shot-ensemble, linear-probe"
+    assert f"unknown baseline method(s) ['few-shot']; choose from {choices}" in caplog.text
     assert not (tmp_path / "out").exists()

@@ -16,11 +16,12 @@ REPO = Path(__file__).resolve().parents[1]
 
 def test_help_lists_every_flag_at_once() -> None:
     start = time.perf_counter()
-    done = subprocess.run([sys.executable, "-m", "stages.domain_shift", "--help"], cwd=REPO, capture_output=True,
-                          text=True, timeout=120)
+    done = subprocess.run([sys.executable, "-m", "stages.domain_shift", "--help"], cwd=REPO,
+                          capture_output=True, text=True, timeout=120)
     seconds = time.perf_counter() - start
     assert done.returncode == 0 and "DVC stage `domain_shift`" in done.stdout
-    for flag in ("--params", "--log-level", "--out", "--shots", "--tracking-uri", "--no-progress", "--device"):
+    for flag in ("--params", "--log-level", "--out", "--shots", "--tracking-uri", "--no-progress",
+                 "--device"):
         assert flag in done.stdout
     assert seconds < 5  # about 0.2 s; generous for a loaded machine, far below importing the library
 
@@ -29,4 +30,5 @@ def test_missing_sweep_exits_2_saying_what_to_run(tmp_path: Path, caplog) -> Non
     params = tmp_path / "params.yaml"
     params.write_text(yaml.safe_dump({"sweep": {"results_dir": str(tmp_path / "sweep")}}))
     assert main(["--params", str(params), "--out", str(tmp_path / "out")]) == 2
-    assert f"{tmp_path / 'sweep' / 'trials.csv'} is missing; run the sweep first (dvc repro sweep)" in caplog.text
+    missing = tmp_path / "sweep" / "trials.csv"
+    assert f"{missing} is missing; run the sweep first (dvc repro sweep)" in caplog.text

@@ -1,4 +1,4 @@
-"""The domain-shift stage's library: contexts learned on ImageNet, evaluated on ImageNet-V2, -Sketch, -A and -R.
+"""The domain-shift stage's library: contexts learned on ImageNet, evaluated on ImageNet-V2, -Sketch, -A, -R.
 
 For every finished ImageNet trial of the sweep at the largest shot count (16 in the paper; ``shots``
 picks another), the learned context is evaluated on the source's test set and on each ImageNet variant

@@ -39,7 +39,8 @@ def stage_backbone(params: Params, device: str | None = None) -> Backbone:
         backbone = load_backbone(params.backbone.arch, params.backbone.pretrained,
                                  device=device or resolve_device(params.train.device))
     if backbone.pretrained is None:
-        log.warning("backbone %s has RANDOM weights: accuracies are meaningless (demo/test setup)", backbone.arch)
+        log.warning("backbone %s has RANDOM weights: accuracies are meaningless (demo/test setup)",
+                    backbone.arch)
     return backbone
 
 
@@ -47,14 +48,16 @@ def open_cache(params: Params, dataset: str, config: FeatureConfig) -> FeatureCa
     """The dataset's feature cache under features.dir; StageError says how to build it."""
     folder = dataset_folder(dataset)
     try:
-        return open_feature_cache(feature_cache_dir(params.features.dir, folder, config.arch, config.pretrained),
-                                  config)
+        cache_dir = feature_cache_dir(params.features.dir, folder, config.arch, config.pretrained)
+        return open_feature_cache(cache_dir, config)
     except FeatureCacheError as error:
-        raise StageError(f"{error}\nRun `dvc repro features` (or python -m stages.features --dataset {folder}).") from None
+        raise StageError(
+            f"{error}\nRun `dvc repro features` (or python -m stages.features --dataset {folder})."
+        ) from None
 
 
 def is_test_only(params: Params, dataset: str) -> bool:
-    """True for datasets without few-shot splits (ImageNet variants), judged by the prepare stage's test list."""
+    """True for datasets without few-shot splits (ImageNet variants), as the prepare stage's list says."""
     path = eval_list_path(params.data.splits_dir, dataset_folder(dataset))
     try:
         return read_eval_list(path).test_only

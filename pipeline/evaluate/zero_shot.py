@@ -45,7 +45,8 @@ def accuracy(features: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor
     return 100.0 * float((logits.argmax(-1).cpu() == labels).float().mean())
 
 
-def zero_shot_accuracy(backbone: Backbone, data: FewShotFeatures | EvalFeatures, template: str | None = None) -> float:
+def zero_shot_accuracy(backbone: Backbone, data: FewShotFeatures | EvalFeatures,
+                       template: str | None = None) -> float:
     """Zero-shot CLIP with the dataset's hand-crafted CoOp prompt on the test split."""
     weights = zero_shot_weights(backbone, data.classnames, [template or data.template])
     return accuracy(data.test, data.test_labels, weights)

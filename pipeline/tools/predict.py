@@ -1,4 +1,4 @@
-"""Classify image files with a saved CoOp context: `python -m pipeline.tools.predict --context FILE IMAGE...`."""
+"""Classify image files with a saved CoOp context: `python -m pipeline.tools.predict --context FILE IMAGE`."""
 
 from __future__ import annotations
 
