@@ -21,7 +21,7 @@ PRECISIONS = ("fp32", "bf16", "fp16", "amp", OFFICIAL_FP16)  # train.precision (
 
 
 class ParamsError(UserError, ValueError):
-    """params.yaml (or a --config file) has a bad key or value."""
+    """params.yaml (or another --params file) has a bad key or value."""
 
 
 @dataclass(frozen=True)
