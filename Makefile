@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 export PATH := $(abspath $(VENV)/bin):$(PATH)
 export PYTHONUNBUFFERED := 1
 
-.PHONY: setup demo test lint bench
+.PHONY: setup demo test test-fast lint bench
 
 setup: $(STAMP)
 
@@ -24,6 +24,10 @@ demo: $(STAMP)
 test: $(STAMP)
 	ruff check .
 	python -m pytest
+
+test-fast: $(STAMP)  # the inner loop: ruff and every test not marked slow (no Ray, MLflow server, DVC runs)
+	ruff check .
+	python -m pytest -m "not slow" -q
 
 lint: $(STAMP)
 	ruff check .

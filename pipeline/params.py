@@ -18,6 +18,7 @@ from pipeline.errors import UserError
 # fp32 master context with a GradScaler instead; see docs/fidelity.md.
 OFFICIAL_FP16 = "fp16-official"
 PRECISIONS = ("fp32", "bf16", "fp16", "amp", OFFICIAL_FP16)  # train.precision (engine.prompt.compute_dtype)
+ONLINE_VIEWS = "online"  # features.views of the exact official augmentation: fresh crops every epoch, none cached
 
 
 class ParamsError(UserError, ValueError):
@@ -196,7 +197,7 @@ def _validate(p: Params) -> None:
             raise ParamsError(f"{key} is empty")
     if any(s < 1 for s in p.data.shots):
         raise ParamsError(f"data.shots must be >= 1, got {p.data.shots}")
-    if p.features.views != "online" and (isinstance(p.features.views, str) or p.features.views < 1):
+    if p.features.views != ONLINE_VIEWS and (isinstance(p.features.views, str) or p.features.views < 1):
         raise ParamsError(
             f"features.views must be >= 1 (an integer: views cached per training image) or 'online' (a fresh "
             f"crop every epoch), got {p.features.views!r}"

@@ -23,13 +23,13 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from pipeline import cli
+from pipeline.params import ONLINE_VIEWS
 
 if TYPE_CHECKING:
     from pipeline.params import Params
 
 log = logging.getLogger("stages.features")
 
-ONLINE_VIEWS = "online"  # the features.views value of online mode (the exact official augmentation)
 
 
 def _views(text: str) -> int | str:

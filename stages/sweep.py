@@ -20,6 +20,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 from pipeline import cli
+from pipeline.params import ONLINE_VIEWS
 
 if TYPE_CHECKING:
     from pipeline.params import Params
@@ -112,7 +113,7 @@ def dry_run(params: Params) -> None:
     print(plan.describe())
     configs = plan.configs[: plan.num_samples] if plan.search == "optuna" else plan.configs
     print(estimate_gpu_hours(params, configs).summary())
-    if params.features.views == "online":
+    if params.features.views == ONLINE_VIEWS:
         print(f"features.views = online: every trial crops and encodes its training images every epoch, "
               f"reading them from data.root ({params.data.root}), which every Ray worker must see.")
 

@@ -19,6 +19,13 @@ from pipeline.engine.prompt import CoOp, PromptConfig  # noqa: E402
 CLASSNAMES = ["cat", "golden_retriever", "sports car", "oak tree", "sail boat", "lighthouse"]
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Tests on the demo workspace run the real prepare and features stages as processes: mark them slow."""
+    for item in items:
+        if "demo_ws" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.slow)
+
+
 @pytest.fixture(scope="session")
 def demo_ws(tmp_path_factory: pytest.TempPathFactory):
     """The bundled demo after the real prepare and features stages: built once per test session."""

@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.slow  # end to end: stages and tools run as real processes
+
 REPO = Path(__file__).resolve().parents[1]
 
 

@@ -13,6 +13,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+pytestmark = pytest.mark.slow  # end to end: stages and tools run as real processes
+
 ROOT = Path(__file__).resolve().parents[1]
 
 

@@ -31,6 +31,8 @@ from pipeline.engine.train import default_epochs
 from pipeline.params import load_params, params_from_dict
 from pipeline.sweep.space import build_space
 
+pytestmark = pytest.mark.slow  # end to end: stages and tools run as real processes
+
 REPO = Path(__file__).resolve().parents[1]
 PROFILES = [REPO / "configs" / "paper_rn50.yaml", REPO / "configs" / "paper_vitb16.yaml"]
 TRAINED = ["ImageNet", "Caltech101", "OxfordPets"]

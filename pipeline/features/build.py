@@ -58,7 +58,7 @@ def build_dataset_features(
 ) -> CacheUpdate:
     """Bring one dataset's cache up to date for the given split files (what the features stage runs).
 
-    `views` ONLINE caches no train views (training crops the images itself), only the eval store.
+    `views` ONLINE_VIEWS caches no train views (training crops the images itself), only the eval store.
     """
     config = FeatureConfig.from_backbone(
         backbone, views=views, dtype=dtype, augment_seed=augment_seed, views_per_seed=views_per_seed

@@ -42,6 +42,7 @@ from tqdm import tqdm
 from pipeline.atomic import atomic_write, write_json_atomic
 from pipeline.data.images import INTERPOLATION, TRAIN_CROP_SCALE, ImageViews
 from pipeline.errors import UserError
+from pipeline.params import ONLINE_VIEWS
 
 if TYPE_CHECKING:
     from pipeline.engine.backbone import Backbone
@@ -58,7 +59,6 @@ DTYPES: dict[str, torch.dtype] = {
 DTYPE_ALIASES = {"fp16": "float16", "fp32": "float32", "bf16": "bfloat16"}
 STORES = ("train", "eval")
 MAX_SHARDS = 8  # more shards than this are merged into one, so reads stay a handful of files
-ONLINE = "online"  # features.views value of the exact mode: fresh crops every epoch, none cached
 REBUILD_HINT = "rerun `dvc repro features` (or `python -m stages.features ...`)"
 
 
@@ -88,7 +88,7 @@ class FeatureConfig:
     image_size: int
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
-    views: int | str = 1  # cached views per train image (1 = the test transform), or ONLINE: none cached
+    views: int | str = 1  # cached views per train image (1 = the test transform), or ONLINE_VIEWS: none cached
     dtype: str = "float16"
     augment_seed: int = 0
     views_per_seed: bool = True  # train views keyed by (path, split seed): seeds see different views
@@ -106,7 +106,7 @@ class FeatureConfig:
     @property
     def online(self) -> bool:
         """Exact mode: no train views are cached; training crops the images afresh every epoch."""
-        return self.views == ONLINE
+        return self.views == ONLINE_VIEWS
 
     @classmethod
     def from_backbone(
@@ -164,10 +164,10 @@ class FeatureConfig:
 
 
 def check_views(views: int | str) -> None:
-    """ValueError unless `views` is a number of cached views (>= 1) or ONLINE."""
-    if views != ONLINE and (isinstance(views, bool) or not isinstance(views, int) or views < 1):
+    """ValueError unless `views` is a number of cached views (>= 1) or ONLINE_VIEWS."""
+    if views != ONLINE_VIEWS and (isinstance(views, bool) or not isinstance(views, int) or views < 1):
         raise ValueError(
-            f"features.views must be an integer >= 1 (cached views per train image) or {ONLINE!r}, got {views!r}."
+            f"features.views must be an integer >= 1 (cached views per train image) or {ONLINE_VIEWS!r}, got {views!r}."
         )
 
 
@@ -378,7 +378,7 @@ def update_feature_cache(
         )
     wanted = {"train": sorted(set(train_paths)), "eval": sorted(set(eval_paths))}
     if config.online and wanted["train"]:
-        raise ValueError(f"views={ONLINE!r} caches no train views; pass the train images as eval paths only.")
+        raise ValueError(f"views={ONLINE_VIEWS!r} caches no train views; pass the train images as eval paths only.")
     existing = _existing_cache(cache_dir, config)
     rebuilt = existing is None and (cache_dir / "manifest.json").exists()
     manifest = existing or _empty_manifest(config)

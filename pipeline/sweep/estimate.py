@@ -27,6 +27,7 @@ from pipeline.engine.flops import (
     step_flops,
     tower_shape,
 )
+from pipeline.params import ONLINE_VIEWS
 
 if TYPE_CHECKING:
     from pipeline.params import Params
@@ -303,7 +304,7 @@ def estimate_gpu_hours(
     else:
         configs = list(trials)
     splits_dir = params.data.splits_dir
-    online = params.features.views == "online" and path != "official"
+    online = params.features.views == ONLINE_VIEWS and path != "official"
     workers = online_workers(params.features.num_workers, params.sweep.cpus_per_trial)
     estimates = [
         estimate_trial(c, params.backbone.arch, spec, params.train.batch_size, path, splits_dir,
