@@ -1,1 +1,1 @@
-"""DVC stage entry points: thin CLIs over pipeline/ (prepare, features, sweep, baselines, report)."""
+"""The commands: DVC stage entry points and console scripts, thin CLIs over pipeline/ on the one shell (pipeline.cli)."""
