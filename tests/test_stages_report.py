@@ -5,7 +5,6 @@ from __future__ import annotations
 import importlib
 import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -34,15 +33,12 @@ def test_every_flag_has_help(module: str) -> None:
 
 
 def test_help_is_the_stage_doc_and_answers_at_once() -> None:
-    start = time.perf_counter()
     done = subprocess.run([sys.executable, "-m", "stages.report", "--help"], cwd=REPO, capture_output=True,
                           text=True, timeout=120)
-    seconds = time.perf_counter() - start
     assert done.returncode == 0 and "DVC stage `report`" in done.stdout
     for flag in ("--params", "--log-level", "--out", "--results-dir", "--baselines-dir", "--tracking-uri",
                  "--no-mlflow"):
         assert flag in done.stdout
-    assert seconds < 5  # about 0.1 s; generous for a loaded machine, far below importing the library
 
 
 def test_folder_flags_override_the_params(report_workspace: dict[str, Any], tmp_path: Path) -> None:
