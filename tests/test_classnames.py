@@ -19,13 +19,13 @@ from open_clip.zero_shot_metadata import IMAGENET_CLASSNAMES
 from PIL import Image
 
 import pipeline.engine.prompt as prompt_module
-from pipeline.data.datasets import load_dataset
+from pipeline.data.datasets import duplicate_classnames, load_dataset
 from pipeline.data.fewshot import EvalList, make_eval_list
 from pipeline.data.images import build_transforms
 from pipeline.engine.context import ContextMeta, context_model, load_context, save_context
 from pipeline.engine.inputs import EvalFeatures
 from pipeline.engine.interpret import format_entry, nearest_word_entries, nearest_words
-from pipeline.engine.prompt import CoOp, PromptConfig, duplicate_classnames
+from pipeline.engine.prompt import CoOp, PromptConfig
 from pipeline.engine.reference import official_logits
 from pipeline.engine.train import TrainConfig, evaluate, train_coop
 from pipeline.evaluate.domain_shift import context_accuracy, restrict, subset_rows

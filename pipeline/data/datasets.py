@@ -21,7 +21,7 @@ from __future__ import annotations
 import json
 import logging
 import os
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath, PureWindowsPath
 
@@ -563,6 +563,14 @@ _READERS: dict[str, Callable[[Path, DatasetInfo], DatasetSplits]] = {
 # ------------------------------------------------------------------------------------------ validation
 
 
+def duplicate_classnames(names: Sequence[str]) -> dict[str, list[int]]:
+    """Each name given to more than one label, with those labels in order (ImageNet: 'missile', 'sunglasses')."""
+    labels: dict[str, list[int]] = {}
+    for label, name in enumerate(names):
+        labels.setdefault(name, []).append(label)
+    return {name: found for name, found in labels.items() if len(found) > 1}
+
+
 def _check_labels(splits: DatasetSplits, info: DatasetInfo) -> None:
     name_of: dict[int, tuple[str, str]] = {}
     for split in SPLIT_NAMES:
@@ -584,10 +592,7 @@ def _check_labels(splits: DatasetSplits, info: DatasetInfo) -> None:
         )
     if len(splits.classnames) != len(labels):
         raise DatasetError(f"{info.name}: {len(splits.classnames)} class names for {len(labels)} labels.")
-    labels_of: dict[str, list[int]] = {}
-    for label, name in enumerate(splits.classnames):
-        labels_of.setdefault(name, []).append(label)
-    shared = {name: found for name, found in labels_of.items() if len(found) > 1}
+    shared = duplicate_classnames(splits.classnames)
     if shared:
         # Not an error: CLIP's ImageNet list (CoOp's classnames.txt) names two classes 'missile' and two
         # 'sunglasses'. Labels keep them apart; the prompt learner warns about what that means for prompts.

@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pipeline.data.datasets import duplicate_classnames
 from pipeline.engine.backbone import Backbone, count_tokens, tokenize
 from pipeline.engine.text import TextTower
 from pipeline.params import OFFICIAL_FP16
@@ -41,14 +42,6 @@ class PromptConfig:
 
     def to_dict(self) -> dict:
         return asdict(self)
-
-
-def duplicate_classnames(names: Sequence[str]) -> dict[str, list[int]]:
-    """Each name given to more than one label, with those labels in order (ImageNet: 'missile', 'sunglasses')."""
-    labels: dict[str, list[int]] = {}
-    for label, name in enumerate(names):
-        labels.setdefault(name, []).append(label)
-    return {name: found for name, found in labels.items() if len(found) > 1}
 
 
 # Class lists whose duplicate names were already reported in this process: a sweep worker or the

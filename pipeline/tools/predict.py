@@ -57,8 +57,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace, params: None) -> None:
+    from pipeline.data.datasets import duplicate_classnames
     from pipeline.engine.context import load_metadata
-    from pipeline.engine.prompt import duplicate_classnames
 
     results = predict(args.context, args.images, args.pretrained, args.top_k, args.device)
     # Names given to several classes (ImageNet's 'missile') are shown with their label.
