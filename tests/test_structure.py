@@ -15,7 +15,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 # Layers from low to high: a module imports only its own layer or lower ones (docs/architecture.md).
 LAYERS: tuple[tuple[str, ...], ...] = (
-    ("pipeline.params", "pipeline.errors", "pipeline.atomic", "pipeline.cli"),
+    ("pipeline.params", "pipeline.errors", "pipeline.atomic", "pipeline.tables", "pipeline.cli"),
     ("pipeline.data",),
     ("pipeline.engine",),
     ("pipeline.features",),

@@ -30,12 +30,13 @@ from tqdm import tqdm
 from pipeline.atomic import write_csv_atomic
 from pipeline.data.datasets import DatasetError, dataset_folder
 from pipeline.data.fewshot import read_fewshot_split, split_path
-from pipeline.evaluate.inputs import StageError, accuracy_cell, is_test_only, open_cache, stage_backbone
+from pipeline.evaluate.inputs import StageError, is_test_only, open_cache, stage_backbone
 from pipeline.evaluate.linear_probe import grid_linear_probe, lpclip_linear_probe
 from pipeline.evaluate.zero_shot import ensemble_accuracy, ensemble_templates, zero_shot_accuracy
 from pipeline.features.assemble import load_fewshot_features
 from pipeline.features.cache import FeatureCache, FeatureCacheError, FeatureConfig
 from pipeline.params import Params
+from pipeline.tables import csv_number
 from pipeline.tracking import STAGE_TAG, StageRun, backbone_label
 
 log = logging.getLogger(__name__)
@@ -152,5 +153,5 @@ def _row(run: StageRun, backbone: str, method: str, protocol: str, dataset: str,
                        {STAGE_TAG: "baselines", "baseline.method": method, "dataset": dataset, "shots": shots,
                         "seed": seed, **({"baseline.protocol": protocol} if protocol else {})})
     return {"method": method, "protocol": protocol, "dataset": dataset, "shots": shots, "seed": seed,
-            "val_acc": accuracy_cell(val), "test_acc": accuracy_cell(test), "C": "" if c is None else f"{c:g}",
+            "val_acc": csv_number(val), "test_acc": csv_number(test), "C": "" if c is None else f"{c:g}",
             "views": views or "", "backbone": backbone, "mlflow_run_id": run_id}

@@ -13,7 +13,6 @@ run "domain-shift" with the CSV and per-target means.
 
 from __future__ import annotations
 
-import csv
 import dataclasses
 import logging
 import tempfile
@@ -32,11 +31,12 @@ from pipeline.engine.backbone import Backbone
 from pipeline.engine.context import ContextMeta, context_model, load_context
 from pipeline.engine.inputs import EvalFeatures
 from pipeline.engine.train import evaluate
-from pipeline.evaluate.inputs import StageError, accuracy_cell, open_cache, stage_backbone
+from pipeline.evaluate.inputs import StageError, open_cache, stage_backbone
 from pipeline.evaluate.zero_shot import ensemble_accuracy, zero_shot_accuracy
 from pipeline.features.assemble import load_eval_features
 from pipeline.features.cache import FeatureConfig
 from pipeline.params import Params
+from pipeline.tables import csv_number, read_csv_rows
 from pipeline.tracking import StageRun, backbone_label, resolve_tracking_uri, trial_artifacts
 
 log = logging.getLogger(__name__)
@@ -101,12 +101,6 @@ def variant_targets(params: Params) -> list[str]:
     return out
 
 
-def read_trials(path: Path) -> list[dict[str, str]]:
-    """The sweep's trials.csv as rows of strings."""
-    with path.open(newline="", encoding="utf-8") as f:
-        return list(csv.DictReader(f))
-
-
 def run_domain_shift(params: Params, out_dir: Path, shots: int | None = None, tracking_uri: str | None = None,
                      progress: bool = True) -> list[dict[str, Any]]:
     """Evaluate the sweep's ImageNet contexts and zero-shot CLIP on the ImageNet variants; write the CSV."""
@@ -115,7 +109,7 @@ def run_domain_shift(params: Params, out_dir: Path, shots: int | None = None, tr
     if not trials_path.is_file():
         raise StageError(f"{trials_path} is missing; run the sweep first (dvc repro sweep)")
     targets = variant_targets(params)
-    trials = [r for r in read_trials(trials_path)
+    trials = [r for r in read_csv_rows(trials_path)
               if dataset_folder(r["dataset"]) == SOURCE_DATASET and r["state"] == "FINISHED"]
     why_not = ""
     if SOURCE_DATASET not in [dataset_folder(d) for d in params.data.datasets]:
@@ -190,5 +184,5 @@ def _row(method: str, trial: dict[str, str] | None, target: str, shots: int, see
         config = {"n_ctx": int(trial["n_ctx"]), "ctx_init": trial["ctx_init"], "csc": trial["csc"] == "True",
                   "class_token_position": trial["class_token_position"]}
     return {"method": method, "config": trial.get("config", "") if trial else "", **config, "source": SOURCE_DATASET,
-            "target": target, "shots": shots, "seed": seed, "test_acc": accuracy_cell(acc),
+            "target": target, "shots": shots, "seed": seed, "test_acc": csv_number(acc),
             "trial_key": trial["trial_key"] if trial else "", "backbone": backbone}

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import math
 import warnings
 from pathlib import Path
 
@@ -63,8 +62,3 @@ def is_test_only(params: Params, dataset: str) -> bool:
         return read_eval_list(path).test_only
     except FileNotFoundError:
         raise StageError(f"{path} is missing; run `dvc repro prepare` (python -m stages.prepare).") from None
-
-
-def accuracy_cell(value: float | None) -> float | str:
-    """An accuracy as the stages' CSV files hold it: rounded to 4 decimals, blank when missing or NaN."""
-    return round(value, 4) if value is not None and math.isfinite(value) else ""

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import csv
 import json
 import tempfile
 from dataclasses import dataclass, field
@@ -18,11 +17,7 @@ from pipeline.report.statistics import (
     coop_points,
     number_or_nan,
 )
-
-
-def read_csv_rows(path: Path) -> list[dict[str, str]]:
-    with path.open(newline="", encoding="utf-8") as f:
-        return list(csv.DictReader(f))
+from pipeline.tables import read_csv_rows
 
 
 def typed_trial(row: dict[str, str]) -> dict[str, Any]:

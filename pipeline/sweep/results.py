@@ -27,6 +27,7 @@ from typing import Any
 
 from pipeline.atomic import write_csv_atomic, write_json_atomic
 from pipeline.sweep.space import CONFIG_KEYS, HYPER_KEYS, config_label
+from pipeline.tables import csv_number
 
 STATES = ("FINISHED", "FAILED", "STOPPED", "UNFINISHED")
 TRIAL_COLUMNS = [
@@ -64,9 +65,9 @@ class TrialRecord:
             "state": self.state,
             "config": config_label(self.config),
             "last_epoch": "" if self.last_epoch is None else self.last_epoch,
-            "val_acc": _csv_number(self.val_acc),
-            "test_acc": _csv_number(self.test_acc),
-            "train_seconds": _csv_number(self.train_seconds),
+            "val_acc": csv_number(self.val_acc),
+            "test_acc": csv_number(self.test_acc),
+            "train_seconds": csv_number(self.train_seconds),
             "node_ip": self.node_ip,
             "mlflow_run_id": self.mlflow_run_id,
             "reason": self.reason.replace("\n", " ")[:500],
@@ -100,10 +101,10 @@ class ConfigSummary:
             **{k: self.config[k] for k in HYPER_KEYS},
             "n_seeds": len(self.seeds),
             "seeds": " ".join(map(str, sorted(self.seeds))),
-            "val_acc_mean": _csv_number(self.val_mean),
-            "val_acc_std": _csv_number(_std(self.val)),
-            "test_acc_mean": _csv_number(self.test_mean),
-            "test_acc_std": _csv_number(_std(self.test)),
+            "val_acc_mean": csv_number(self.val_mean),
+            "val_acc_std": csv_number(_std(self.val)),
+            "test_acc_mean": csv_number(self.test_mean),
+            "test_acc_std": csv_number(_std(self.test)),
             "best": self.best,
         }
 
@@ -120,11 +121,6 @@ def _mean(values: list[float]) -> float:
 def _std(values: list[float]) -> float:
     values = [v for v in values if _finite(v)]
     return statistics.pstdev(values) if values else math.nan
-
-
-def _csv_number(value: float | None) -> float | str:
-    """A number as a CSV cell: 4 decimals, or empty when missing or not finite."""
-    return round(value, 4) if _finite(value) else ""
 
 
 def _json_number(value: float) -> float | None:
@@ -191,8 +187,8 @@ def metrics_json(records: Sequence[TrialRecord], summaries: Sequence[ConfigSumma
 def plot_rows(summaries: Sequence[ConfigSummary]) -> list[dict[str, Any]]:
     rows = []
     for s in summaries:
-        entry = {"dataset": s.dataset, "config": s.label, "shots": s.shots, "test_acc": _csv_number(s.test_mean),
-                 "test_acc_std": _csv_number(_std(s.test)), "val_acc": _csv_number(s.val_mean), "n_seeds": len(s.seeds)}
+        entry = {"dataset": s.dataset, "config": s.label, "shots": s.shots, "test_acc": csv_number(s.test_mean),
+                 "test_acc_std": csv_number(_std(s.test)), "val_acc": csv_number(s.val_mean), "n_seeds": len(s.seeds)}
         rows.append({"series": f"{s.dataset} | {s.label}", **entry})
         if s.best:
             rows.append({"series": f"{s.dataset} | best by val", **entry})
