@@ -15,6 +15,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("pipeline")
 
+DEFAULT_PARAMS = "params.yaml"
 EXIT_BAD_INPUT = 2  # bad params, flags or data, or a missing prerequisite: the message says which
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 HANDLER_NAME = "coop-cli"  # the root-logger handler setup_logging installs
@@ -27,8 +28,9 @@ def parser(prog: str, doc: str | None, epilog: str | None = None, params: bool =
     result = argparse.ArgumentParser(prog=prog, description=doc, epilog=epilog,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     if params:
-        result.add_argument("--params", type=Path, default=Path("params.yaml"), metavar="PATH",
-                            help="params file, e.g. params.yaml or configs/paper_rn50.yaml (default: %(default)s)")
+        result.add_argument("--params", type=Path, metavar="PATH",
+                            help="params file, e.g. configs/paper_rn50.yaml (default: params.yaml when the current "
+                            "folder has one, else the defaults of pipeline/params.py)")
     result.add_argument("--log-level", default="INFO", choices=("DEBUG", "INFO", "WARNING", "ERROR"),
                         help="log messages from this level up (default: %(default)s)")
     return result
@@ -47,11 +49,9 @@ WITH_DEVICE_NOTE = "--device other than auto overrides train.device; left at aut
 
 def with_device(params: Params, device: str) -> Params:
     """params with train.device set to --device, unless --device was left at its default (auto)."""
-    if device == "auto":
-        return params
-    import dataclasses
+    from pipeline.params import override
 
-    return dataclasses.replace(params, train=dataclasses.replace(params.train, device=device))
+    return params if device == "auto" else override(params, train={"device": device})
 
 
 def _quiet_root_info(record: logging.LogRecord) -> bool:
@@ -76,16 +76,24 @@ def setup_logging(level: str = "INFO") -> None:
     root.setLevel(getattr(logging, level))
 
 
+def _load_params(path: Path | None) -> Params:
+    """--params if given (it must exist), else ./params.yaml if there is one, else the typed defaults."""
+    from pipeline.params import Params, load_params
+
+    if path is None:
+        path = Path(DEFAULT_PARAMS)
+        if not path.is_file():
+            log.info("no %s in %s: using the defaults of pipeline/params.py and the flags", path, Path.cwd())
+            return Params()
+    return load_params(path)
+
+
 def run(parser: argparse.ArgumentParser, command: Command, argv: Sequence[str] | None = None) -> int:
     """Parse `argv`, set up logging, load --params, run `command(args, params)`; a UserError exits with 2."""
     args = parser.parse_args(argv)
     setup_logging(args.log_level)
     try:
-        params = None
-        if getattr(args, "params", None) is not None:
-            from pipeline.params import load_params
-
-            params = load_params(args.params)
+        params = _load_params(args.params) if hasattr(args, "params") else None
         status = command(args, params)
     except (UserError, FileNotFoundError) as error:
         log.error("%s", error)

@@ -246,6 +246,28 @@ def _validate(p: Params) -> None:
         raise ParamsError(f"baselines.linear_probe_protocols {problem}, got {protocols}; choose from: {choices}")
 
 
+def override(params: Params, **sections: dict[str, Any]) -> Params:
+    """`params` with, per section, the keys whose new value is not None replaced, checked like a params file.
+
+    What commands do with their flags: ``override(params, data={"shots": args.shots})``; a bad value raises
+    ParamsError naming the key, exactly as if it had been written in params.yaml.
+    """
+    changed = {}
+    for name, values in sections.items():
+        section = getattr(params, name)
+        hints = typing.get_type_hints(type(section))
+        given = {
+            key: _check(str(value) if isinstance(value, Path) else value, hints[key], f"{name}.{key}")
+            for key, value in values.items()
+            if value is not None
+        }
+        if given:
+            changed[name] = dataclasses.replace(section, **given)
+    result = dataclasses.replace(params, **changed)
+    _validate(result)
+    return result
+
+
 def params_from_dict(raw: dict[str, Any]) -> Params:
     params = _build(Params, raw, "")
     _validate(params)

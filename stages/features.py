@@ -17,10 +17,9 @@ Settings come from --params (params.yaml); a flag overrides its key: ``data.data
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import logging
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from pipeline import cli
 from pipeline.params import ONLINE_VIEWS
@@ -43,16 +42,6 @@ def _views(text: str) -> int | str:
     if views < 1:
         raise argparse.ArgumentTypeError(f"expected a number >= 1 or {ONLINE_VIEWS!r}, got {views}")
     return views
-
-
-def _dtype(text: str) -> str:
-    """--dtype: a storage dtype the cache knows (fp16, float16, fp32, ...), by its canonical name."""
-    from pipeline.features.cache import canonical_dtype
-
-    try:
-        return canonical_dtype(text)
-    except ValueError as error:
-        raise argparse.ArgumentTypeError(str(error)) from None
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -89,8 +78,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--dtype",
-        type=_dtype,
-        help="storage dtype of cached features: fp16, fp32, bf16 or their torch names (params: features.dtype)",
+        choices=("fp16", "fp32"),
+        help="storage dtype of cached features (params: features.dtype)",
     )
     parser.add_argument(
         "--augment-seed", type=int, help="base seed of the per-view augmentation (params: features.seed)"
@@ -104,20 +93,17 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _replace(section: Any, **flags: Any) -> Any:
-    """`section` with the keys whose flag was given replaced by the flag's value."""
-    return dataclasses.replace(section, **{key: value for key, value in flags.items() if value is not None})
-
-
 def with_flags(params: Params, args: argparse.Namespace) -> Params:
-    """`params` with the keys given as flags replaced by the flags' values."""
-    return dataclasses.replace(
+    """`params` with the keys given as flags replaced by the flags' values (checked like params.yaml)."""
+    from pipeline.params import override
+
+    return override(
         cli.with_device(params, args.device),
-        data=_replace(params.data, datasets=args.dataset, root=args.data_root, splits_dir=args.splits_dir,
-                      shots=args.shots, seeds=args.seeds),
-        backbone=_replace(params.backbone, arch=args.arch, pretrained=args.pretrained),
-        features=_replace(params.features, dir=args.out, views=args.views, views_per_seed=args.views_per_seed,
-                          dtype=args.dtype, seed=args.augment_seed, batch_size=args.batch_size),
+        data={"datasets": args.dataset, "root": args.data_root, "splits_dir": args.splits_dir, "shots": args.shots,
+              "seeds": args.seeds},
+        backbone={"arch": args.arch, "pretrained": args.pretrained},
+        features={"dir": args.out, "views": args.views, "views_per_seed": args.views_per_seed, "dtype": args.dtype,
+                  "seed": args.augment_seed, "batch_size": args.batch_size},
     )
 
 

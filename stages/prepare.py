@@ -12,7 +12,6 @@ Settings come from --params (params.yaml); a flag overrides its key: ``data.data
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import logging
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
@@ -55,17 +54,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def with_flags(params: Params, args: argparse.Namespace) -> Params:
-    """`params` with the `data` keys given as flags replaced by the flags' values."""
-    flags = {
-        "datasets": args.dataset,
-        "root": args.data_root,
-        "splits_dir": args.out,
-        "shots": args.shots,
-        "seeds": args.seeds,
-        "fewshot_repeat": args.repeat,
-    }
-    given = {key: value for key, value in flags.items() if value is not None}
-    return dataclasses.replace(params, data=dataclasses.replace(params.data, **given))
+    """`params` with the `data` keys given as flags replaced by the flags' values (checked like params.yaml)."""
+    from pipeline.params import override
+
+    return override(params, data={"datasets": args.dataset, "root": args.data_root, "splits_dir": args.out,
+                                  "shots": args.shots, "seeds": args.seeds, "fewshot_repeat": args.repeat})
 
 
 def run(args: argparse.Namespace, params: Params) -> None:

@@ -21,7 +21,6 @@ without data says so in one line. The page is also logged to MLflow as the artif
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -49,12 +48,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def with_flags(params: Params, args: argparse.Namespace) -> Params:
     """params with the folders given on the command line: report.dir, report.baselines_dir, sweep.results_dir."""
-    report = {"dir": args.out, "baselines_dir": args.baselines_dir}
-    given = {key: str(value) for key, value in report.items() if value is not None}
-    params = dataclasses.replace(params, report=dataclasses.replace(params.report, **given))
-    if args.results_dir is not None:
-        params = dataclasses.replace(params, sweep=dataclasses.replace(params.sweep, results_dir=str(args.results_dir)))
-    return params
+    from pipeline.params import override
+
+    return override(params, report={"dir": args.out, "baselines_dir": args.baselines_dir},
+                    sweep={"results_dir": args.results_dir})
 
 
 def run(args: argparse.Namespace, params: Params) -> None:

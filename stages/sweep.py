@@ -11,7 +11,6 @@ plots.csv.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import logging
 import os
 import signal
@@ -92,11 +91,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def with_flags(params: Params, args: argparse.Namespace) -> Params:
-    """params with sweep.* replaced by the flags given on the command line."""
-    flags = {"search": args.search, "num_samples": args.num_samples, "max_concurrent": args.max_concurrent,
-             "address": args.address, "name": args.name, "asha": args.asha}
-    given = {key: value for key, value in flags.items() if value is not None}
-    return dataclasses.replace(params, sweep=dataclasses.replace(params.sweep, **given))
+    """params with sweep.* replaced by the flags given on the command line (checked like params.yaml)."""
+    from pipeline.params import override
+
+    return override(params, sweep={"search": args.search, "num_samples": args.num_samples,
+                                   "max_concurrent": args.max_concurrent, "address": args.address,
+                                   "name": args.name, "asha": args.asha})
 
 
 def _terminate_like_interrupt(signum: int, frame: object) -> None:

@@ -349,6 +349,17 @@ def test_cache_of_other_views_per_seed_is_rebuilt(tiny: Path, backbone: Backbone
     assert all(key.endswith("#seed1") for key in cache.paths("train"))
 
 
+def test_cache_written_before_views_per_seed_existed_stays_valid(tiny: Path, backbone: Backbone) -> None:
+    """Older manifests lack the key; their views were shared by seeds, so with views_per_seed off they match."""
+    build(tiny, backbone, views=2, views_per_seed=False)
+    manifest_path = feature_cache_dir(tiny / "cache", "mydata", "coop-tiny", None) / "manifest.json"
+    manifest = json.loads(manifest_path.read_text())
+    del manifest["config"]["views_per_seed"]
+    manifest_path.write_text(json.dumps(manifest))
+    update = build(tiny, backbone, views=2, views_per_seed=False)
+    assert not update.rebuilt and update.encoded == {"train": 0, "eval": 0}
+
+
 @pytest.mark.parametrize(
     ("features", "message"),
     [

@@ -55,3 +55,17 @@ def test_defaults_are_coops_recipe():
     train = params_from_dict({}).train
     assert (train.lr, train.momentum, train.weight_decay, train.batch_size) == (0.002, 0.9, 5e-4, 32)
     assert (train.warmup_epochs, train.warmup_lr, train.epochs) == (1, 1e-5, None)
+
+
+def test_override_replaces_given_keys_and_checks_them_like_a_params_file(tmp_path) -> None:
+    from pipeline.params import Params, ParamsError, override
+
+    params = Params()
+    changed = override(params, data={"shots": [2], "root": tmp_path, "seeds": None}, sweep={"num_samples": 3})
+    assert changed.data.shots == [2] and changed.data.root == str(tmp_path)  # a Path flag becomes the str key
+    assert changed.data.seeds == params.data.seeds and changed.sweep.num_samples == 3  # None: not given
+    assert changed.train == params.train
+    with pytest.raises(ParamsError, match="sweep.num_samples must be >= 1"):
+        override(params, sweep={"num_samples": 0})
+    with pytest.raises(ParamsError, match="features.batch_size: expected an integer"):
+        override(params, features={"batch_size": "many"})

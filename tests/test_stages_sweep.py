@@ -36,7 +36,7 @@ def test_help_explains_every_flag() -> None:
     parser = build_parser()
     assert parser.parse_args(["--resume"]).resume == "latest"
     assert parser.parse_args(["--resume", "grid-1"]).resume == "grid-1"
-    assert parser.parse_args([]).params == Path("params.yaml")
+    assert parser.parse_args([]).params is None  # cli.run then reads ./params.yaml, else the typed defaults
 
 
 def test_flags_replace_the_params_they_name(tmp_path: Path) -> None:
@@ -86,7 +86,7 @@ def test_errors_name_the_problem_and_exit_2(tmp_path: Path, caplog: pytest.LogCa
     caplog.clear()
     assert main(["--params", str(write_params(tmp_path, "ok")), "--num-samples", "0", "--search", "random",
                  "--dry-run"]) == 2
-    assert "sweep.num_samples (--num-samples)" in caplog.text
+    assert "sweep.num_samples must be >= 1, got 0" in caplog.text
     caplog.clear()
     assert main(["--params", str(tmp_path / "missing.yaml"), "--dry-run"]) == 2
     assert "does not exist" in caplog.text

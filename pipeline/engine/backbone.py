@@ -44,6 +44,10 @@ class DeviceUnavailableError(UserError, ValueError):
     """The requested device (e.g. cuda) is not visible on this machine."""
 
 
+class BackboneError(UserError, ValueError):
+    """backbone.arch names no open_clip architecture, or one whose text tower CoOp cannot drive."""
+
+
 @cache
 def register_project_models() -> None:
     """Make the project's own architectures (the tiny test/demo CLIP) known to open_clip."""
@@ -225,13 +229,13 @@ def load_backbone(arch: str, pretrained: str | None = None, device: str | torch.
     """Create `arch` with `pretrained` weights, frozen, in eval mode, on `device`."""
     register_project_models()
     if arch not in open_clip.list_models():
-        raise ValueError(
+        raise BackboneError(
             f"Unknown backbone architecture {arch!r}. Known: {TINY_ARCH}, RN50, RN101, ViT-B-32, ViT-B-16, ... "
             "(see open_clip.list_models())."
         )
     model = _create(arch, pretrained)
     if not isinstance(model, CLIP):
-        raise ValueError(
+        raise BackboneError(
             f"{arch} has a custom text tower ({type(model).__name__}); CoOp needs open_clip's built-in "
             "text transformer (CLIP class), e.g. RN50, ViT-B-16."
         )

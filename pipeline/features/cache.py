@@ -248,8 +248,12 @@ def _read_manifest(cache_dir: Path) -> dict[str, Any] | None:
     return manifest
 
 
+# Manifest keys added after caches were first written, with the value every older cache was built with.
+KEYS_OF_OLDER_CACHES = {"views_per_seed": False}
+
+
 def _config_differences(manifest: dict[str, Any], config: FeatureConfig) -> list[str]:
-    cached = manifest.get("config", {})
+    cached = {**KEYS_OF_OLDER_CACHES, **manifest.get("config", {})}
     wanted = config.manifest_fields()
     diffs = []
     for key, value in wanted.items():
