@@ -11,7 +11,13 @@ import torch
 import torch.nn.functional as F
 from conftest import CLASSNAMES, separable_problem, teacher_means
 
-from pipeline.engine.backbone import WeightsUnavailableError, count_tokens, load_backbone, weights_fingerprint
+from pipeline.engine.backbone import (
+    WeightsUnavailableError,
+    count_tokens,
+    load_backbone,
+    load_params_backbone,
+    weights_fingerprint,
+)
 from pipeline.engine.prompt import CoOp, PromptConfig
 from pipeline.engine.reference import official_logits
 from pipeline.engine.train import TrainConfig, default_epochs, lr_at_epoch, train_coop
@@ -252,6 +258,18 @@ def test_local_checkpoint_file_loads_the_same_weights(tiny, tmp_path):
     loaded = load_backbone("coop-tiny", str(path))
     assert loaded.fingerprint == tiny.fingerprint
     assert loaded.pretrained == str(path)
+
+
+def test_params_backbone_is_the_params_model_and_says_once_that_its_weights_are_random(tiny, caplog):
+    from pipeline.params import Params
+
+    with warnings.catch_warnings(record=True) as raised:
+        warnings.simplefilter("always")
+        backbone = load_params_backbone(Params(), "cpu")  # coop-tiny, pretrained: null
+    assert (backbone.arch, backbone.pretrained, backbone.fingerprint) == ("coop-tiny", None, tiny.fingerprint)
+    assert backbone.device == torch.device("cpu")
+    assert not raised  # open_clip-level UserWarning replaced by one log line
+    assert [r.levelname for r in caplog.records if "RANDOM weights" in r.getMessage()] == ["WARNING"]
 
 
 def test_training_results_unchanged_by_the_exact_fast_paths(tiny):

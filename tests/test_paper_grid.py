@@ -162,8 +162,9 @@ def test_domain_shift_transfers_the_imagenet_contexts(paper_run: dict[str, Any])
 
     # ImageNet-A covers ImageNet classes 1 and 3: a class-specific context must score as the full 4-class
     # classifier restricted to those two classes' columns.
+    from pipeline.engine.backbone import load_params_backbone
     from pipeline.engine.context import context_model
-    from pipeline.evaluate.inputs import open_cache, stage_backbone
+    from pipeline.evaluate.inputs import open_cache
     from pipeline.features.assemble import load_eval_features
     from pipeline.features.cache import FeatureConfig
     from pipeline.tracking import trial_artifacts
@@ -172,7 +173,7 @@ def test_domain_shift_transfers_the_imagenet_contexts(paper_run: dict[str, Any])
     folder = trial_artifacts(imagenet16[csc["trial_key"]], Path(params.sweep.results_dir),
                              paper_run["root"] / "fetched", paper_run["uri"])
     ctx, meta = load_context(folder / "ctx.safetensors")
-    backbone = stage_backbone(params, "cpu")
+    backbone = load_params_backbone(params, "cpu")
     config = FeatureConfig.from_params(backbone, params.features)
     target = load_eval_features(params.features.dir, eval_list_path(params.data.splits_dir, "ImageNetA"), config,
                                 cache=open_cache(params, "ImageNetA", config))

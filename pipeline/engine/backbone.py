@@ -27,6 +27,7 @@ from open_clip.model import CLIP
 from torch import nn
 
 from pipeline.errors import UserError
+from pipeline.params import Params
 
 log = logging.getLogger(__name__)
 
@@ -246,3 +247,17 @@ def load_backbone(arch: str, pretrained: str | None = None, device: str | torch.
     model.visual.to(memory_format=torch.channels_last)
     pretrained_name = None if pretrained in _NO_WEIGHTS else pretrained
     return Backbone(model, arch, pretrained_name, weights_fingerprint(model, arch))
+
+
+def load_params_backbone(params: Params, device: str | torch.device) -> Backbone:
+    """params' backbone (the one the feature caches are built with), frozen, on `device`.
+
+    Random weights (backbone.pretrained: null, the demo and test setup) are logged as one warning line
+    instead of open_clip's UserWarning with its source location.
+    """
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        backbone = load_backbone(params.backbone.arch, params.backbone.pretrained, device=device)
+    if backbone.pretrained is None:
+        log.warning("backbone %s has RANDOM weights: accuracies are meaningless (demo/test setup)", backbone.arch)
+    return backbone

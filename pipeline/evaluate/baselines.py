@@ -30,7 +30,8 @@ from tqdm import tqdm
 from pipeline.atomic import write_csv_atomic
 from pipeline.data.datasets import DatasetError, dataset_folder
 from pipeline.data.fewshot import read_fewshot_split, split_path
-from pipeline.evaluate.inputs import StageError, is_test_only, open_cache, stage_backbone
+from pipeline.engine.backbone import load_params_backbone, resolve_device
+from pipeline.evaluate.inputs import StageError, is_test_only, open_cache
 from pipeline.evaluate.linear_probe import grid_linear_probe, lpclip_linear_probe
 from pipeline.evaluate.zero_shot import ensemble_accuracy, ensemble_templates, zero_shot_accuracy
 from pipeline.features.assemble import load_fewshot_features
@@ -55,7 +56,7 @@ def run_baselines(params: Params, out_dir: Path, methods: Sequence[str] = METHOD
     datasets = [d for d in params.data.datasets if not is_test_only(params, d)]
     if not datasets:
         raise StageError("data.datasets lists only test-only datasets; baselines need few-shot splits")
-    backbone = stage_backbone(params)
+    backbone = load_params_backbone(params, resolve_device(params.train.device))
     # Online mode caches no train views: FewShotFeatures.train is then each image's test-transform view.
     config = FeatureConfig.from_params(backbone, params.features)
     label = backbone_label(params.backbone.arch, params.backbone.pretrained)

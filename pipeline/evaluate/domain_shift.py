@@ -27,11 +27,11 @@ from tqdm import tqdm
 from pipeline.atomic import write_csv_atomic
 from pipeline.data.datasets import dataset_folder
 from pipeline.data.fewshot import EvalList, eval_list_path, read_eval_list
-from pipeline.engine.backbone import Backbone
+from pipeline.engine.backbone import Backbone, load_params_backbone, resolve_device
 from pipeline.engine.context import ContextMeta, context_model, load_context
 from pipeline.engine.inputs import EvalFeatures
 from pipeline.engine.train import evaluate
-from pipeline.evaluate.inputs import StageError, open_cache, stage_backbone
+from pipeline.evaluate.inputs import StageError, open_cache
 from pipeline.evaluate.zero_shot import ensemble_accuracy, zero_shot_accuracy
 from pipeline.features.assemble import load_eval_features
 from pipeline.features.cache import FeatureConfig
@@ -129,7 +129,7 @@ def run_domain_shift(params: Params, out_dir: Path, shots: int | None = None, tr
         raise StageError(f"no FINISHED ImageNet trial with {chosen} shots in {trials_path}")
 
     uri = resolve_tracking_uri(tracking_uri, params.tracking.uri)
-    backbone = stage_backbone(params)
+    backbone = load_params_backbone(params, resolve_device(params.train.device))
     config = FeatureConfig.from_params(backbone, params.features)
     label = backbone_label(params.backbone.arch, params.backbone.pretrained)
     source_list = read_eval_list(eval_list_path(params.data.splits_dir, SOURCE_DATASET))

@@ -3,12 +3,10 @@
 from __future__ import annotations
 
 import logging
-import warnings
 from pathlib import Path
 
 from pipeline.data.datasets import dataset_folder
 from pipeline.data.fewshot import eval_list_path, read_eval_list
-from pipeline.engine.backbone import Backbone, load_backbone, resolve_device
 from pipeline.errors import UserError
 from pipeline.features.cache import (
     FeatureCache,
@@ -29,18 +27,6 @@ class StageError(UserError, RuntimeError):
 def baselines_dir(params: Params) -> Path:
     """Home of baselines.csv and domain_shift.csv (report.baselines_dir)."""
     return Path(params.report.baselines_dir)
-
-
-def stage_backbone(params: Params, device: str | None = None) -> Backbone:
-    """params' backbone (the one the feature caches were built with), frozen, on `device` (train.device)."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        backbone = load_backbone(params.backbone.arch, params.backbone.pretrained,
-                                 device=device or resolve_device(params.train.device))
-    if backbone.pretrained is None:
-        log.warning("backbone %s has RANDOM weights: accuracies are meaningless (demo/test setup)",
-                    backbone.arch)
-    return backbone
 
 
 def open_cache(params: Params, dataset: str, config: FeatureConfig) -> FeatureCache:

@@ -11,7 +11,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,7 +18,7 @@ from tqdm import tqdm
 
 from pipeline.data.datasets import DatasetError, dataset_folder
 from pipeline.data.fewshot import split_path
-from pipeline.engine.backbone import Backbone, WeightsUnavailableError, load_backbone
+from pipeline.engine.backbone import Backbone, WeightsUnavailableError, load_params_backbone
 from pipeline.engine.inputs import FewShotFeatures
 from pipeline.errors import UserError
 from pipeline.features.assemble import load_fewshot_features, online_workers
@@ -64,25 +63,16 @@ def _fix_hint(params: Params, dataset: str, shots: list[int], seeds: list[int]) 
     )
 
 
-def load_backbone_for(params: Params) -> Backbone:
-    """The sweep's backbone on the driver's CPU: its fingerprint and preprocessing identify the cache."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        try:
-            backbone = load_backbone(params.backbone.arch, params.backbone.pretrained, device="cpu")
-        except WeightsUnavailableError as error:
-            raise MissingInputsError(str(error)) from None
-    if backbone.pretrained is None:
-        log.warning("backbone %s has RANDOM weights: accuracies are meaningless (demo/test setup)", backbone.arch)
-    return backbone
-
-
 def load_inputs(params: Params, triples: list[tuple[str, int, int]]) -> SweepInputs:
     """Features for every (dataset, shots, seed); MissingInputsError names the dvc stage to run.
 
     In online mode each carries its split's `TrainImages` (under data.root, made absolute) for the trial.
     """
-    backbone = load_backbone_for(params)
+    try:
+        # On the driver's CPU: its fingerprint and preprocessing identify the cache; trials load their own.
+        backbone = load_params_backbone(params, "cpu")
+    except WeightsUnavailableError as error:
+        raise MissingInputsError(str(error)) from None
     config = FeatureConfig.from_params(backbone, params.features)
     data_root = Path(params.data.root).resolve() if config.online else None
     by_dataset: dict[str, list[tuple[int, int]]] = {}
