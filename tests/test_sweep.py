@@ -182,6 +182,7 @@ def test_optuna_sweep_end_to_end(demo_ws: DemoWorkspace, ray_session: Any) -> No
     parents, children = experiment_runs(uri, "opt")
     assert len(parents) == 1 and parents[0].info.status == "FINISHED"
     assert parents[0].data.metrics["trials_finished"] == 6
+    assert parents[0].data.params["backbone"] == "coop-tiny/random"
     assert {c.info.run_id for c in children} == {r["mlflow_run_id"] for r in rows}
     client = MlflowClient(uri)
     for child in children:
@@ -190,6 +191,7 @@ def test_optuna_sweep_end_to_end(demo_ws: DemoWorkspace, ray_session: Any) -> No
         for tag in ("git_commit", "feature_cache", "dataset", "shots", "seed", "backbone", "node_ip",
                     "ray.trial_id"):
             assert tags.get(tag), tag
+        assert tags["backbone"] == "coop-tiny/random"  # the parent's name for the same backbone
         assert {"n_ctx", "ctx_init", "csc", "class_token_position", "lr", "epochs", "train.momentum",
                 "features.views_per_seed", "features.num_workers"} <= set(params_logged)
         assert [m.step for m in client.get_metric_history(child.info.run_id, "loss")] == [1, 2, 3]

@@ -34,7 +34,7 @@ from pipeline.engine.train import EpochMetrics, TrainConfig, TrainResult, train_
 from pipeline.params import FeatureParams, TrainParams
 from pipeline.sweep.plan import feature_key
 from pipeline.sweep.space import config_label, trial_key
-from pipeline.tracking import GPU_TAG, NODE_TAG, RAY_TRIAL_TAG, SWEEP_TAG, TrialRun
+from pipeline.tracking import GPU_TAG, NODE_TAG, RAY_TRIAL_TAG, SWEEP_TAG, TrialRun, backbone_label
 
 log = logging.getLogger(__name__)
 
@@ -105,7 +105,7 @@ def trial_tags(config: dict[str, Any], settings: TrialSettings, key: str, trial_
         "hostname": socket.gethostname(),
         "git_commit": settings.git_commit,
         "feature_cache": settings.cache_fingerprints.get(config["dataset"], "unknown"),
-        "backbone": f"{settings.arch}/{settings.pretrained or 'random'}",
+        "backbone": backbone_label(settings.arch, settings.pretrained),
         "backbone_fingerprint": settings.backbone_fingerprint,
         "dataset": config["dataset"],
         "shots": config["shots"],

@@ -28,6 +28,7 @@ from pipeline.tracking import (
     SweepRun,
     TrackingError,
     TrialOutcome,
+    backbone_label,
     check_tracking_uri,
     git_commit,
     resolve_tracking_uri,
@@ -98,11 +99,7 @@ def run_sweep(params: Params, options: SweepOptions) -> SweepOutcome:
     if state is None:
         parent = SweepRun.start(
             uri, params.tracking.experiment, name,
-            params={"search": plan.search, "num_samples": plan.num_samples, "max_concurrent": plan.max_concurrent,
-                    "asha": params.sweep.asha, "retries": params.sweep.retries,
-                    "space": json.dumps({k: list(v) for k, v in plan.space.values.items()}),
-                    "backbone": f"{params.backbone.arch}/{params.backbone.pretrained}",
-                    "cpus_per_trial": params.sweep.cpus_per_trial, "gpus_per_trial": params.sweep.gpus_per_trial},
+            params=parent_run_params(params, plan),
             tags={"git_commit": commit, "search": plan.search, "backbone_fingerprint": inputs.backbone.fingerprint,
                   "ray_experiment": str(experiment_path),
                   **{f"feature_cache.{d}": fp for d, fp in inputs.cache_fingerprints.items()}},
@@ -130,6 +127,15 @@ def run_sweep(params: Params, options: SweepOptions) -> SweepOutcome:
             ray.shutdown()
     outcome.wall_seconds = time.perf_counter() - start
     return outcome
+
+
+def parent_run_params(params: Params, plan: SweepPlan) -> dict[str, Any]:
+    """What the sweep's MLflow parent run logs as params: the search, its space, resources and backbone."""
+    return {"search": plan.search, "num_samples": plan.num_samples, "max_concurrent": plan.max_concurrent,
+            "asha": params.sweep.asha, "retries": params.sweep.retries,
+            "space": json.dumps({k: list(v) for k, v in plan.space.values.items()}),
+            "backbone": backbone_label(params.backbone.arch, params.backbone.pretrained),
+            "cpus_per_trial": params.sweep.cpus_per_trial, "gpus_per_trial": params.sweep.gpus_per_trial}
 
 
 def _trial_dirname(trial: Any) -> str:
