@@ -25,6 +25,16 @@ class ParamsError(UserError, ValueError):
     """params.yaml (or another --params file) has a bad key or value."""
 
 
+def check_views(value: Any) -> int | str:
+    """`value` if it is a valid features.views (a number of cached views >= 1, or ONLINE_VIEWS), else ParamsError."""
+    if value == ONLINE_VIEWS or (isinstance(value, int) and not isinstance(value, bool) and value >= 1):
+        return value
+    raise ParamsError(
+        f"features.views must be >= 1 (an integer: views cached per training image) or {ONLINE_VIEWS!r} (a fresh "
+        f"crop every epoch), got {value!r}"
+    )
+
+
 @dataclass(frozen=True)
 class DataParams:
     root: str = "data/demo"
@@ -197,11 +207,7 @@ def _validate(p: Params) -> None:
             raise ParamsError(f"{key} is empty")
     if any(s < 1 for s in p.data.shots):
         raise ParamsError(f"data.shots must be >= 1, got {p.data.shots}")
-    if p.features.views != ONLINE_VIEWS and (isinstance(p.features.views, str) or p.features.views < 1):
-        raise ParamsError(
-            f"features.views must be >= 1 (an integer: views cached per training image) or 'online' (a fresh "
-            f"crop every epoch), got {p.features.views!r}"
-        )
+    check_views(p.features.views)
     if p.features.num_workers is not None and p.features.num_workers < 0:
         raise ParamsError(f"features.num_workers must be >= 0 or null, got {p.features.num_workers}")
     if p.features.dtype not in ("fp16", "fp32"):

@@ -8,7 +8,6 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.data.published import load_published
 from pipeline.engine.backbone import count_tokens
 from pipeline.engine.flops import PATHS
 from pipeline.engine.prompt import prefers_shared_prefix
@@ -76,13 +75,11 @@ def test_estimate_reads_real_class_names_when_prepared(tmp_path: Path) -> None:
         estimate_trial(config, "RN50", GPUS["H100"])
 
 
-def test_imagenet_16shot_estimate_cites_the_published_time() -> None:
+def test_imagenet_16shot_estimate_compares_our_paths_with_the_official_one() -> None:
     result = imagenet_16shot_estimate("H100")
     paths = result["paths"]
     assert set(paths) == set(PATHS) and result["steps"] == 25000
     assert paths["official"]["tokens_per_prompt"] == 77 and paths["truncated"]["tokens_per_prompt"] < 77
     assert paths["official"]["tflops_per_step"] > 2 * paths["truncated"]["tflops_per_step"]
     assert paths["official"]["hours"] > paths["truncated"]["hours"] > 0
-    assert result["published_official_hours"] == pytest.approx(14 + 40 / 60, abs=1e-3)
-    assert result["published_official_hours"] == load_published()["timing"]["imagenet_16shot_one_gpu_hours"]
     assert math.isfinite(result["speedup_vs_official"]) and result["speedup_vs_official"] > 1

@@ -22,7 +22,11 @@ def test_cli_prints_the_grid_estimate(capsys: pytest.CaptureFixture[str], tmp_pa
     assert main(["--params", str(tmp_path / "nope.yaml")]) == 2
 
 
-def test_cli_prints_the_imagenet_estimate(capsys: pytest.CaptureFixture[str]) -> None:
+def test_cli_prints_the_imagenet_estimate_beside_the_published_time(capsys: pytest.CaptureFixture[str]) -> None:
+    from pipeline.data.published import load_published
+
     assert main(["--imagenet", "--gpu", "A100", "--params", str(REPO / "params.yaml")]) == 0
     result = json.loads(capsys.readouterr().out)
-    assert result["gpu"] == "A100" and result["arch"] == "RN50" and result["published_official_hours"] > 14
+    assert result["gpu"] == "A100" and result["arch"] == "RN50"
+    assert result["published_official_hours"] == pytest.approx(14 + 40 / 60, abs=1e-3)
+    assert result["published_official_hours"] == load_published()["timing"]["imagenet_16shot_one_gpu_hours"]

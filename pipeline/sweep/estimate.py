@@ -322,11 +322,8 @@ def imagenet_16shot_estimate(gpu: str | GPU = "H100", arch: str = "RN50") -> dic
     """Cost of one 16-shot ImageNet CoOp trial (1000 classes, 50 epochs, M=16, end, unified), ours vs official.
 
     Returns hours on `gpu` for our shared-prefix path, our truncated path and the official 77-token path
-    (with its per-step image encoding), their FLOPs per step, and the published wall time for reference
-    (the time the CoOp authors give for one such run on one GPU: pipeline/data/published.json).
+    (with its per-step image encoding), and their FLOPs per step.
     """
-    from pipeline.data.published import load_published
-
     spec = GPUS[gpu] if isinstance(gpu, str) else gpu
     config = {"dataset": "ImageNet", "shots": 16, "seed": 1, "n_ctx": 16, "ctx_init": "", "csc": False,
               "class_token_position": "end", "epochs": 50, "precision": "fp16"}
@@ -346,8 +343,6 @@ def imagenet_16shot_estimate(gpu: str | GPU = "H100", arch: str = "RN50") -> dic
                                  "tokens_per_prompt": OFFICIAL_TOKENS if path == "official" else estimate.layout.length,
                                  "mean_tokens_per_prompt": OFFICIAL_TOKENS if path == "official"
                                  else estimate.layout.real_length}
-    published = load_published().get("timing", {}).get("imagenet_16shot_one_gpu_hours")
-    result["published_official_hours"] = published
     result["speedup_vs_official"] = result["paths"]["official"]["hours"] / result["paths"]["shared"]["hours"]
     return result
 

@@ -47,7 +47,11 @@ def run(args: argparse.Namespace, params: Params | None) -> int:
 
     result: dict[str, Any]
     if args.imagenet:
+        from pipeline.data.published import load_published
+
         result = imagenet_16shot_estimate(args.gpu, args.arch)
+        # For reference: the time the CoOp authors give for one such run on one GPU (published.json).
+        result["published_official_hours"] = load_published()["timing"]["imagenet_16shot_one_gpu_hours"]
         sys.stdout.write(json.dumps(result, indent=2) + "\n")
     else:
         assert params is not None  # cli.run loads --params
