@@ -24,7 +24,8 @@ def official_generate_fewshot(data_source: list, num_shots: int, repeat: bool = 
     """Transcription of Dassl's DatasetBase.generate_fewshot_dataset for one data source.
 
     Transcribed from Dassl.pytorch 0.6.3 (dassl/data/datasets/base_dataset.py at commit c61a1b5, 2022-10-06,
-    the version CoOp's README installs): `repeat` defaults to False since commit e3a15da (2021-10-09).
+    the repository's head, which CoOp's README has users install from source): `repeat` defaults to False
+    since commit e3a15da (2021-10-09); runs made before then drew with `repeat=True`.
     """
     if num_shots < 1:
         return data_source

@@ -1,1 +1,1 @@
-"""Datasets and few-shot splits: read CoOp's datasets, draw official few-shot splits, store them as JSON."""
+"""Data: dataset readers, few-shot splits, images and their transforms, the demo, the paper's published numbers."""

@@ -1,7 +1,7 @@
 """Draw CoOp few-shot train/val splits exactly as the official CoOp/Dassl code does, and store them as JSON.
 
-The official rule (Dassl ``DatasetBase.generate_fewshot_dataset`` as of Dassl 0.6.3, the version CoOp's
-README installs, called by every CoOp dataset after ``random.seed(seed)``): group the items by label in
+The official rule (Dassl ``DatasetBase.generate_fewshot_dataset`` in today's Dassl, 0.6.3 at commit c61a1b5,
+which CoOp's README tells users to install from source; called by every CoOp dataset after ``random.seed(seed)``): group the items by label in
 order of first appearance, then for each label take ``random.sample(items, K)``; a label with fewer than K
 items keeps all of them, in order, and draws no random numbers (Dassl's default ``repeat=False`` since
 October 2021). ``repeat=True`` reproduces older runs: such a label gets ``random.choices(items, k=K)``, drawn
