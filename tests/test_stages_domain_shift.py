@@ -13,7 +13,7 @@ from stages.domain_shift import main
 REPO = Path(__file__).resolve().parents[1]
 
 
-def test_help_lists_every_flag_at_once() -> None:
+def test_help_lists_every_flag() -> None:
     done = subprocess.run([sys.executable, "-m", "stages.domain_shift", "--help"], cwd=REPO,
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 0 and "DVC stage `domain_shift`" in done.stdout
