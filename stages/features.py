@@ -22,7 +22,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 from pipeline import cli
-from pipeline.params import ONLINE_VIEWS
+from pipeline.params import ONLINE_VIEWS, ParamsError, check_views
 
 if TYPE_CHECKING:
     from pipeline.params import Params
@@ -32,16 +32,15 @@ log = logging.getLogger("stages.features")
 
 
 def _views(text: str) -> int | str:
-    """--views: a positive number of views, or 'online'."""
-    if text == ONLINE_VIEWS:
-        return ONLINE_VIEWS
+    """--views: a positive number of views, or 'online' (the rule: params.check_views)."""
     try:
-        views = int(text)
+        views: int | str = int(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number >= 1 or {ONLINE_VIEWS!r}, got {text!r}") from None
-    if views < 1:
-        raise argparse.ArgumentTypeError(f"expected a number >= 1 or {ONLINE_VIEWS!r}, got {views}")
-    return views
+        views = text
+    try:
+        return check_views(views)
+    except ParamsError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
 
 
 def build_parser() -> argparse.ArgumentParser:

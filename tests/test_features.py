@@ -360,6 +360,18 @@ def test_cache_written_before_views_per_seed_existed_stays_valid(tiny: Path, bac
     assert not update.rebuilt and update.encoded == {"train": 0, "eval": 0}
 
 
+@pytest.mark.parametrize("views", [0, -2, "sometimes", "4", True, 2.0, None])
+def test_params_and_feature_config_share_one_views_rule(backbone: Backbone, views: object) -> None:
+    with pytest.raises(ParamsError, match=r"features.views must be >= 1 .* or 'online'"):
+        FeatureConfig.from_backbone(backbone, views=views)
+    if views not in (True, 2.0, None):  # the params file's type check already names these
+        with pytest.raises(ParamsError, match=r"features.views must be >= 1 .* or 'online'"):
+            params_from_dict({"features": {"views": views}})
+    for good in (1, 3, "online"):
+        assert FeatureConfig.from_backbone(backbone, views=good).views == good
+        assert params_from_dict({"features": {"views": good}}).features.views == good
+
+
 @pytest.mark.parametrize(
     ("features", "message"),
     [

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import logging
 from pathlib import Path
@@ -106,6 +107,13 @@ def test_online_caches_no_train_views(workspace: Path) -> None:
         features_stage.main([*args, "--views", "sometimes"])
     with pytest.raises(SystemExit):
         features_stage.main([*args, "--dtype", "int8"])
+
+
+def test_views_flag_follows_the_params_rule() -> None:
+    assert [features_stage._views(text) for text in ("1", "16", "online")] == [1, 16, "online"]
+    for text in ("0", "-1", "sometimes", "2.5", ""):
+        with pytest.raises(argparse.ArgumentTypeError, match=r"features.views must be >= 1 .* or 'online'"):
+            features_stage._views(text)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a CUDA GPU")

@@ -36,7 +36,7 @@ from pipeline.evaluate.linear_probe import grid_linear_probe, lpclip_linear_prob
 from pipeline.evaluate.zero_shot import ensemble_accuracy, ensemble_templates, zero_shot_accuracy
 from pipeline.features.assemble import load_fewshot_features
 from pipeline.features.cache import FeatureCache, FeatureCacheError, FeatureConfig
-from pipeline.params import Params
+from pipeline.params import ONLINE_VIEWS, Params
 from pipeline.tables import csv_number
 from pipeline.tracking import STAGE_TAG, StageRun, backbone_label
 
@@ -107,7 +107,7 @@ def run_baselines(params: Params, out_dir: Path, methods: Sequence[str] = METHOD
                             probe_data = (data if views == data.train.shape[1]
                                           else dataclasses.replace(data, train=data.train[:, :views]))
                             result = grid_linear_probe(probe_data, seed=seed)
-                            plain = params.features.views in (1, "online")  # one test-transform view per image
+                            plain = params.features.views in (1, ONLINE_VIEWS)  # one test-transform view per image
                             extra = {"train_features": ("test transform" if plain else f"{views} augmented view(s)")
                                      + ", L2-normalised",
                                      "search_grid": _pairs(result["val_by_C"].items())}

@@ -42,7 +42,7 @@ from tqdm import tqdm
 from pipeline.atomic import atomic_write, write_json_atomic
 from pipeline.data.images import INTERPOLATION, TRAIN_CROP_SCALE, ImageViews
 from pipeline.errors import UserError
-from pipeline.params import ONLINE_VIEWS
+from pipeline.params import ONLINE_VIEWS, check_views
 
 if TYPE_CHECKING:
     from pipeline.engine.backbone import Backbone
@@ -161,14 +161,6 @@ class FeatureConfig:
             "augment_seed": self.augment_seed,
             "views_per_seed": self.views_per_seed,
         }
-
-
-def check_views(views: int | str) -> None:
-    """ValueError unless `views` is a number of cached views (>= 1) or ONLINE_VIEWS."""
-    if views != ONLINE_VIEWS and (isinstance(views, bool) or not isinstance(views, int) or views < 1):
-        raise ValueError(
-            f"features.views must be an integer >= 1 (cached views per train image) or {ONLINE_VIEWS!r}, got {views!r}."
-        )
 
 
 @dataclass
