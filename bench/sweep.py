@@ -57,9 +57,11 @@ def prepare_workspace(params_file: Path, work: Path, epochs: int | None) -> Path
 
 
 def main() -> int:
+    from pipeline.params import SEARCHES
+
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--params", type=Path, default=REPO / "params.yaml", help="params file to sweep")
-    parser.add_argument("--search", choices=("grid", "random", "optuna"), default="optuna")
+    parser.add_argument("--search", choices=SEARCHES, default="optuna")
     parser.add_argument("--num-samples", type=int, default=8)
     parser.add_argument("--max-concurrent", type=int)
     parser.add_argument("--epochs", type=int, help="override train.epochs (default: the params file's)")

@@ -18,6 +18,7 @@ from pipeline.errors import UserError
 # fp32 master context with a GradScaler instead; see docs/fidelity.md.
 OFFICIAL_FP16 = "fp16-official"
 PRECISIONS = ("fp32", "bf16", "fp16", "amp", OFFICIAL_FP16)  # train.precision (engine.prompt.compute_dtype)
+SEARCHES = ("grid", "random", "optuna")  # sweep.search (pipeline/sweep/plan.py, searchers.py)
 ONLINE_VIEWS = "online"  # features.views of the exact official augmentation: fresh crops every epoch, none cached
 
 
@@ -88,7 +89,7 @@ class SweepParams:
         "dataset", "shots", "seed", "n_ctx", "ctx_init", "csc", "class_token_position", "lr", "epochs", "precision",
     )
 
-    search: str = "grid"  # grid | random | optuna
+    search: str = "grid"  # one of SEARCHES
     num_samples: int = 8  # trials for random/optuna; grid runs every distinct combination once
     max_concurrent: int = 2
     space: dict[str, list[Any]] = field(default_factory=dict)
@@ -216,8 +217,8 @@ def _validate(p: Params) -> None:
         raise ParamsError(f"train.precision must be one of {', '.join(PRECISIONS)}, got {p.train.precision!r}")
     if p.train.epochs is not None and p.train.epochs < 1:
         raise ParamsError(f"train.epochs must be >= 1 or null, got {p.train.epochs}")
-    if p.sweep.search not in ("grid", "random", "optuna"):
-        raise ParamsError(f"sweep.search must be grid, random or optuna, got {p.sweep.search!r}")
+    if p.sweep.search not in SEARCHES:
+        raise ParamsError(f"sweep.search must be one of {', '.join(SEARCHES)}, got {p.sweep.search!r}")
     for key in p.sweep.space:
         if key not in SweepParams.SPACE_KEYS:
             raise ParamsError(

@@ -19,7 +19,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 from pipeline import cli
-from pipeline.params import ONLINE_VIEWS
+from pipeline.params import ONLINE_VIEWS, SEARCHES
 
 if TYPE_CHECKING:
     from pipeline.params import Params
@@ -44,7 +44,7 @@ exit status: 0 done (failed trials are listed in trials.csv), 2 bad configuratio
 def build_parser() -> argparse.ArgumentParser:
     parser = cli.parser("python -m stages.sweep", __doc__, EPILOG)
     parser.add_argument(
-        "--search", choices=("grid", "random", "optuna"),
+        "--search", choices=SEARCHES,
         help="grid: every distinct valid combination once; random: a seeded draw of --num-samples distinct "
         "combinations; optuna: TPE (seeded by sweep.optuna_seed) over the conditional space, --num-samples trials "
         "(default: sweep.search)",

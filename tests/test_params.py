@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pipeline.params import ParamsError, load_params, params_from_dict
+from pipeline.params import SEARCHES, ParamsError, load_params, params_from_dict
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -36,6 +36,13 @@ def test_shipped_params_files_load(path):
 def test_bad_params_name_the_key(raw, message):
     with pytest.raises(ParamsError, match=message):
         params_from_dict(raw)
+
+
+def test_every_search_is_accepted_and_a_bad_one_lists_them():
+    assert [params_from_dict({"sweep": {"search": name}}).sweep.search for name in SEARCHES] == [
+        "grid", "random", "optuna"]
+    with pytest.raises(ParamsError, match=r"sweep.search must be one of grid, random, optuna, got 'bayes'"):
+        params_from_dict({"sweep": {"search": "bayes"}})
 
 
 def test_file_errors_name_the_file(tmp_path):

@@ -10,7 +10,7 @@ import pytest
 import yaml
 from sweep_helpers import REPO, base_params
 
-from pipeline.params import load_params
+from pipeline.params import SEARCHES, load_params
 from pipeline.sweep.space import build_space, trial_key
 from stages.sweep import build_parser, main, with_flags
 
@@ -37,6 +37,9 @@ def test_help_explains_every_flag() -> None:
     assert parser.parse_args(["--resume"]).resume == "latest"
     assert parser.parse_args(["--resume", "grid-1"]).resume == "grid-1"
     assert parser.parse_args([]).params is None  # cli.run then reads ./params.yaml, else the typed defaults
+    assert [parser.parse_args(["--search", name]).search for name in SEARCHES] == list(SEARCHES)
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--search", "bayes"])
 
 
 def test_flags_replace_the_params_they_name(tmp_path: Path) -> None:

@@ -25,12 +25,11 @@ from typing import TYPE_CHECKING, Any
 from pipeline.engine.prompt import POSITIONS, PromptConfig, resolve_n_ctx
 from pipeline.engine.train import default_epochs
 from pipeline.errors import UserError
-from pipeline.params import PRECISIONS, Params, SweepParams
+from pipeline.params import PRECISIONS, SEARCHES, Params, SweepParams
 
 if TYPE_CHECKING:
     import optuna
 
-SEARCHES = ("grid", "random", "optuna")
 DATA_KEYS = ("dataset", "shots", "seed")
 HYPER_KEYS = ("n_ctx", "ctx_init", "csc", "class_token_position", "lr", "epochs", "precision")
 CONFIG_KEYS = DATA_KEYS + HYPER_KEYS  # every trial config holds exactly these keys
