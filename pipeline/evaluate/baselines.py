@@ -33,6 +33,7 @@ from pipeline.data.fewshot import read_fewshot_split, split_path
 from pipeline.engine.backbone import load_params_backbone, resolve_device
 from pipeline.evaluate.inputs import StageError, is_test_only, open_cache
 from pipeline.evaluate.linear_probe import grid_linear_probe, lpclip_linear_probe
+from pipeline.evaluate.methods import ENSEMBLE, METHODS, PROBE, ZERO_SHOT
 from pipeline.evaluate.zero_shot import ensemble_accuracy, ensemble_templates, zero_shot_accuracy
 from pipeline.features.assemble import load_fewshot_features
 from pipeline.features.cache import FeatureCache, FeatureCacheError, FeatureConfig
@@ -42,7 +43,6 @@ from pipeline.tracking import STAGE_TAG, StageRun, backbone_label
 
 log = logging.getLogger(__name__)
 
-METHODS = ("zero-shot", "zero-shot-ensemble", "linear-probe")
 COLUMNS = ["method", "protocol", "dataset", "shots", "seed", "val_acc", "test_acc", "C", "views", "backbone",
            "mlflow_run_id"]
 
@@ -66,7 +66,7 @@ def run_baselines(params: Params, out_dir: Path, methods: Sequence[str] = METHOD
                           "probe_views": probe_views or params.features.views,
                           "linear_probe_protocols": ",".join(params.baselines.linear_probe_protocols)},
                          tracking_uri)
-    probe_protocols = params.baselines.linear_probe_protocols if "linear-probe" in methods else []
+    probe_protocols = params.baselines.linear_probe_protocols if PROBE in methods else []
     rows: list[dict[str, Any]] = []
     try:
         jobs = [(d, s, seed) for d in datasets for s in params.data.shots for seed in params.data.seeds]
@@ -84,13 +84,13 @@ def run_baselines(params: Params, out_dir: Path, methods: Sequence[str] = METHOD
                         raise StageError(f"{dataset} {shots}-shot seed {seed}: {error}") from None
                     if first:  # zero-shot uses no training data: once per dataset (same test set)
                         first = False
-                        zero_shot = {"zero-shot": lambda d=data: zero_shot_accuracy(backbone, d),
-                                     "zero-shot-ensemble": lambda d=data: ensemble_accuracy(backbone, d)}
+                        zero_shot = {ZERO_SHOT: lambda d=data: zero_shot_accuracy(backbone, d),
+                                     ENSEMBLE: lambda d=data: ensemble_accuracy(backbone, d)}
                         for method, evaluate in zero_shot.items():
                             if method not in methods:
                                 continue
                             test = evaluate()
-                            templates = (ensemble_templates(data.dataset, data.template) if "ensemble" in method
+                            templates = (ensemble_templates(data.dataset, data.template) if method == ENSEMBLE
                                          else (data.template,))
                             rows.append(_row(run, label, method, "", folder, 0, 0, None, test, None, 0,
                                              {"templates": " | ".join(templates)}))
@@ -111,7 +111,7 @@ def run_baselines(params: Params, out_dir: Path, methods: Sequence[str] = METHOD
                             extra = {"train_features": ("test transform" if plain else f"{views} augmented view(s)")
                                      + ", L2-normalised",
                                      "search_grid": _pairs(result["val_by_C"].items())}
-                        rows.append(_row(run, label, "linear-probe", protocol, folder, shots, seed,
+                        rows.append(_row(run, label, PROBE, protocol, folder, shots, seed,
                                          result["val_acc"], result["test_acc"], result["C"], views, extra))
                     bar.update()
         bar.close()

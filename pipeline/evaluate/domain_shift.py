@@ -32,6 +32,7 @@ from pipeline.engine.context import ContextMeta, context_model, load_context
 from pipeline.engine.inputs import EvalFeatures
 from pipeline.engine.train import evaluate
 from pipeline.evaluate.inputs import StageError, open_cache
+from pipeline.evaluate.methods import COOP, ENSEMBLE, ZERO_SHOT
 from pipeline.evaluate.zero_shot import ensemble_accuracy, zero_shot_accuracy
 from pipeline.features.assemble import load_eval_features
 from pipeline.features.cache import FeatureConfig
@@ -145,7 +146,7 @@ def run_domain_shift(params: Params, out_dir: Path, shots: int | None = None, tr
                           "contexts": len(trials), "backbone": label}, tracking_uri)
     out: list[dict[str, Any]] = []
     try:
-        for method, accuracy in (("zero-shot", zero_shot_accuracy), ("zero-shot-ensemble", ensemble_accuracy)):
+        for method, accuracy in ((ZERO_SHOT, zero_shot_accuracy), (ENSEMBLE, ensemble_accuracy)):
             for name, target in evaluations.items():
                 out.append(_row(method, None, name, 0, 0, accuracy(backbone, target), label))
         with tempfile.TemporaryDirectory(prefix="coop-domain-shift-") as tmp:
@@ -160,12 +161,12 @@ def run_domain_shift(params: Params, out_dir: Path, shots: int | None = None, tr
                                      "test list; rerun prepare/sweep with the same data")
                 for name, target in evaluations.items():
                     acc = context_accuracy(backbone, ctx, meta, rows_of[name], target)
-                    out.append(_row("CoOp", trial, name, chosen, int(trial["seed"]), acc, label))
+                    out.append(_row(COOP, trial, name, chosen, int(trial["seed"]), acc, label))
         path = out_dir / "domain_shift.csv"
         write_csv_atomic(path, COLUMNS, out)
         means = {}
         for name in evaluations:
-            values = [float(r["test_acc"]) for r in out if r["method"] == "CoOp" and r["target"] == name]
+            values = [float(r["test_acc"]) for r in out if r["method"] == COOP and r["target"] == name]
             if values:
                 means[f"coop_mean_test_acc.{name}"] = sum(values) / len(values)
         run.finish("FINISHED", [path], means)

@@ -8,11 +8,10 @@ import math
 from collections.abc import Sequence
 from typing import Any
 
+from pipeline.evaluate.methods import ENSEMBLE, ZERO_SHOT
 from pipeline.report.labels import (
-    ENSEMBLE,
     HYPERPARAMETER_NAMES,
     METHOD_NAMES,
-    ZERO_SHOT,
     is_probe,
     method_name,
     value_name,

@@ -11,12 +11,11 @@ from html import escape
 from statistics import fmean
 from typing import Any
 
+from pipeline.evaluate.methods import ENSEMBLE, ZERO_SHOT
 from pipeline.report.collect import ReportData
 from pipeline.report.figures import effects_figure, shots_figure
 from pipeline.report.labels import (
-    ENSEMBLE,
     HYPERPARAMETER_NAMES,
-    ZERO_SHOT,
     is_probe,
     method_name,
     value_name,

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from typing import Any
 
-ZERO_SHOT = "zero-shot"
-ENSEMBLE = "zero-shot-ensemble"
-PROBE = "linear-probe"
+from pipeline.evaluate.methods import ENSEMBLE, PROBE, ZERO_SHOT
+
 METHOD_NAMES = {ZERO_SHOT: "Zero-shot CLIP", ENSEMBLE: "Zero-shot CLIP (prompt ensemble)", PROBE: "Linear probe CLIP"}
 # Linear-probe rows are one series per protocol (baselines.csv's `protocol`): its method is "linear-probe/<protocol>".
+# The page's short name of each protocol in params.BaselineParams.PROTOCOLS (which describes them).
 PROBE_PROTOCOL_NAMES = {"lpclip": "official lpclip protocol", "grid": "our C grid on augmented views"}
 HYPERPARAMETER_NAMES = {"n_ctx": "context length M", "ctx_init": "initialisation",
                         "csc": "class-specific context (CSC)", "class_token_position": "class token position",

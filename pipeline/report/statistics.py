@@ -11,7 +11,8 @@ from dataclasses import dataclass, field
 from statistics import fmean, pstdev
 from typing import Any, NamedTuple
 
-from pipeline.report.labels import HYPERPARAMETER_NAMES, METHOD_NAMES, PROBE, probe_method, variant_label
+from pipeline.evaluate.methods import COOP, PROBE
+from pipeline.report.labels import HYPERPARAMETER_NAMES, METHOD_NAMES, probe_method, variant_label
 
 # The hyperparameters whose effect the sweep section shows, where the sweep varied them.
 HYPERPARAMETERS = ("n_ctx", "ctx_init", "csc", "class_token_position", "lr", "epochs", "precision")
@@ -127,7 +128,7 @@ def domain_shift_table(rows: Sequence[dict[str, str]]) -> DomainShiftTable | Non
     source = rows[0]["source"]
     groups: dict[str, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
     for r in rows:
-        name = METHOD_NAMES.get(r["method"], r["method"]) if r["method"] != "CoOp" else variant_label(
+        name = METHOD_NAMES.get(r["method"], r["method"]) if r["method"] != COOP else variant_label(
             {"n_ctx": int(r["n_ctx"]), "ctx_init": r["ctx_init"], "csc": r["csc"] == "True",
              "class_token_position": r["class_token_position"]})
         groups[name][r["target"]].append(number_or_nan(r["test_acc"]))
@@ -137,7 +138,7 @@ def domain_shift_table(rows: Sequence[dict[str, str]]) -> DomainShiftTable | Non
     for name, by_target in accuracy.items():
         target_means = [by_target[t][0] for t in shifted if t in by_target]
         target_average[name] = fmean(target_means) if len(target_means) == len(shifted) and shifted else math.nan
-    coop_shots = sorted({int(r["shots"]) for r in rows if r["method"] == "CoOp"})
+    coop_shots = sorted({int(r["shots"]) for r in rows if r["method"] == COOP})
     return DomainShiftTable(source, targets, coop_shots, accuracy, target_average)
 
 
