@@ -62,7 +62,7 @@ class FeatureParams:
     dtype: str = "fp16"
     batch_size: int = 128
     seed: int = 0
-    num_workers: int | None = None  # online mode's image-decoding processes per trial; null: cpus_per_trial - 1
+    online_workers: int | None = None  # views: online: image-decoding processes per trial; null: cpus_per_trial - 1
 
 
 @dataclass(frozen=True)
@@ -209,8 +209,8 @@ def _validate(p: Params) -> None:
     if any(s < 1 for s in p.data.shots):
         raise ParamsError(f"data.shots must be >= 1, got {p.data.shots}")
     check_views(p.features.views)
-    if p.features.num_workers is not None and p.features.num_workers < 0:
-        raise ParamsError(f"features.num_workers must be >= 0 or null, got {p.features.num_workers}")
+    if p.features.online_workers is not None and p.features.online_workers < 0:
+        raise ParamsError(f"features.online_workers must be >= 0 or null, got {p.features.online_workers}")
     if p.features.dtype not in ("fp16", "fp32"):
         raise ParamsError(f"features.dtype must be fp16 or fp32, got {p.features.dtype!r}")
     if p.train.precision not in PRECISIONS:

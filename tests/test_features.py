@@ -379,7 +379,7 @@ def test_params_and_feature_config_share_one_views_rule(backbone: Backbone, view
         ({"views": 0}, r"features.views must be >= 1 .* or 'online'"),
         ({"views": True}, "features.views: expected an integer"),
         ({"views_per_seed": "yes"}, "features.views_per_seed: expected true/false"),
-        ({"num_workers": -1}, "features.num_workers must be >= 0"),
+        ({"online_workers": -1}, "features.online_workers must be >= 0"),
     ],
 )
 def test_bad_feature_params_name_the_key(features: dict, message: str) -> None:

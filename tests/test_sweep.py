@@ -193,7 +193,7 @@ def test_optuna_sweep_end_to_end(demo_ws: DemoWorkspace, ray_session: Any) -> No
             assert tags.get(tag), tag
         assert tags["backbone"] == "coop-tiny/random"  # the parent's name for the same backbone
         assert {"n_ctx", "ctx_init", "csc", "class_token_position", "lr", "epochs", "train.momentum",
-                "features.views_per_seed", "features.num_workers"} <= set(params_logged)
+                "features.views_per_seed", "features.online_workers"} <= set(params_logged)
         assert [m.step for m in client.get_metric_history(child.info.run_id, "loss")] == [1, 2, 3]
         assert [m.step for m in client.get_metric_history(child.info.run_id, "val_acc")] == [1, 2, 3]
         assert {"train_acc", "lr", "test_acc", "val_acc"} <= set(child.data.metrics)

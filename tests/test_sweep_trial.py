@@ -11,7 +11,7 @@ CONFIG = {"dataset": "FashionMNIST", "shots": 2, "seed": 3, "n_ctx": 4, "ctx_ini
 TRAIN = {"lr": 0.5, "momentum": 0.8, "weight_decay": 1e-3, "epochs": 99, "warmup_epochs": 2, "warmup_lr": 1e-4,
          "batch_size": 16, "eval_every": 3, "precision": "fp32", "device": "cpu", "shared_prefix": False,
          "pack_tokens": True, "cuda_graph": False}
-FEATURES = {"views": 3, "views_per_seed": False, "dtype": "fp32", "seed": 5, "num_workers": 2, "dir": "x",
+FEATURES = {"views": 3, "views_per_seed": False, "dtype": "fp32", "seed": 5, "online_workers": 2, "dir": "x",
             "batch_size": 64}
 
 
@@ -36,6 +36,6 @@ def test_mlflow_params_record_the_shared_train_and_feature_settings() -> None:
         "train.cuda_graph": False}
     assert {k: v for k, v in logged.items() if k.startswith("features.")} == {
         "features.views": 3, "features.views_per_seed": False, "features.dtype": "fp32", "features.seed": 5,
-        "features.num_workers": 2}
+        "features.online_workers": 2}
     assert {k: logged[k] for k in CONFIG} == CONFIG and logged["n_ctx_effective"] == 4
     assert logged["backbone.arch"] == "coop-tiny" and logged["backbone.pretrained"] is None

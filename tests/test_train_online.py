@@ -163,7 +163,7 @@ def test_cost_model_counts_the_image_encoder_per_image_and_epoch() -> None:
     raw = {"data": {"datasets": ["ImageNet"], "shots": [16], "seeds": [1], "splits_dir": "/nonexistent"},
            "backbone": {"arch": "RN50"}, "sweep": {"space": {"n_ctx": [16]}}}
     base = estimate_gpu_hours(params_from_dict(raw))
-    raw["features"] = {"views": "online", "num_workers": 64}
+    raw["features"] = {"views": "online", "online_workers": 64}
     exact = estimate_gpu_hours(params_from_dict(raw))
     assert exact.gpu_hours > base.gpu_hours
     assert "assumption: features.views = online: every step also encodes its 32" in exact.summary()

@@ -15,7 +15,7 @@ from pipeline.features.cache import FeatureCache, FeatureConfig, feature_cache_d
 
 
 def online_workers(num_workers: int | None, cpus_per_trial: float) -> int:
-    """Image-decoding processes of an online trial: features.num_workers, else all its CPUs but one."""
+    """Image-decoding processes of an online trial: features.online_workers, else all its CPUs but one."""
     return num_workers if num_workers is not None else max(0, int(cpus_per_trial) - 1)
 
 

@@ -259,7 +259,7 @@ def _online_assumption(gpu: GPU, arch: str, batch: int, workers: int) -> str:
         f"features.views = online: every step also encodes its {batch} freshly cropped training images with the "
         f"{arch} image encoder ({image_encoder_gflops(arch):.1f} GFLOPs each; every training image once per epoch) "
         f"in the trial's precision at {gpu.utilisation['official']:.0%} of its peak, after decoding and cropping "
-        f"them ({DECODE_SECONDS_PER_IMAGE * 1e3:g} ms of CPU per image) on {where} (features.num_workers, "
+        f"them ({DECODE_SECONDS_PER_IMAGE * 1e3:g} ms of CPU per image) on {where} (features.online_workers, "
         "default sweep.cpus_per_trial - 1)"
     )
 
@@ -305,7 +305,7 @@ def estimate_gpu_hours(
         configs = list(trials)
     splits_dir = params.data.splits_dir
     online = params.features.views == ONLINE_VIEWS and path != "official"
-    workers = online_workers(params.features.num_workers, params.sweep.cpus_per_trial)
+    workers = online_workers(params.features.online_workers, params.sweep.cpus_per_trial)
     estimates = [
         estimate_trial(c, params.backbone.arch, spec, params.train.batch_size, path, splits_dir,
                        shared_prefix=params.train.shared_prefix, pack_tokens=params.train.pack_tokens, online=online,

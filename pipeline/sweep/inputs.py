@@ -94,7 +94,7 @@ def load_inputs(params: Params, triples: list[tuple[str, int, int]]) -> SweepInp
                 split = split_path(params.data.splits_dir, folder, shots, seed)
                 features[feature_key(dataset, shots, seed)] = load_fewshot_features(
                     params.features.dir, split, config, cache=cache, data_root=data_root,
-                    num_workers=online_workers(params.features.num_workers, params.sweep.cpus_per_trial),
+                    num_workers=online_workers(params.features.online_workers, params.sweep.cpus_per_trial),
                 )
                 bar.update()
         except (FeatureCacheError, DatasetError, FileNotFoundError) as error:

@@ -65,7 +65,7 @@ class TrialSettings:
 def recorded_feature_settings(features: FeatureParams) -> dict[str, Any]:
     """The features.* settings that shape a trial's inputs, as its MLflow params and config.json record them."""
     return {"views": features.views, "views_per_seed": features.views_per_seed, "dtype": features.dtype,
-            "seed": features.seed, "num_workers": features.num_workers}
+            "seed": features.seed, "online_workers": features.online_workers}
 
 
 def shared_train_settings(train: TrainParams) -> dict[str, Any]:
