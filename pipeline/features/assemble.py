@@ -14,11 +14,6 @@ from pipeline.engine.inputs import EvalFeatures, FewShotFeatures, TrainImages
 from pipeline.features.cache import FeatureCache, FeatureConfig, feature_cache_dir, open_feature_cache
 
 
-def online_workers(num_workers: int | None, cpus_per_trial: float) -> int:
-    """Image-decoding processes of an online trial: features.online_workers, else all its CPUs but one."""
-    return num_workers if num_workers is not None else max(0, int(cpus_per_trial) - 1)
-
-
 def _labels(items: Sequence[Item]) -> torch.Tensor:
     return torch.tensor([item.label for item in items], dtype=torch.long)
 

@@ -1,4 +1,4 @@
-"""The sweep's Ray cluster: which address, a probe that fails in seconds, and ray.init (loopback when local)."""
+"""The sweep's Ray cluster: which address, a probe that fails in seconds, ray.init (loopback when local), resources."""
 
 from __future__ import annotations
 
@@ -90,6 +90,15 @@ def init_ray(address: str | None) -> bool:
             "driver must use the head's RAY_AUTH_MODE (and token); see docs/cluster.md."
         ) from None
     return True
+
+
+def online_workers(params: Params) -> int:
+    """Image-decoding processes of an online trial: features.online_workers, else all its CPUs but one.
+
+    The trial's own process trains; the others (sweep.cpus_per_trial - 1 of them) decode and crop images.
+    """
+    workers = params.features.online_workers
+    return workers if workers is not None else max(0, int(params.sweep.cpus_per_trial) - 1)
 
 
 def check_resources(params: Params) -> None:

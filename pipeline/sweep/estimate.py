@@ -292,7 +292,7 @@ def estimate_gpu_hours(
     too); "official" models the official CoOp code on the same trials. Call `.summary()` for a printout,
     `.gpu_hours` / `.wall_hours(n)` for numbers.
     """
-    from pipeline.features.assemble import online_workers
+    from pipeline.sweep.cluster import online_workers
 
     spec = GPUS[gpu] if isinstance(gpu, str) else gpu
     if trials is None:
@@ -305,7 +305,7 @@ def estimate_gpu_hours(
         configs = list(trials)
     splits_dir = params.data.splits_dir
     online = params.features.views == ONLINE_VIEWS and path != "official"
-    workers = online_workers(params.features.online_workers, params.sweep.cpus_per_trial)
+    workers = online_workers(params)
     estimates = [
         estimate_trial(c, params.backbone.arch, spec, params.train.batch_size, path, splits_dir,
                        shared_prefix=params.train.shared_prefix, pack_tokens=params.train.pack_tokens, online=online,

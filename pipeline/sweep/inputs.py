@@ -21,7 +21,7 @@ from pipeline.data.fewshot import split_path
 from pipeline.engine.backbone import Backbone, WeightsUnavailableError, load_params_backbone
 from pipeline.engine.inputs import FewShotFeatures
 from pipeline.errors import UserError
-from pipeline.features.assemble import load_fewshot_features, online_workers
+from pipeline.features.assemble import load_fewshot_features
 from pipeline.features.cache import (
     FeatureCache,
     FeatureCacheError,
@@ -30,6 +30,7 @@ from pipeline.features.cache import (
     open_feature_cache,
 )
 from pipeline.params import Params
+from pipeline.sweep.cluster import online_workers
 from pipeline.sweep.plan import feature_key
 
 log = logging.getLogger(__name__)
@@ -94,7 +95,7 @@ def load_inputs(params: Params, triples: list[tuple[str, int, int]]) -> SweepInp
                 split = split_path(params.data.splits_dir, folder, shots, seed)
                 features[feature_key(dataset, shots, seed)] = load_fewshot_features(
                     params.features.dir, split, config, cache=cache, data_root=data_root,
-                    num_workers=online_workers(params.features.online_workers, params.sweep.cpus_per_trial),
+                    num_workers=online_workers(params),
                 )
                 bar.update()
         except (FeatureCacheError, DatasetError, FileNotFoundError) as error:
