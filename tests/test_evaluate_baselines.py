@@ -112,7 +112,7 @@ def test_stage_runs_each_protocol_and_records_it(stage_root: Path, tiny: Backbon
     for row in (r for r in rows if r["protocol"] == "lpclip"):
         split_file = split_path(stage_root / "splits", "mydata", 2, row["seed"])
         data = load_fewshot_features(params.features.dir, split_file, config, cache=cache)
-        plain = plain_train_features(cache, split_file, "mydata")
+        plain = plain_train_features(cache, read_fewshot_split(split_file), "mydata")
         with torch.no_grad():
             direct = torch.cat([tiny.encode_images(test_tf(Image.open(stage_root / "data" / item.path).convert("RGB"))
                                                    [None]) for item in read_fewshot_split(split_file).train])

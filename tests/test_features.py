@@ -115,6 +115,13 @@ def test_builds_cache_with_progress_and_correct_features(
     assert feats.val.shape == (6, 64) and feats.test.shape == (9, 64)
     assert feats.train_labels.tolist() == [0, 0, 1, 1, 2, 2] and feats.test_labels.dtype == torch.int64
     assert feats.classnames == ["red square", "green circle", "blue triangle"]
+    # A caller that has already read the split file hands it in, and that split is the one used (here its
+    # train list reversed, so the file is not read again).
+    split = read_fewshot_split(tiny / "splits" / "mydata" / "shot2_seed1.json")
+    given = load_fewshot_features(tiny / "cache", tiny / "splits" / "mydata" / "shot2_seed1.json", config,
+                                  split=replace(split, train=split.train[::-1]))
+    assert torch.equal(given.train, feats.train.flip(0)) and given.train_labels.tolist() == [2, 2, 1, 1, 0, 0]
+    assert torch.equal(given.val, feats.val) and torch.equal(given.test, feats.test)
 
     # A cached row is the backbone's feature of that very image under the test transform.
     test_items = load_dataset("mydata", tiny / "data").test

@@ -29,7 +29,7 @@ from tqdm import tqdm
 
 from pipeline.atomic import write_csv_atomic
 from pipeline.data.datasets import DatasetError, dataset_folder
-from pipeline.data.fewshot import read_fewshot_split, split_path
+from pipeline.data.fewshot import FewShotSplit, read_fewshot_split, split_path
 from pipeline.engine.backbone import load_params_backbone, resolve_device
 from pipeline.evaluate.inputs import StageError, is_test_only, open_cache
 from pipeline.evaluate.linear_probe import grid_linear_probe, lpclip_linear_probe
@@ -79,7 +79,8 @@ def run_baselines(params: Params, out_dir: Path, methods: Sequence[str] = METHOD
                 for seed in params.data.seeds:
                     split_file = split_path(params.data.splits_dir, folder, shots, seed)
                     try:
-                        data = load_fewshot_features(params.features.dir, split_file, config, cache=cache)
+                        split = read_fewshot_split(split_file)
+                        data = load_fewshot_features(params.features.dir, split_file, config, cache=cache, split=split)
                     except (FileNotFoundError, DatasetError, FeatureCacheError) as error:
                         raise StageError(f"{dataset} {shots}-shot seed {seed}: {error}") from None
                     if first:  # zero-shot uses no training data: once per dataset (same test set)
@@ -96,7 +97,7 @@ def run_baselines(params: Params, out_dir: Path, methods: Sequence[str] = METHOD
                                              {"templates": " | ".join(templates)}))
                     for protocol in probe_protocols:
                         if protocol == "lpclip":
-                            result = lpclip_linear_probe(data, plain_train_features(cache, split_file, dataset))
+                            result = lpclip_linear_probe(data, plain_train_features(cache, split, dataset))
                             search = result["search"]
                             views, extra = 0, {"train_features": "test transform, not normalised",
                                                "search_coarse": _pairs(search.coarse),
@@ -125,9 +126,9 @@ def run_baselines(params: Params, out_dir: Path, methods: Sequence[str] = METHOD
     return rows
 
 
-def plain_train_features(cache: FeatureCache, split_file: Path, dataset: str) -> torch.Tensor:
+def plain_train_features(cache: FeatureCache, split: FewShotSplit, dataset: str) -> torch.Tensor:
     """(N, D) test-transform features of a split's training images, in the split's order (the eval store)."""
-    paths = [item.path for item in read_fewshot_split(split_file).train]
+    paths = [item.path for item in split.train]
     try:
         return cache.gather("eval", paths)
     except FeatureCacheError as error:

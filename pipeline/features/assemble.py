@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 
 from pipeline.data.datasets import DatasetError, Item
-from pipeline.data.fewshot import read_eval_list, read_fewshot_split
+from pipeline.data.fewshot import FewShotSplit, read_eval_list, read_fewshot_split
 from pipeline.data.images import train_key
 from pipeline.engine.inputs import EvalFeatures, FewShotFeatures, TrainImages
 from pipeline.features.cache import FeatureCache, FeatureConfig, feature_cache_dir, open_feature_cache
@@ -26,6 +26,7 @@ def load_fewshot_features(
     cache: FeatureCache | None = None,
     data_root: Path | str | None = None,
     num_workers: int = 0,
+    split: FewShotSplit | None = None,
 ) -> FewShotFeatures:
     """Features of one few-shot split file (train views, val, and the dataset's test list).
 
@@ -33,9 +34,10 @@ def load_fewshot_features(
     several splits of one dataset without reloading the cache. In online mode (`config.online`) `train` is
     each train image's test-transform view, and with `data_root` the result also carries the split's
     `TrainImages` (decoded by `num_workers` processes), which training needs; without it, it serves the
-    baselines only.
+    baselines only. `split` is the split file's content when the caller has already read it.
     """
-    split = read_fewshot_split(split_file)
+    if split is None:
+        split = read_fewshot_split(split_file)
     evaluation = read_eval_list(test_file if test_file is not None else Path(split_file).parent / "test.json")
     if evaluation.dataset != split.dataset or evaluation.classnames != split.classnames:
         raise DatasetError(
