@@ -40,11 +40,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def run(args: argparse.Namespace, params: Params) -> None:
     from pipeline.evaluate.baselines import run_baselines
-    from pipeline.evaluate.inputs import baselines_dir
     from pipeline.evaluate.methods import METHODS
 
     params = cli.with_device(params, args.device)
-    run_baselines(params, args.out or baselines_dir(params), args.methods or METHODS, args.probe_views,
+    run_baselines(params, args.out or Path(params.report.baselines_dir), args.methods or METHODS, args.probe_views,
                   args.tracking_uri, progress=not args.no_progress)
 
 

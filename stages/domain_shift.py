@@ -37,10 +37,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def run(args: argparse.Namespace, params: Params) -> None:
     from pipeline.evaluate.domain_shift import run_domain_shift
-    from pipeline.evaluate.inputs import baselines_dir
 
     params = cli.with_device(params, args.device)
-    run_domain_shift(params, args.out or baselines_dir(params), args.shots, args.tracking_uri,
+    run_domain_shift(params, args.out or Path(params.report.baselines_dir), args.shots, args.tracking_uri,
                      progress=not args.no_progress)
 
 

@@ -1,9 +1,6 @@
-"""Shared by the evaluation stages: the backbone of the params, its feature caches, test-only datasets."""
+"""The evaluation stages' inputs: feature caches and prepare's lists; StageError names the stage to run."""
 
 from __future__ import annotations
-
-import logging
-from pathlib import Path
 
 from pipeline.data.datasets import dataset_folder
 from pipeline.data.fewshot import eval_list_path, read_eval_list
@@ -17,16 +14,9 @@ from pipeline.features.cache import (
 )
 from pipeline.params import Params
 
-log = logging.getLogger(__name__)
-
 
 class StageError(UserError, RuntimeError):
     """An evaluation stage cannot run: missing inputs or services; the message names the fix."""
-
-
-def baselines_dir(params: Params) -> Path:
-    """Home of baselines.csv and domain_shift.csv (report.baselines_dir)."""
-    return Path(params.report.baselines_dir)
 
 
 def open_cache(params: Params, dataset: str, config: FeatureConfig) -> FeatureCache:
