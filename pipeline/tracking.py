@@ -424,6 +424,7 @@ def log_stage_files(params: Params, stage: str, files: Sequence[Path], run_param
     run = StageRun.start(params, stage, stage, run_params, tracking_uri)
     run.finish("FINISHED", files, metrics)
 
+
 def trial_artifacts(row: dict[str, str], results_dir: Path, dest: Path, tracking_uri: str,
                     names: Sequence[str] = ("ctx.safetensors", "ctx.json", "nearest_words.json")) -> Path | None:
     """A folder holding the trial's artifacts `names`: ``<results_dir>/contexts/<trial_key>/`` when the sweep

@@ -30,7 +30,6 @@ if TYPE_CHECKING:
 log = logging.getLogger("stages.features")
 
 
-
 def _views(text: str) -> int | str:
     """--views: a positive number of views, or 'online' (the rule: params.check_views)."""
     try:

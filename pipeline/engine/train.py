@@ -41,7 +41,7 @@ class TrainConfig:
     warmup_lr: float = 1e-5
     batch_size: int = 32
     eval_every: int = 0  # evaluate on val every k epochs; 0: only at the end
-    precision: str = "fp32"  # fp32 | bf16 | fp16 | amp | fp16-official (prompt.PRECISIONS)
+    precision: str = "fp32"  # fp32 | bf16 | fp16 | amp | fp16-official (params.PRECISIONS)
     seed: int = 1
     shared_prefix: bool | None = None  # None: the faster exact text path for the device
     pack_tokens: bool | None = None  # None: skip prompts' padding where that is faster on the device

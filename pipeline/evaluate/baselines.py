@@ -4,7 +4,8 @@ For every trainable dataset in ``data.datasets`` (the ImageNet variants are test
 ``data.shots`` x ``data.seeds`` split, on the feature caches the sweep uses:
 
 * ``zero-shot``: CLIP with the dataset's hand-crafted CoOp prompt (e.g. "a photo of a {}, a type of pet.");
-* ``zero-shot-ensemble``: the hand-crafted prompt plus CLIP's seven ImageNet ensemble templates;
+* ``zero-shot-ensemble``: CLIP's seven ImageNet ensemble templates, plus the hand-crafted prompt on every
+  dataset but ImageNet itself (as the official ZeroshotCLIP2; `zero_shot.ensemble_templates`);
 * ``linear-probe``: logistic regression on the few-shot features, C chosen on the few-shot val split, once
   per protocol in ``baselines.linear_probe_protocols``: ``lpclip``, the official CoOp probe (``lpclip/``:
   the training images' test-transform features, not normalised; seven coarse C values then eight halving
