@@ -121,6 +121,16 @@ class BaselineParams:
 
 
 @dataclass(frozen=True)
+class DomainShiftParams:
+    # Contexts learned on `source` are evaluated on each of `targets` that data.datasets lists: test sets of
+    # the source's classes (all, or a subset matched by ImageNet label or else by class name).
+    source: str = "ImageNet"
+    targets: list[str] = field(
+        default_factory=lambda: ["ImageNetV2", "ImageNetSketch", "ImageNetA", "ImageNetR"]
+    )
+
+
+@dataclass(frozen=True)
 class Params:
     data: DataParams = field(default_factory=DataParams)
     backbone: BackboneParams = field(default_factory=BackboneParams)
@@ -130,6 +140,7 @@ class Params:
     tracking: TrackingParams = field(default_factory=TrackingParams)
     report: ReportParams = field(default_factory=ReportParams)
     baselines: BaselineParams = field(default_factory=BaselineParams)
+    domain_shift: DomainShiftParams = field(default_factory=DomainShiftParams)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -244,6 +255,13 @@ def _validate(p: Params) -> None:
         choices = "; ".join(f"{k} ({v})" for k, v in BaselineParams.PROTOCOLS.items())
         problem = f"unknown protocol(s) {unknown}" if unknown else "needs distinct protocols, at least one"
         raise ParamsError(f"baselines.linear_probe_protocols {problem}, got {protocols}; choose from: {choices}")
+    shift = p.domain_shift
+    if not shift.source.strip() or any(not t.strip() for t in shift.targets):
+        raise ParamsError(f"domain_shift.source and domain_shift.targets must name datasets, got source "
+                          f"{shift.source!r} and targets {shift.targets}")
+    if shift.source in shift.targets or len(set(shift.targets)) != len(shift.targets):
+        raise ParamsError(f"domain_shift.targets must be distinct datasets other than the source "
+                          f"{shift.source!r}, got {shift.targets}")
 
 
 def params_from_dict(raw: dict[str, Any]) -> Params:

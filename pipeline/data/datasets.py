@@ -224,7 +224,8 @@ DATASETS: dict[str, DatasetInfo] = {
 GENERIC_LAYOUT = (
     "<data root>/<name>/\n"
     '    split_zhou_<Name>.json   (JSON: {"train"|"val"|"test": [[relative_path, label, classname], ...]},\n'
-    '                              optional "template": "a photo of a {}.")\n'
+    '                              optional "template": "a photo of a {}.", optional "test_only": true\n'
+    '                              for a test set alone: empty train and val)\n'
     "    images/...               (paths in the split file are relative to <data root>/<name>/images/)"
 )
 
@@ -374,8 +375,18 @@ def _read_split(root: Path, info: DatasetInfo) -> DatasetSplits:
     template = data.get("template", info.template)
     if not isinstance(template, str) or "{}" not in template:
         raise DatasetError(f"{split_path}: 'template' must be a string containing '{{}}', got {template!r}.")
+    # A test-only set (e.g. a shifted test set of another dataset's classes) lists no train or val images.
+    test_only = data.get("test_only", info.test_only)
+    if not isinstance(test_only, bool):
+        raise DatasetError(f"{split_path}: 'test_only' must be true or false, got {test_only!r}.")
+    if test_only and (lists["train"] or lists["val"]):
+        raise DatasetError(
+            f"{split_path}: a test-only dataset lists no train or val images, found {len(lists['train'])} train "
+            f"and {len(lists['val'])} val; empty those lists or drop 'test_only'."
+        )
     return DatasetSplits(
-        info.name, _classnames_from(lists.values()), lists["train"], lists["val"], lists["test"], template
+        info.name, _classnames_from(lists.values()), lists["train"], lists["val"], lists["test"], template,
+        test_only=test_only,
     )
 
 
