@@ -99,6 +99,16 @@ _IMAGENET_FOLDER_LAYOUT = (
     "    {image_dir}/<wnid>/<image files>"
 )
 
+# The generated world's tasks (pipeline/data/synthetic/tasks.py, written by `python -m stages.world` into
+# data/world) in the generic layout: name -> (hand-crafted prompt, test-only). The shifted sets of WorldShape
+# share its classes and prompt.
+WORLD_TASKS: dict[str, tuple[str, bool]] = {
+    "WorldShape": ("a photo of a {}.", False),
+    "WorldColourShape": ("a photo of a {}.", False),
+    "WorldRareColour": ("a photo of a {} shape.", False),
+    **{f"WorldShape{shift}": ("a photo of a {}.", True) for shift in ("Backgrounds", "Lines", "Noise", "Palette")},
+}
+
 DATASETS: dict[str, DatasetInfo] = {
     info.name: info
     for info in [
@@ -217,6 +227,10 @@ DATASETS: dict[str, DatasetInfo] = {
             "images",
             "split",
             "split_zhou_FashionMNIST.json",
+        ),
+        *(
+            DatasetInfo(name, name, "images", "split", f"split_{name}.json", template=template, test_only=test_only)
+            for name, (template, test_only) in WORLD_TASKS.items()
         ),
     ]
 }
