@@ -145,6 +145,7 @@ class PretrainParams:
     weight_decay: float = 0.1  # not on gains, biases, the temperature
     warmup_steps: int = 100
     seed: int = 0  # initial weights and batch order
+    threads: int = 1  # torch CPU threads: the result's bits depend on it (and 1 is fastest on a busy 2-core box)
     eval_every: int = 500  # held-out loss and zero-shot accuracy every k steps (and at the end)
     out: str = "models/coop-tiny-world.safetensors"  # the checkpoint; its card is the same path with .json
 
@@ -293,6 +294,7 @@ def _validate_pretrain(p: PretrainParams) -> None:
         ("batch_size", p.batch_size, 2),
         ("warmup_steps", p.warmup_steps, 0),
         ("eval_every", p.eval_every, 1),
+        ("threads", p.threads, 1),
     ):
         if value < low:
             raise ParamsError(f"pretrain.{key} must be >= {low}, got {value}")
