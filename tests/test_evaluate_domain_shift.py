@@ -216,3 +216,11 @@ def test_world_contexts_are_evaluated_on_the_shifted_sets(tmp_path: Path, tiny: 
         [MlflowClient(params.tracking.uri).get_experiment_by_name("domain-shift-test").experiment_id])[0]
     assert run.data.params["source"] == SOURCE.name
     assert run.data.params["targets"] == ",".join(targets[1:])
+
+
+def test_an_unprepared_target_says_to_run_prepare(tmp_path: Path, tiny: Backbone) -> None:
+    params = world_params(tmp_path)
+    write_trials(params, tiny, SOURCE.classnames)
+    with pytest.raises(StageError, match=r"splits/WorldShape/test.json does not exist; run the prepare stage"):
+        run_domain_shift(params, tmp_path / "out", progress=False)
+    assert not (tmp_path / "out").exists()

@@ -130,7 +130,7 @@ def read_eval(params: Params, dataset: str) -> EvalList:
     try:
         return read_eval_list(eval_list_path(params.data.splits_dir, dataset))
     except FileNotFoundError as error:
-        raise StageError(f"{error}") from None
+        raise StageError(str(error)) from None
 
 
 def read_trials(path: Path) -> list[dict[str, str]]:
