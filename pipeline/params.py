@@ -132,6 +132,36 @@ class BaselineParams:
 
 
 @dataclass(frozen=True)
+class DomainShiftParams:
+    # Contexts learned on `source` are evaluated on each of `targets` that data.datasets lists: test sets of
+    # the source's classes (all, or a subset matched by ImageNet label or else by class name).
+    source: str = "ImageNet"
+    targets: list[str] = field(
+        default_factory=lambda: ["ImageNetV2", "ImageNetSketch", "ImageNetA", "ImageNetR"]
+    )
+
+
+@dataclass(frozen=True)
+class PretrainParams:
+    """Pretraining a small CLIP on the synthetic world (pipeline/pretrain.py, stage `pretrain`)."""
+
+    arch: str = "coop-tiny"  # open_clip architecture, e.g. coop-tiny or a sibling in engine/model_configs
+    corpus_seed: int = 0  # the world's image-caption pairs and held-out sets are drawn from this seed
+    corpus_size: int = 100_000  # training pairs (passes over them: steps * batch_size / corpus_size)
+    heldout_size: int = 2048  # held-out pairs for the held-out contrastive loss
+    zero_shot_size: int = 800  # images per held-out zero-shot task (shape, colour)
+    steps: int = 3000
+    batch_size: int = 256
+    lr: float = 1e-3  # AdamW peak learning rate: linear warm-up, then cosine to 0
+    weight_decay: float = 0.1  # not on gains, biases, the temperature
+    warmup_steps: int = 100
+    seed: int = 0  # initial weights and batch order
+    threads: int = 1  # torch CPU threads: the result's bits depend on it (and 1 is fastest on a busy 2-core box)
+    eval_every: int = 500  # held-out loss and zero-shot accuracy every k steps (and at the end)
+    out: str = "models/coop-tiny-world.safetensors"  # the checkpoint; its card is the same path with .json
+
+
+@dataclass(frozen=True)
 class Params:
     data: DataParams = field(default_factory=DataParams)
     backbone: BackboneParams = field(default_factory=BackboneParams)
@@ -141,6 +171,8 @@ class Params:
     tracking: TrackingParams = field(default_factory=TrackingParams)
     report: ReportParams = field(default_factory=ReportParams)
     baselines: BaselineParams = field(default_factory=BaselineParams)
+    domain_shift: DomainShiftParams = field(default_factory=DomainShiftParams)
+    pretrain: PretrainParams = field(default_factory=PretrainParams)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -251,6 +283,37 @@ def _validate(p: Params) -> None:
         choices = "; ".join(f"{k} ({v})" for k, v in BaselineParams.PROTOCOLS.items())
         problem = f"unknown protocol(s) {unknown}" if unknown else "needs distinct protocols, at least one"
         raise ParamsError(f"baselines.linear_probe_protocols {problem}, got {protocols}; choose from: {choices}")
+    shift = p.domain_shift
+    if not shift.source.strip() or any(not t.strip() for t in shift.targets):
+        raise ParamsError(f"domain_shift.source and domain_shift.targets must name datasets, got source "
+                          f"{shift.source!r} and targets {shift.targets}")
+    if shift.source in shift.targets or len(set(shift.targets)) != len(shift.targets):
+        raise ParamsError(f"domain_shift.targets must be distinct datasets other than the source "
+                          f"{shift.source!r}, got {shift.targets}")
+
+
+def _validate_pretrain(p: PretrainParams) -> None:
+    for key, value, low in (
+        ("corpus_size", p.corpus_size, 1),
+        ("heldout_size", p.heldout_size, 1),
+        ("zero_shot_size", p.zero_shot_size, 1),
+        ("steps", p.steps, 1),
+        ("batch_size", p.batch_size, 2),
+        ("warmup_steps", p.warmup_steps, 0),
+        ("eval_every", p.eval_every, 1),
+        ("threads", p.threads, 1),
+    ):
+        if value < low:
+            raise ParamsError(f"pretrain.{key} must be >= {low}, got {value}")
+    if p.batch_size > p.corpus_size:
+        raise ParamsError(f"pretrain.batch_size ({p.batch_size}) must not exceed pretrain.corpus_size "
+                          f"({p.corpus_size})")
+    if p.warmup_steps >= p.steps:
+        raise ParamsError(f"pretrain.warmup_steps ({p.warmup_steps}) must be below pretrain.steps ({p.steps})")
+    if p.lr <= 0 or p.weight_decay < 0:
+        raise ParamsError(f"pretrain.lr must be > 0 and pretrain.weight_decay >= 0, got {p.lr}, {p.weight_decay}")
+    if not p.out.endswith(".safetensors"):
+        raise ParamsError(f"pretrain.out must be a .safetensors path, got {p.out!r}")
 
 
 def override(params: Params, **sections: dict[str, Any]) -> Params:
@@ -278,6 +341,7 @@ def override(params: Params, **sections: dict[str, Any]) -> Params:
 def params_from_dict(raw: dict[str, Any]) -> Params:
     params = _build(Params, raw, "")
     _validate(params)
+    _validate_pretrain(params.pretrain)
     return params
 
 

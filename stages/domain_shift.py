@@ -1,9 +1,11 @@
-"""CoOp contexts learned on ImageNet, evaluated on ImageNet-V2, -Sketch, -A and -R (DVC stage `domain_shift`).
+"""CoOp contexts learned on a source dataset, evaluated on its shifted test sets (DVC stage `domain_shift`).
 
-For every FINISHED ImageNet trial of the sweep at the largest shot count (or --shots), its learned context
-on ImageNet's test set and on each ImageNet variant in data.datasets, beside zero-shot CLIP (hand-crafted
-prompt and prompt ensemble) on each. Rows go to <report.baselines_dir>/domain_shift.csv (empty when the
-params have no ImageNet, as in the demo); one MLflow run "domain-shift" with the CSV and per-target means.
+The source is domain_shift.source (default ImageNet), the shifted sets those of domain_shift.targets (default
+ImageNet-V2, -Sketch, -A and -R) that data.datasets lists. For every FINISHED source trial of the sweep at
+the largest shot count (or --shots), its learned context on the source's test set and on each shifted set,
+beside zero-shot CLIP (hand-crafted prompt and prompt ensemble) on each. Rows go to
+<report.baselines_dir>/domain_shift.csv (empty when data.datasets has no source, as in the demo); one
+MLflow run "domain-shift" with the CSV and per-target means.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--out", type=Path, metavar="DIR",
                         help="folder for domain_shift.csv (default: report.baselines_dir)")
     parser.add_argument("--shots", type=int,
-                        help="evaluate the ImageNet contexts trained with this many shots (default: the "
+                        help="evaluate the source's contexts trained with this many shots (default: the "
                         "largest)")
     parser.add_argument("--tracking-uri", metavar="URI",
                         help="MLflow tracking URI holding the sweep's runs (default: MLFLOW_TRACKING_URI, "

@@ -8,7 +8,8 @@ Figures are inline PNGs (base64 ``data:`` URIs): the page needs no other file. S
 1. accuracy against shots per dataset and averaged: CoOp variants, zero-shot CLIP, linear probe (one
    series per protocol, labelled; ± std over seeds), the paper's main figure, with the numbers as a table;
 2. our 16-shot CoOp (M=16, end, unified) and zero-shot results next to the published ones;
-3. domain generalisation: ImageNet contexts on ImageNet-V2/-Sketch/-A/-R, beside zero-shot CLIP;
+3. domain generalisation: the source's contexts (domain_shift.source, e.g. ImageNet) on its shifted test
+   sets (e.g. ImageNet-V2/-Sketch/-A/-R), beside zero-shot CLIP;
 4. the nearest vocabulary words of each dataset's best learned context;
 5. the sweep's view: accuracy against each hyperparameter, and parameter importances (fANOVA over an
    Optuna study rebuilt from trials.csv).

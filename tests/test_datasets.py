@@ -127,6 +127,26 @@ def test_generic_dataset_template_from_split_file(tmp_path: Path) -> None:
     assert load_dataset("mydata", tmp_path).template == "a drawing of a {}."
 
 
+def test_generic_dataset_may_be_a_test_set_alone(tmp_path: Path) -> None:
+    expected = build_generic(tmp_path, "mydata")
+    split_file = tmp_path / "mydata" / "split_zhou_Mydata.json"
+    data = json.loads(split_file.read_text())
+    assert not load_dataset("mydata", tmp_path).test_only
+    split_file.write_text(json.dumps({**data, "test_only": True}))
+    with pytest.raises(DatasetError, match=r"test-only dataset lists no train or val images, found 18 train and 6 val"):
+        load_dataset("mydata", tmp_path)
+    split_file.write_text(json.dumps({**data, "train": [], "val": [], "test_only": True}))
+    splits = load_dataset("mydata", tmp_path)
+    assert splits.test_only and not splits.train and not splits.val
+    assert splits.classnames == expected.classnames and len(splits.test) == expected.counts["test"]
+    split_file.write_text(json.dumps({**data, "train": [], "val": []}))  # without the flag: a train set is due
+    with pytest.raises(DatasetError, match="the train split is empty"):
+        load_dataset("mydata", tmp_path)
+    split_file.write_text(json.dumps({**data, "test_only": "yes"}))
+    with pytest.raises(DatasetError, match="'test_only' must be true or false, got 'yes'"):
+        load_dataset("mydata", tmp_path)
+
+
 # ------------------------------------------------------------------------------------------- demo
 
 

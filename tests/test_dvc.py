@@ -51,7 +51,7 @@ def project(tmp_path_factory) -> Path:
 def test_repro_runs_every_stage_then_nothing_then_only_what_changed(project):
     first = _dvc(project, "repro")
     assert _ran(first) == ["baselines", "domain_shift", "features@FashionMNIST", "prepare@FashionMNIST", "report",
-                           "sweep"]
+                           "sweep", "world"]
     trials = (project / "outputs/sweep/trials.csv").read_text().splitlines()
     assert len(trials) == 1 + 2 * 2 * 2  # header + configs x shots x seeds
     assert (project / "outputs/report/index.html").stat().st_size > 0

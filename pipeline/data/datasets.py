@@ -99,6 +99,16 @@ _IMAGENET_FOLDER_LAYOUT = (
     "    {image_dir}/<wnid>/<image files>"
 )
 
+# The generated world's tasks (pipeline/data/synthetic/tasks.py, written by `python -m stages.world` into
+# data/world) in the generic layout: name -> (hand-crafted prompt, test-only). The shifted sets of WorldShape
+# share its classes and prompt.
+WORLD_TASKS: dict[str, tuple[str, bool]] = {
+    "WorldShape": ("a photo of a {}.", False),
+    "WorldColourShape": ("a photo of a {}.", False),
+    "WorldRareColour": ("a photo of a {} shape.", False),
+    **{f"WorldShape{shift}": ("a photo of a {}.", True) for shift in ("Backgrounds", "Lines", "Noise", "Palette")},
+}
+
 DATASETS: dict[str, DatasetInfo] = {
     info.name: info
     for info in [
@@ -218,13 +228,18 @@ DATASETS: dict[str, DatasetInfo] = {
             "split",
             "split_zhou_FashionMNIST.json",
         ),
+        *(
+            DatasetInfo(name, name, "images", "split", f"split_{name}.json", template=template, test_only=test_only)
+            for name, (template, test_only) in WORLD_TASKS.items()
+        ),
     ]
 }
 
 GENERIC_LAYOUT = (
     "<data root>/<name>/\n"
     '    split_zhou_<Name>.json   (JSON: {"train"|"val"|"test": [[relative_path, label, classname], ...]},\n'
-    '                              optional "template": "a photo of a {}.")\n'
+    '                              optional "template": "a photo of a {}.", optional "test_only": true\n'
+    '                              for a test set alone: empty train and val)\n'
     "    images/...               (paths in the split file are relative to <data root>/<name>/images/)"
 )
 
@@ -374,8 +389,18 @@ def _read_split(root: Path, info: DatasetInfo) -> DatasetSplits:
     template = data.get("template", info.template)
     if not isinstance(template, str) or "{}" not in template:
         raise DatasetError(f"{split_path}: 'template' must be a string containing '{{}}', got {template!r}.")
+    # A test-only set (e.g. a shifted test set of another dataset's classes) lists no train or val images.
+    test_only = data.get("test_only", info.test_only)
+    if not isinstance(test_only, bool):
+        raise DatasetError(f"{split_path}: 'test_only' must be true or false, got {test_only!r}.")
+    if test_only and (lists["train"] or lists["val"]):
+        raise DatasetError(
+            f"{split_path}: a test-only dataset lists no train or val images, found {len(lists['train'])} train "
+            f"and {len(lists['val'])} val; empty those lists or drop 'test_only'."
+        )
     return DatasetSplits(
-        info.name, _classnames_from(lists.values()), lists["train"], lists["val"], lists["test"], template
+        info.name, _classnames_from(lists.values()), lists["train"], lists["val"], lists["test"], template,
+        test_only=test_only,
     )
 
 

@@ -1,11 +1,16 @@
-"""The domain-shift stage's library: contexts learned on ImageNet, evaluated on ImageNet-V2, -Sketch, -A, -R.
+"""The domain-shift stage's library: contexts learned on a source dataset, evaluated on its shifted test sets.
 
-For every finished ImageNet trial of the sweep at the largest shot count (16 in the paper; ``shots``
-picks another), the learned context is evaluated on the source's test set and on each ImageNet variant
-in ``data.datasets``, beside zero-shot CLIP (hand-crafted prompt, and the prompt ensemble) on each.
-ImageNet-A and -R cover 200 of the 1000 classes: their ``imagenet_labels`` say which ImageNet class each
-of their classes is, so a class-specific context contributes exactly those classes' rows, and a unified
-context is run over the subset's class names (the same classifier restricted to the subset).
+``domain_shift.source`` (ImageNet by default) is the dataset the contexts were learned on and
+``domain_shift.targets`` (by default ImageNet-V2, -Sketch, -A, -R) its shifted test sets; those of them that
+``data.datasets`` lists are evaluated. For every finished source trial of the sweep at the largest shot count
+(16 in the paper; ``shots`` picks another), the learned context is evaluated on the source's test set and on
+each target, beside zero-shot CLIP (hand-crafted prompt, and the prompt ensemble) on each.
+
+A target holds the source's classes or a subset of them. ImageNet-A and -R cover 200 of the 1000 classes:
+their ``imagenet_labels`` say which ImageNet class each of their classes is. A target without such a map
+(a shifted set of the synthetic world, a user's own) is matched by class name. Either way a class-specific
+context contributes exactly those classes' rows, and a unified context is run over the target's class names
+(the same classifier restricted to the subset).
 
 Writes ``<out>/domain_shift.csv`` (one row per method x context x target; atomically) and logs one MLflow
 run "domain-shift" with the CSV and per-target means.
@@ -42,7 +47,6 @@ from pipeline.tracking import StageRun, backbone_label, resolve_tracking_uri, tr
 
 log = logging.getLogger(__name__)
 
-SOURCE_DATASET = "ImageNet"  # the dataset the transferred contexts were learned on
 COLUMNS = ["method", "config", "n_ctx", "ctx_init", "csc", "class_token_position", "source", "target", "shots",
            "seed", "test_acc", "trial_key", "backbone"]
 
@@ -67,6 +71,34 @@ def subset_rows(source_labels: Sequence[int] | None, target: EvalList) -> list[i
     return [row_of[label] for label in target.imagenet_labels]
 
 
+def name_rows(source_classnames: Sequence[str], target: EvalList) -> list[int]:
+    """For each target class, the row of the source's class list with the same name (a target without an
+    ImageNet label map: the source's own classes, or a subset of them)."""
+    if list(target.classnames) == list(source_classnames):
+        return list(range(len(source_classnames)))  # the source's list itself, names shared by labels included
+    rows_of: dict[str, list[int]] = {}
+    for row, name in enumerate(source_classnames):
+        rows_of.setdefault(name, []).append(row)
+    missing = [repr(name) for name in target.classnames if name not in rows_of]
+    if missing:
+        raise StageError(
+            f"{target.dataset}: classes {', '.join(missing[:5])} are not among the {len(source_classnames)} classes "
+            "the contexts were trained on; a shifted test set must hold the source's classes (or a subset)"
+        )
+    shared = [repr(name) for name in target.classnames if len(rows_of[name]) > 1]
+    if shared:
+        raise StageError(f"{target.dataset}: classes {', '.join(shared[:5])} name several source classes; "
+                         "give the target the source's whole class list in the source's order")
+    return [rows_of[name][0] for name in target.classnames]
+
+
+def target_rows(source: EvalList, target: EvalList) -> list[int]:
+    """The source rows of the target's classes: by ImageNet label where both have a label map, else by name."""
+    if target.imagenet_labels is not None and source.imagenet_labels is not None:
+        return subset_rows(source.imagenet_labels, target)
+    return name_rows(source.classnames, target)
+
+
 def restrict(ctx: torch.Tensor, meta: ContextMeta, rows: list[int], classnames: list[str]) -> tuple[torch.Tensor,
                                                                                                       ContextMeta]:
     """The context for a class subset: a CSC context keeps the subset's rows, a unified one is shared."""
@@ -86,82 +118,83 @@ def context_accuracy(backbone: Backbone, ctx: torch.Tensor, meta: ContextMeta, r
     return evaluate(model, *_normalized(target, backbone.device))
 
 
-def variant_targets(params: Params) -> list[str]:
-    """The ImageNet variants listed in data.datasets (test-only datasets with an ImageNet label map)."""
-    out = []
-    for dataset in params.data.datasets:
-        folder = dataset_folder(dataset)
-        if folder == SOURCE_DATASET:
-            continue
-        try:
-            evaluation = read_eval_list(eval_list_path(params.data.splits_dir, folder))
-        except FileNotFoundError:
-            continue
-        if evaluation.test_only and evaluation.imagenet_labels is not None:
-            out.append(folder)
-    return out
+def shift_targets(params: Params) -> list[str]:
+    """The domain_shift.targets that data.datasets lists, as prepared folder names, in data.datasets' order."""
+    source = dataset_folder(params.domain_shift.source)
+    wanted = {dataset_folder(t) for t in params.domain_shift.targets} - {source}
+    listed = list(dict.fromkeys(dataset_folder(d) for d in params.data.datasets))
+    return [folder for folder in listed if folder in wanted]
+
+
+def read_eval(params: Params, dataset: str) -> EvalList:
+    """The prepared test list of `dataset`; StageError says to run prepare when it is missing."""
+    try:
+        return read_eval_list(eval_list_path(params.data.splits_dir, dataset))
+    except FileNotFoundError as error:
+        raise StageError(str(error)) from None
 
 
 def run_domain_shift(params: Params, out_dir: Path, shots: int | None = None, tracking_uri: str | None = None,
                      progress: bool = True) -> list[dict[str, Any]]:
-    """Evaluate the sweep's ImageNet contexts and zero-shot CLIP on the ImageNet variants; write the CSV."""
+    """Evaluate the sweep's source contexts and zero-shot CLIP on the shifted test sets; write the CSV."""
     results_dir = Path(params.sweep.results_dir)
     trials_path = results_dir / "trials.csv"
     if not trials_path.is_file():
         raise StageError(f"{trials_path} is missing; run the sweep first (dvc repro sweep)")
-    targets = variant_targets(params)
+    source = dataset_folder(params.domain_shift.source)
+    targets = shift_targets(params)
     trials = [r for r in read_csv_rows(trials_path)
-              if dataset_folder(r["dataset"]) == SOURCE_DATASET and r["state"] == "FINISHED"]
+              if dataset_folder(r["dataset"]) == source and r["state"] == "FINISHED"]
     why_not = ""
-    if SOURCE_DATASET not in [dataset_folder(d) for d in params.data.datasets]:
-        why_not = "data.datasets has no ImageNet"
+    if source not in [dataset_folder(d) for d in params.data.datasets]:
+        why_not = f"data.datasets has no {source} (domain_shift.source)"
     elif not targets:
-        why_not = "data.datasets lists no prepared ImageNet variant (ImageNetV2, ImageNetSketch, ImageNetA, ImageNetR)"
+        why_not = (f"data.datasets lists none of domain_shift.targets "
+                   f"({', '.join(params.domain_shift.targets)})")
     elif not trials:
-        why_not = f"{trials_path} has no FINISHED ImageNet trial"
+        why_not = f"{trials_path} has no FINISHED {source} trial"
     if why_not:
-        # Not an error: a pipeline without ImageNet (the demo) has no domain-shift experiment to run.
+        # Not an error: a pipeline without the source (the demo) has no domain-shift experiment to run.
         log.warning("domain shift: nothing to evaluate (%s); writing an empty table", why_not)
         write_csv_atomic(out_dir / "domain_shift.csv", COLUMNS, [])
         return []
     chosen = shots if shots is not None else max(int(r["shots"]) for r in trials)
     trials = [r for r in trials if int(r["shots"]) == chosen]
     if not trials:
-        raise StageError(f"no FINISHED ImageNet trial with {chosen} shots in {trials_path}")
+        raise StageError(f"no FINISHED {source} trial with {chosen} shots in {trials_path}")
 
+    lists = {name: read_eval(params, name) for name in [source, *targets]}
+    source_list = lists[source]
+    rows_of = {name: list(range(len(source_list.classnames))) if name == source
+               else target_rows(source_list, listed) for name, listed in lists.items()}
     uri = resolve_tracking_uri(tracking_uri, params.tracking.uri)
     backbone = load_params_backbone(params, resolve_device(params.train.device))
     config = FeatureConfig.from_params(backbone, params.features)
     label = backbone_label(params.backbone.arch, params.backbone.pretrained)
-    source_list = read_eval_list(eval_list_path(params.data.splits_dir, SOURCE_DATASET))
     evaluations = {name: load_eval_features(params.features.dir, eval_list_path(params.data.splits_dir, name), config,
                                             cache=open_cache(params, name, config))
-                   for name in [SOURCE_DATASET, *targets]}
-    rows_of = {name: list(range(len(source_list.classnames))) if name == SOURCE_DATASET
-               else subset_rows(source_list.imagenet_labels, read_eval_list(eval_list_path(params.data.splits_dir,
-                                                                                            name)))
-               for name in evaluations}
+                   for name in lists}
     run = StageRun.start(params, "domain-shift", "domain_shift",
-                         {"source": SOURCE_DATASET, "targets": ",".join(targets), "shots": chosen,
+                         {"source": source, "targets": ",".join(targets), "shots": chosen,
                           "contexts": len(trials), "backbone": label}, tracking_uri)
     out: list[dict[str, Any]] = []
     try:
         for method, accuracy in ((ZERO_SHOT, zero_shot_accuracy), (ENSEMBLE, ensemble_accuracy)):
             for name, target in evaluations.items():
-                out.append(_row(method, None, name, 0, 0, accuracy(backbone, target), label))
+                out.append(_row(method, None, source, name, 0, 0, accuracy(backbone, target), label))
         with tempfile.TemporaryDirectory(prefix="coop-domain-shift-") as tmp:
-            for trial in tqdm(trials, desc="ImageNet contexts", disable=not progress):
+            for trial in tqdm(trials, desc=f"{source} contexts", disable=not progress):
                 folder = trial_artifacts(trial, results_dir, Path(tmp), uri, names=("ctx.safetensors", "ctx.json"))
                 if folder is None:
                     log.warning("trial %s: no learned context found; skipped", trial["trial_key"])
                     continue
                 ctx, meta = load_context(folder / "ctx.safetensors")
                 if meta.classnames != source_list.classnames:
-                    raise StageError(f"trial {trial['trial_key']}: its context's classes differ from the ImageNet "
+                    raise StageError(f"trial {trial['trial_key']}: its context's classes differ from the {source} "
                                      "test list; rerun prepare/sweep with the same data")
                 for name, target in evaluations.items():
                     acc = context_accuracy(backbone, ctx, meta, rows_of[name], target)
-                    out.append(_row(COOP, trial, name, chosen, int(trial["seed"]), acc, label))
+                    out.append(_row("CoOp", trial, source, name, chosen, int(trial["seed"]), acc, label))
         path = out_dir / "domain_shift.csv"
         write_csv_atomic(path, COLUMNS, out)
         means = {}
@@ -178,12 +211,12 @@ def run_domain_shift(params: Params, out_dir: Path, shots: int | None = None, tr
     return out
 
 
-def _row(method: str, trial: dict[str, str] | None, target: str, shots: int, seed: int, acc: float,
+def _row(method: str, trial: dict[str, str] | None, source: str, target: str, shots: int, seed: int, acc: float,
          backbone: str) -> dict[str, Any]:
     config = {}
     if trial is not None:
         config = {"n_ctx": int(trial["n_ctx"]), "ctx_init": trial["ctx_init"], "csc": trial["csc"] == "True",
                   "class_token_position": trial["class_token_position"]}
-    return {"method": method, "config": trial.get("config", "") if trial else "", **config, "source": SOURCE_DATASET,
+    return {"method": method, "config": trial.get("config", "") if trial else "", **config, "source": source,
             "target": target, "shots": shots, "seed": seed, "test_acc": csv_number(acc),
             "trial_key": trial["trial_key"] if trial else "", "backbone": backbone}

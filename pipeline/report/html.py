@@ -145,8 +145,10 @@ def section_published(data: ReportData) -> str:
 def section_domain(data: ReportData) -> str:
     summary = domain_shift_table(data.domain_shift_rows)
     if summary is None:
-        return empty_note("No domain-shift results: they need ImageNet trials and the ImageNet variants in "
-                          "data.datasets (run python -m stages.domain_shift).")
+        shift = data.params.domain_shift
+        return empty_note(f"No domain-shift results: they need {shift.source} trials (domain_shift.source) and "
+                          f"its shifted sets ({', '.join(shift.targets)}: domain_shift.targets) in data.datasets "
+                          "(run python -m stages.domain_shift).")
     rows = []
     for name, by_target in summary.accuracy.items():
         cells = [mean_std_text(*by_target[t]) if t in by_target else "" for t in summary.targets]
@@ -154,8 +156,8 @@ def section_domain(data: ReportData) -> str:
     header = ["method", *[f"{t} (source)" if t == summary.source else t for t in summary.targets],
               "average (targets)"]
     caption = (f"Contexts learned on {summary.source} with {', '.join(map(str, summary.coop_shots))} shots, "
-               "evaluated on its test set and on the shifted test sets (mean ± std over seeds); 200-class subsets "
-               "use the contexts' rows of their classes. Test accuracy (%).")
+               "evaluated on its test set and on the shifted test sets (mean ± std over seeds); a set of a subset "
+               "of the classes (ImageNet-A, -R: 200 classes) uses the contexts' rows of its classes. Test accuracy (%).")
     return table_html(header, rows, caption, "numbers")
 
 
