@@ -89,13 +89,17 @@ def test_params_default_to_the_folders_file_else_the_typed_defaults(root_handler
     assert "missing.yaml does not exist" in caplog.text
 
 
-def _stage_commands() -> list[str]:
+def _commands_with_params() -> list[str]:
+    """Every command whose parser takes --params (stages.world, predict and import_context read none)."""
+    import importlib
+
     from test_structure import commands
 
-    return [c for c in commands() if c.startswith("stages.")] + ["pipeline.tools.costmodel"]
+    return [c for c in commands()
+            if "--params" in importlib.import_module(c).build_parser()._option_string_actions]
 
 
-@pytest.mark.parametrize("command", _stage_commands())
+@pytest.mark.parametrize("command", _commands_with_params())
 def test_every_command_reports_bad_params_with_exit_2(command, root_handlers, tmp_path, caplog) -> None:
     import importlib
 
