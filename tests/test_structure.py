@@ -17,7 +17,7 @@ REPO = Path(__file__).resolve().parents[1]
 LAYERS: tuple[tuple[str, ...], ...] = (
     ("pipeline.params", "pipeline.errors", "pipeline.atomic", "pipeline.cli"),
     ("pipeline.data",),
-    ("pipeline.engine",),
+    ("pipeline.engine", "pipeline.pretrain"),
     ("pipeline.features",),
     ("pipeline.tracking",),
     ("pipeline.sweep",),
