@@ -37,6 +37,7 @@ def project(tmp_path_factory) -> Path:
     for name in ("pipeline", "stages"):
         shutil.copytree(ROOT / name, project / name, ignore=shutil.ignore_patterns("__pycache__"))
     shutil.copytree(ROOT / "data" / "demo", project / "data" / "demo")
+    shutil.copytree(ROOT / "models", project / "models")  # the frozen pretrain stage's committed outputs
     shutil.copy(ROOT / "dvc.yaml", project / "dvc.yaml")
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
     params["data"].update(shots=[1, 2], seeds=[1, 2])

@@ -181,6 +181,7 @@ def _create(arch: str, pretrained: str | None) -> CLIP:
     if tag_cfg:
         return _create_from_tag(arch, pretrained, tag_cfg)
     if os.path.isfile(pretrained):
+        _check_checkpoint_arch(arch, pretrained)
         return open_clip.create_model(arch, pretrained=pretrained, weights_only=True)
     if _looks_like_path(pretrained):
         raise WeightsUnavailableError(f"Checkpoint file {pretrained!r} does not exist (backbone {arch}).")
@@ -189,6 +190,21 @@ def _create(arch: str, pretrained: str | None) -> CLIP:
         f"{pretrained!r} is neither a pretrained tag of {arch} nor an existing file. "
         f"Known tags for {arch}: {known or 'none'}; or pass a local checkpoint path."
     )
+
+
+def _check_checkpoint_arch(arch: str, path: str) -> None:
+    """A safetensors checkpoint that records its architecture (ours do: pipeline/pretrain.py) must match `arch`."""
+    if not path.endswith(".safetensors"):
+        return
+    from safetensors import safe_open
+
+    with safe_open(path, framework="pt") as f:
+        recorded = (f.metadata() or {}).get("arch")
+    if recorded and recorded != arch:
+        raise WeightsUnavailableError(
+            f"Checkpoint {path} holds weights of architecture {recorded!r}, not {arch!r}: set backbone.arch: "
+            f"{recorded} (or --arch {recorded}) to use it."
+        )
 
 
 def _create_from_tag(arch: str, tag: str, tag_cfg: dict) -> CLIP:
