@@ -53,12 +53,17 @@ def digests(folder: Path) -> dict[str, str]:
 
 def test_three_kinds_of_task_and_a_source_with_four_shifted_sets() -> None:
     kinds = {t.name: t.kind for t in TRAINABLE}
-    assert kinds == {"WorldShape": "coarse", "WorldColourShape": "fine-grained", "WorldRareColour": "rare names"}
+    assert kinds == {"WorldShape": "coarse", "WorldSketch": "coarse", "WorldPastel": "fine-grained",
+                     "WorldPastelRare": "rare names"}
     assert {t.name: len(t.classes) for t in TRAINABLE} == {
-        "WorldShape": 8, "WorldColourShape": 25, "WorldRareColour": 10}
-    assert [t.name for t in SHIFTED] == ["WorldShapeBackgrounds", "WorldShapeLines", "WorldShapeNoise",
-                                         "WorldShapePalette"]
-    assert {t.style for t in SHIFTED} == {"normal", "lines", "noise", "palette"}
+        "WorldShape": 8, "WorldSketch": 8, "WorldPastel": 20, "WorldPastelRare": 10}
+    # Only WorldShape is drawn in the pretraining corpus's style; the others are domains it never shows.
+    assert {t.name: t.style for t in TRAINABLE} == {"WorldShape": "normal", "WorldSketch": "lines",
+                                                    "WorldPastel": "palette", "WorldPastelRare": "palette"}
+    assert SOURCE.name == "WorldSketch"
+    assert [t.name for t in SHIFTED] == ["WorldSketchV2", "WorldSketchBackgrounds", "WorldSketchPastel",
+                                         "WorldSketchLarge"]
+    assert [t.style for t in SHIFTED] == ["lines", "lines", "lines+palette", "lines"]
     for task in SHIFTED:
         assert task.source == SOURCE.name and task.classnames == SOURCE.classnames and task.counts[:2] == (0, 0)
     for task in TASKS:
@@ -74,12 +79,12 @@ def test_sizes_cover_16_shots_for_three_seeds_and_a_test_set_of_hundreds(task) -
 
 
 def test_each_class_fixes_its_attributes_and_the_nuisances_vary() -> None:
-    fine = get_task("WorldColourShape")
+    fine = get_task("WorldPastel")
     for label, c in enumerate(fine.classes):
         objects = [task_scene(fine, "train", label, i).objects for i in range(3)]
         assert all(len(o) == 1 and o[0].count == 1 for o in objects)  # one object, one copy
         assert {f"{o[0].colour} {o[0].shape}" for o in objects} == {c.name}
-    rare = get_task("WorldRareColour")
+    rare = get_task("WorldPastelRare")
     assert [task_scene(rare, "test", label, 0).objects[0].colour for label in range(10)] == list(COLOURS)
     shapes = [task_scene(SOURCE, "train", label, 0).objects[0].shape for label in range(8)]
     assert shapes == list(SHAPES)
@@ -89,9 +94,19 @@ def test_each_class_fixes_its_attributes_and_the_nuisances_vary() -> None:
 
 
 def test_the_background_shift_shows_only_backgrounds_the_source_never_does() -> None:
-    shifted = get_task("WorldShapeBackgrounds")
+    shifted = get_task("WorldSketchBackgrounds")
     seen = {task_scene(shifted, "test", label, i).background for label in range(8) for i in range(10)}
     assert seen == set(HELD_OUT_BACKGROUNDS) and not seen & set(SOURCE_BACKGROUNDS)
+
+
+def test_the_v2_set_is_a_fresh_sample_of_the_source_and_the_large_set_only_larger_drawings() -> None:
+    v2, large = get_task("WorldSketchV2"), get_task("WorldSketchLarge")
+    assert (v2.pools, v2.style) == (SOURCE.pools, SOURCE.style)
+    fresh = [task_scene(v2, "test", label, i) for label in range(8) for i in range(5)]
+    assert not {s.objects for s in fresh} & {task_scene(SOURCE, "test", label, i).objects
+                                             for label in range(8) for i in range(5)}
+    sizes = {task_scene(large, "test", label, i).objects[0].size for label in range(8) for i in range(10)}
+    assert sizes == {"medium", "large"}
 
 
 def test_rare_class_names_are_rare_in_the_pretraining_captions() -> None:
@@ -102,7 +117,7 @@ def test_rare_class_names_are_rare_in_the_pretraining_captions() -> None:
         pattern = re.compile(rf"\b{re.escape(word)}\b")
         return sum(bool(pattern.search(c)) for c in captions) / len(captions)
 
-    rare = {name: share(name) for name in get_task("WorldRareColour").classnames}
+    rare = {name: share(name) for name in get_task("WorldPastelRare").classnames}
     common = {name: share(name) for name in SOURCE.classnames}
     assert all(value > 0 for value in rare.values())  # rare, not unseen
     assert max(rare.values()) < 0.5 * min(common.values()), (rare, common)
@@ -117,7 +132,7 @@ def test_unknown_task_lists_the_known_ones() -> None:
 
 
 def test_files_depend_on_the_seed_alone(tmp_path: Path) -> None:
-    source, lines = mini(SOURCE), mini(get_task("WorldShapeLines"))
+    source, lines = mini(SOURCE), mini(get_task("WorldSketchV2"))
     write_world(tmp_path / "a", [source, lines])
     write_world(tmp_path / "b", [lines])  # another selection and order: the same files
     write_world(tmp_path / "c", [lines], seed=WORLD_SEED + 1)
@@ -132,7 +147,7 @@ def test_files_depend_on_the_seed_alone(tmp_path: Path) -> None:
 def test_an_image_is_its_scene_rendered_in_the_tasks_style(tmp_path: Path) -> None:
     from PIL import Image
 
-    for name in ("WorldShape", "WorldShapeLines", "WorldShapeNoise"):
+    for name in ("WorldShape", "WorldSketch", "WorldSketchPastel", "WorldPastel"):
         task = mini(get_task(name))
         write_task(task, tmp_path)
         written = Image.open(tmp_path / name / "images" / image_path("test", task.classnames[3], 1))
@@ -183,9 +198,9 @@ def test_the_command_writes_every_task_in_full(tmp_path: Path) -> None:
         splits = load_dataset(task.name, tmp_path / "world")
         assert [len(splits.train), len(splits.val), len(splits.test)] == [n * len(task.classes) for n in task.counts]
     again = subprocess.run([sys.executable, "-m", "stages.world", "--out", str(tmp_path / "again"), "--task",
-                            "WorldShapePalette"], cwd=REPO, capture_output=True, text=True, timeout=600)
+                            "WorldSketchPastel"], cwd=REPO, capture_output=True, text=True, timeout=600)
     assert again.returncode == 0
-    assert digests(tmp_path / "again" / "WorldShapePalette") == digests(tmp_path / "world" / "WorldShapePalette")
+    assert digests(tmp_path / "again" / "WorldSketchPastel") == digests(tmp_path / "world" / "WorldSketchPastel")
     bad = subprocess.run([sys.executable, "-m", "stages.world", "--out", str(tmp_path / "bad"), "--task", "Nope"],
                          cwd=REPO, capture_output=True, text=True, timeout=600)
     assert bad.returncode == 2 and "unknown world task 'Nope'" in bad.stderr

@@ -83,6 +83,15 @@ def test_styles_shift_the_image() -> None:
     assert np.abs(normal[16, 16] - COLOURS["blue"]).max() < 10
     for style in ("noise", "palette"):
         assert np.abs(np.asarray(render(scene, 32, style)).astype(int) - normal).mean() > 5, style
+    # Styles combine: "lines+palette" draws the same outline, in the palette's paler, hue-shifted colours.
+    pastel_lines = np.asarray(render(scene, 32, "lines+palette")).astype(int)
+    ink = np.abs(lines - lines[0, 0]).sum(-1) > 30
+    assert ink.any() and np.array_equal(ink, np.abs(pastel_lines - pastel_lines[0, 0]).sum(-1) > 30)
+    assert np.abs(pastel_lines[0, 0] - lines[0, 0]).max() > 5  # the background shifts
+    assert np.abs(pastel_lines[ink] - lines[ink]).mean() > 5  # and so does the ink
+    for bad in ("lines+lines", "normal+noise", "lines+sepia", "lines+"):
+        with pytest.raises(WorldError, match="unknown render style"):
+            render(scene, 32, bad)
     striped = np.asarray(render(one(texture="striped", colour="blue"), 32)).astype(int)
     assert len({tuple(p) for p in striped[12:20, 12:20].reshape(-1, 3)}) > 1  # a texture is two-toned
 

@@ -32,15 +32,16 @@ def _ran(output: str) -> list[str]:
 
 @pytest.fixture(scope="module")
 def project(tmp_path_factory) -> Path:
-    """The demo project with a small grid: 2 configurations x shots 1, 2 x seeds 1, 2, 3 epochs."""
+    """The demo project with a small grid: one world task and one shifted set, 2 configurations x shots 1, 2 x
+    seeds 1, 2, 3 epochs."""
     project = tmp_path_factory.mktemp("demo")
     for name in ("pipeline", "stages"):
         shutil.copytree(ROOT / name, project / name, ignore=shutil.ignore_patterns("__pycache__"))
-    shutil.copytree(ROOT / "data" / "demo", project / "data" / "demo")
     shutil.copytree(ROOT / "models", project / "models")  # the frozen pretrain stage's committed outputs
     shutil.copy(ROOT / "dvc.yaml", project / "dvc.yaml")
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
-    params["data"].update(shots=[1, 2], seeds=[1, 2])
+    params["data"].update(datasets=["WorldSketch", "WorldSketchV2"], shots=[1, 2], seeds=[1, 2])
+    params["domain_shift"]["targets"] = ["WorldSketchV2"]
     params["train"]["epochs"] = 3
     params["sweep"]["space"] = {"n_ctx": [4], "ctx_init": ["", "a photo of a"], "csc": [False],
                                 "class_token_position": ["end"]}
@@ -51,11 +52,13 @@ def project(tmp_path_factory) -> Path:
 
 def test_repro_runs_every_stage_then_nothing_then_only_what_changed(project):
     first = _dvc(project, "repro")
-    assert _ran(first) == ["baselines", "domain_shift", "features@FashionMNIST", "prepare@FashionMNIST", "report",
-                           "sweep", "world"]
+    assert _ran(first) == ["baselines", "domain_shift", "features@WorldSketch", "features@WorldSketchV2",
+                           "prepare@WorldSketch", "prepare@WorldSketchV2", "report", "sweep", "world"]
     trials = (project / "outputs/sweep/trials.csv").read_text().splitlines()
     assert len(trials) == 1 + 2 * 2 * 2  # header + configs x shots x seeds
     assert (project / "outputs/report/index.html").stat().st_size > 0
+    shifted = (project / "outputs/baselines/domain_shift.csv").read_text()
+    assert ",WorldSketch,WorldSketchV2," in shifted  # the source's contexts were evaluated on its shifted set
 
     again = _dvc(project, "repro")
     assert _ran(again) == []
@@ -71,6 +74,6 @@ def test_metrics_and_plots_show_the_demo_results(project):
     _dvc(project, "repro")  # a no-op when the test above already ran
     metrics = json.loads(_dvc(project, "metrics", "show", "--json"))
     flat = json.dumps(metrics)
-    assert "FashionMNIST" in flat and "test_acc" in flat
+    assert "WorldSketch" in flat and "test_acc" in flat
     plots = _dvc(project, "plots", "show", "--json")
     assert "shots" in plots

@@ -53,7 +53,7 @@ def variant(labels: list[int] | None, names: list[str] | None = None) -> EvalLis
 
 
 def shifted(names: list[str]) -> EvalList:
-    return EvalList(dataset="WorldShapeLines", classnames=names, template="a photo of a {}.", test=[],
+    return EvalList(dataset="WorldSketchV2", classnames=names, template="a photo of a {}.", test=[],
                     test_only=True)
 
 
@@ -86,7 +86,7 @@ def test_a_shifted_set_without_a_label_map_is_matched_by_class_name() -> None:
     assert name_rows(source, shifted(source)) == [0, 1, 2, 3]
     assert name_rows(source, shifted(["star", "square"])) == [3, 1]  # a subset, in its own order
     assert name_rows(["missile", "missile"], shifted(["missile", "missile"])) == [0, 1]  # the same list: itself
-    with pytest.raises(StageError, match=r"WorldShapeLines: classes 'heart' are not among the 4 classes"):
+    with pytest.raises(StageError, match=r"WorldSketchV2: classes 'heart' are not among the 4 classes"):
         name_rows(source, shifted(["circle", "heart"]))
     with pytest.raises(StageError, match=r"classes 'missile' name several source classes"):
         name_rows(["missile", "tank", "missile"], shifted(["missile"]))
@@ -109,10 +109,10 @@ def test_targets_are_the_listed_shifted_sets_that_data_datasets_holds() -> None:
     assert shift_targets(defaults) == ["ImageNetV2", "ImageNetSketch", "ImageNetA", "ImageNetR"]
     assert shift_targets(params_from_dict({})) == []  # the demo: FashionMNIST alone
     world = params_from_dict({
-        "data": {"datasets": ["WorldShape", "WorldShapeNoise", "WorldRareColour", "WorldShapeLines"]},
+        "data": {"datasets": ["WorldShape", "WorldSketchBackgrounds", "WorldPastelRare", "WorldSketchV2"]},
         "domain_shift": {"source": "WorldShape",
-                         "targets": ["WorldShapeLines", "WorldShapeNoise", "WorldShapePalette"]}})
-    assert shift_targets(world) == ["WorldShapeNoise", "WorldShapeLines"]  # in data.datasets' order
+                         "targets": ["WorldSketchV2", "WorldSketchBackgrounds", "WorldSketchPastel"]}})
+    assert shift_targets(world) == ["WorldSketchBackgrounds", "WorldSketchV2"]  # in data.datasets' order
 
 
 @pytest.mark.parametrize(("raw", "message"), [
@@ -129,12 +129,12 @@ def test_bad_domain_shift_params_name_the_key(raw: dict[str, Any], message: str)
 
 # ------------------------------------------------------------------ the world's source and shifted sets
 
-SUBSET = "WorldShapeLinesSubset"  # a user's own shifted set of three of the source's classes (generic reader)
+SUBSET = "WorldSketchSubset"  # a user's own shifted set of three of the source's classes (generic reader)
 
 
 def world_params(root: Path) -> Params:
     return params_from_dict({
-        "data": {"root": str(root / "data"), "datasets": [SOURCE.name, "WorldShapeLines", "WorldShapeNoise", SUBSET],
+        "data": {"root": str(root / "data"), "datasets": [SOURCE.name, "WorldSketchV2", "WorldSketchBackgrounds", SUBSET],
                  "shots": [2], "seeds": [1], "splits_dir": str(root / "splits")},
         "features": {"dir": str(root / "cache"), "views": 1},
         "train": {"device": "cpu"},
@@ -142,7 +142,7 @@ def world_params(root: Path) -> Params:
         "tracking": {"uri": f"sqlite:///{root}/mlflow.db", "experiment": "domain-shift-test"},
         "report": {"baselines_dir": str(root / "out")},
         "domain_shift": {"source": SOURCE.name,
-                         "targets": ["WorldShapeLines", "WorldShapeNoise", "WorldShapePalette", SUBSET]},
+                         "targets": ["WorldSketchV2", "WorldSketchBackgrounds", "WorldSketchPastel", SUBSET]},
     })
 
 
@@ -171,9 +171,9 @@ def write_trials(params: Params, backbone: Backbone, classnames: list[str]) -> d
 @pytest.mark.slow  # an MLflow run
 def test_world_contexts_are_evaluated_on_the_shifted_sets(tmp_path: Path, tiny: Backbone) -> None:
     params = world_params(tmp_path)
-    subset = dataclasses.replace(get_task("WorldShapeLines"), name=SUBSET, classes=SHAPE_CLASSES[5:1:-1])
+    subset = dataclasses.replace(get_task("WorldSketchV2"), name=SUBSET, classes=SHAPE_CLASSES[5:1:-1])
     tasks = [dataclasses.replace(SOURCE, counts=(2, 1, 2))] + [
-        dataclasses.replace(t, counts=(0, 0, 2)) for t in (get_task("WorldShapeLines"), get_task("WorldShapeNoise"),
+        dataclasses.replace(t, counts=(0, 0, 2)) for t in (get_task("WorldSketchV2"), get_task("WorldSketchBackgrounds"),
                                                              subset)]
     write_world(tmp_path / "data", tasks)  # prepare and features, as their stages do
     for name in params.data.datasets:
@@ -187,7 +187,7 @@ def test_world_contexts_are_evaluated_on_the_shifted_sets(tmp_path: Path, tiny: 
 
     rows = run_domain_shift(params, tmp_path / "out", progress=False)
 
-    targets = [SOURCE.name, "WorldShapeLines", "WorldShapeNoise", SUBSET]  # Palette is not in data.datasets
+    targets = [SOURCE.name, "WorldSketchV2", "WorldSketchBackgrounds", SUBSET]  # Pastel is not in data.datasets
     with (tmp_path / "out" / "domain_shift.csv").open(newline="") as f:
         table = list(csv.DictReader(f))
     assert list(table[0]) == COLUMNS and len(table) == len(rows) == 2 * len(targets) + 2 * len(targets)
@@ -221,6 +221,6 @@ def test_world_contexts_are_evaluated_on_the_shifted_sets(tmp_path: Path, tiny: 
 def test_an_unprepared_target_says_to_run_prepare(tmp_path: Path, tiny: Backbone) -> None:
     params = world_params(tmp_path)
     write_trials(params, tiny, SOURCE.classnames)
-    with pytest.raises(StageError, match=r"splits/WorldShape/test.json does not exist; run the prepare stage"):
+    with pytest.raises(StageError, match=r"splits/WorldSketch/test.json does not exist; run the prepare stage"):
         run_domain_shift(params, tmp_path / "out", progress=False)
     assert not (tmp_path / "out").exists()

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.atomic import write_text_atomic
-from pipeline.data.datasets import DatasetError, DatasetSplits, Item
+from pipeline.data.datasets import DatasetError, DatasetSplits, Item, dataset_folder, resolve_name
 
 log = logging.getLogger(__name__)
 
@@ -151,6 +151,16 @@ def split_path(splits_dir: Path | str, dataset: str, shots: int, seed: int) -> P
 
 def eval_list_path(splits_dir: Path | str, dataset: str) -> Path:
     return Path(splits_dir) / dataset / "test.json"
+
+
+def is_test_only(splits_dir: Path | str, dataset: str) -> bool:
+    """True for a dataset without few-shot splits (a shifted test set such as ImageNet-V2): as the prepare
+    stage's test list records it, or, before prepare has run, as the dataset registry says."""
+    path = eval_list_path(splits_dir, dataset_folder(dataset))
+    if path.exists():
+        return read_eval_list(path).test_only
+    info = resolve_name(dataset)
+    return info is not None and info.test_only
 
 
 def _write_compact_json(data: Any, path: Path) -> None:

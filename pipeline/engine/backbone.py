@@ -192,6 +192,14 @@ def _create(arch: str, pretrained: str | None) -> CLIP:
     )
 
 
+def worker_weights(pretrained: str | None) -> str | None:
+    """`pretrained` as a process in another working directory must pass it: a local checkpoint file's absolute
+    path; a tag or None unchanged."""
+    if pretrained is not None and os.path.isfile(pretrained):
+        return os.path.abspath(pretrained)
+    return pretrained
+
+
 def _check_checkpoint_arch(arch: str, path: str) -> None:
     """A safetensors checkpoint that records its architecture (ours do: pipeline/pretrain.py) must match `arch`."""
     if not path.endswith(".safetensors"):

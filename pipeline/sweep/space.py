@@ -22,6 +22,7 @@ import random
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from pipeline.data.fewshot import is_test_only
 from pipeline.engine.prompt import POSITIONS, PromptConfig, resolve_n_ctx
 from pipeline.engine.train import default_epochs
 from pipeline.errors import UserError
@@ -192,7 +193,8 @@ def build_space(params: Params) -> SearchSpace:
         if key not in CONFIG_KEYS:
             raise SpaceError(f"unknown key 'sweep.space.{key}'; allowed: {', '.join(sorted(CONFIG_KEYS))}")
     defaults: dict[str, list[Any]] = {
-        "dataset": list(params.data.datasets),
+        # Shifted test sets (ImageNet-V2, WorldSketchV2, ...) are evaluated by domain_shift, never trained on.
+        "dataset": [d for d in params.data.datasets if not is_test_only(params.data.splits_dir, d)],
         "shots": list(params.data.shots),
         "seed": list(params.data.seeds),
         "n_ctx": [PromptConfig().n_ctx],

@@ -227,6 +227,7 @@ def _fit(params: Params, options: SweepOptions, plan: SweepPlan, inputs: Any, pa
     import ray
     from ray import tune
 
+    from pipeline.engine.backbone import worker_weights
     from pipeline.sweep.callbacks import WATCHERS, EndWatcher
     from pipeline.sweep.contexts import export_contexts
     from pipeline.sweep.searchers import build_searcher
@@ -243,7 +244,8 @@ def _fit(params: Params, options: SweepOptions, plan: SweepPlan, inputs: Any, pa
     settings = TrialSettings(
         sweep_name=name,
         arch=params.backbone.arch,
-        pretrained=inputs.backbone.pretrained,
+        # Trials run in their own working directories: a local checkpoint goes to them as an absolute path.
+        pretrained=worker_weights(inputs.backbone.pretrained),
         backbone_fingerprint=inputs.backbone.fingerprint,
         train=params.train,
         tracking_uri=parent.uri,

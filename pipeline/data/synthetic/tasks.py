@@ -79,29 +79,33 @@ HELD_OUT_BACKGROUNDS = ("navy", "teal")  # never behind a WorldShape training im
 SOURCE_POOLS = dataclasses.replace(SINGLE, backgrounds=SOURCE_BACKGROUNDS)
 
 FINE_COLOURS = ("red", "orange", "pink", "purple", "blue")
-FINE_SHAPES = ("circle", "crescent", "square", "diamond", "star")
+FINE_SHAPES = ("circle", "square", "diamond", "star")
 # The second word for each colour in world.COLOUR_WORDS: the captions use it about a fifth as often as the
 # canonical name.
 RARE_COLOUR_NAMES = {colour: words[1] for colour, words in COLOUR_WORDS.items()}
 
 SHAPE_CLASSES = tuple(WorldClass(shape, {"shapes": (shape,)}) for shape in SHAPES)
-SOURCE = Task("WorldShape", "coarse", SHAPE_CLASSES, (48, 12, 50), SOURCE_POOLS)
+# The demo's source: outline drawings, a style the pretraining corpus (filled shapes only) never shows.
+SOURCE = Task("WorldSketch", "coarse", SHAPE_CLASSES, (48, 12, 50), SOURCE_POOLS, "lines")
 SHIFTED = (
-    Task("WorldShapeBackgrounds", "shifted", SHAPE_CLASSES, (0, 0, 50),
-         dataclasses.replace(SINGLE, backgrounds=HELD_OUT_BACKGROUNDS), source=SOURCE.name),
-    Task("WorldShapeLines", "shifted", SHAPE_CLASSES, (0, 0, 50), SOURCE_POOLS, "lines", SOURCE.name),
-    Task("WorldShapeNoise", "shifted", SHAPE_CLASSES, (0, 0, 50), SOURCE_POOLS, "noise", SOURCE.name),
-    Task("WorldShapePalette", "shifted", SHAPE_CLASSES, (0, 0, 50), SOURCE_POOLS, "palette", SOURCE.name),
+    # A fresh sample of the same generator (its name keys new random streams), as ImageNet-V2 re-collects ImageNet.
+    Task("WorldSketchV2", "shifted", SHAPE_CLASSES, (0, 0, 50), SOURCE_POOLS, "lines", SOURCE.name),
+    Task("WorldSketchBackgrounds", "shifted", SHAPE_CLASSES, (0, 0, 50),
+         dataclasses.replace(SINGLE, backgrounds=HELD_OUT_BACKGROUNDS), "lines", SOURCE.name),
+    Task("WorldSketchPastel", "shifted", SHAPE_CLASSES, (0, 0, 50), SOURCE_POOLS, "lines+palette", SOURCE.name),
+    Task("WorldSketchLarge", "shifted", SHAPE_CLASSES, (0, 0, 50),
+         dataclasses.replace(SOURCE_POOLS, sizes=("medium", "large")), "lines", SOURCE.name),
 )
 TASKS: tuple[Task, ...] = (
+    Task("WorldShape", "coarse", SHAPE_CLASSES, (48, 12, 50), SOURCE_POOLS),
     SOURCE,
-    Task("WorldColourShape", "fine-grained",
+    Task("WorldPastel", "fine-grained",
          tuple(WorldClass(f"{colour} {shape}", {"colours": (colour,), "shapes": (shape,)})
                for colour in FINE_COLOURS for shape in FINE_SHAPES),
-         (32, 8, 16), SINGLE),
-    Task("WorldRareColour", "rare names",
+         (32, 8, 20), SINGLE, "palette"),
+    Task("WorldPastelRare", "rare names",
          tuple(WorldClass(name, {"colours": (colour,)}) for colour, name in RARE_COLOUR_NAMES.items()),
-         (40, 10, 40), SINGLE),
+         (40, 10, 40), SINGLE, "palette"),
     *SHIFTED,
 )
 

@@ -257,9 +257,9 @@ def _shape_mask(obj: SceneObject, centre: tuple[float, float], canvas: int) -> I
     return mask
 
 
-def _shade(rgb: tuple[int, int, int], style: str) -> tuple[int, int, int]:
-    """The colour a name is drawn in: its own RGB, or under "palette" a paler, hue-shifted version."""
-    if style != "palette":
+def _shade(rgb: tuple[int, int, int], palette: bool) -> tuple[int, int, int]:
+    """The colour a name is drawn in: its own RGB, or under the "palette" style a paler, hue-shifted version."""
+    if not palette:
         return rgb
     h, s, v = colorsys.rgb_to_hsv(*(c / 255 for c in rgb))
     r, g, b = colorsys.hsv_to_rgb((h + 0.05) % 1.0, s * 0.55, 0.45 + 0.45 * v)
@@ -294,30 +294,39 @@ def _texture(texture: str, rgb: tuple[int, int, int], canvas: int, image_size: i
     return Image.fromarray(fill)
 
 
+def style_parts(style: str) -> frozenset[str]:
+    """The effects of a render style: "normal", one of the others, or several joined by "+" ("lines+palette")."""
+    parts = frozenset(style.split("+"))
+    if not parts <= set(STYLES) or "normal" in parts and len(parts) > 1 or style.count("+") + 1 != len(parts):
+        raise WorldError(f"unknown render style {style!r}; choose from {STYLES} or several of "
+                         f"{STYLES[1:]} joined by '+' (e.g. 'lines+palette')")
+    return parts
+
+
 def render(scene: Scene, size: int = 32, style: str = "normal") -> Image.Image:
     """The scene as a `size` x `size` RGB image.
 
-    Styles: "normal"; "lines" (outlines of the objects, no textures); "noise" (normal plus strong pixel
-    noise, seeded by the scene); "palette" (every colour paler and hue-shifted).
+    Styles: "normal"; "lines" (outlines of the objects, no textures); "noise" (strong pixel noise, seeded by
+    the scene); "palette" (every colour paler and hue-shifted); or a combination such as "lines+palette".
     """
-    if style not in STYLES:
-        raise WorldError(f"unknown render style {style!r}; choose from {STYLES}")
+    parts = style_parts(style)
     if size < 8:
         raise WorldError(f"render size must be >= 8 pixels, got {size}")
+    palette = "palette" in parts
     canvas = size * _SUPERSAMPLE
-    image = Image.new("RGB", (canvas, canvas), _shade(BACKGROUNDS[scene.background], style))
+    image = Image.new("RGB", (canvas, canvas), _shade(BACKGROUNDS[scene.background], palette))
     for obj in scene.objects:
-        rgb = _shade(COLOURS[obj.colour], style)
-        fill = Image.new("RGB", (canvas, canvas), rgb) if style == "lines" else _texture(
+        rgb = _shade(COLOURS[obj.colour], palette)
+        fill = Image.new("RGB", (canvas, canvas), rgb) if "lines" in parts else _texture(
             obj.texture, rgb, canvas, size)
         for centre in obj.centres:
             mask = _shape_mask(obj, centre, canvas)
-            if style == "lines":  # the mask minus its erosion: a line about 1.5 output pixels wide
+            if "lines" in parts:  # the mask minus its erosion: a line about 1.5 output pixels wide
                 eroded = mask.filter(ImageFilter.MinFilter(3 * _SUPERSAMPLE + 1))
                 mask = ImageChops.subtract(mask, eroded)
             image.paste(fill, (0, 0), mask)
     image = image.resize((size, size), Image.Resampling.BOX)
-    if style == "noise":
+    if "noise" in parts:
         noise = np.random.default_rng(scene.seed).normal(0.0, 40.0, (size, size, 3))
         image = Image.fromarray(np.clip(np.asarray(image, np.float64) + noise, 0, 255).round().astype(np.uint8))
     return image
