@@ -1,4 +1,4 @@
-"""The predict tool: classifies image files with a saved context as the model does, names a broken image."""
+"""The predict tool: classifies image files with a saved context as the model does, skips and names bad images."""
 
 from __future__ import annotations
 
@@ -48,10 +48,65 @@ def test_predict_cli_classifies_images_like_the_model(tiny, tmp_path, capsys):
         assert len(row["top"]) == 2
 
 
-def test_predict_cli_names_a_corrupt_image(tiny, tmp_path, caplog):
-    model = CoOp(tiny, CLASSNAMES, PromptConfig(n_ctx=2))
-    path = save_context(tmp_path / "c.safetensors", model.prompt_learner.ctx, context_meta(tiny, model))
-    bad = tmp_path / "broken.jpg"
-    bad.write_bytes(b"not an image")
-    assert predict_main(["--context", str(path), str(bad)]) == 2
-    assert "broken.jpg" in caplog.text
+def _context(tiny, tmp_path):
+    model = CoOp(tiny, CLASSNAMES, PromptConfig(n_ctx=2), generator=torch.Generator().manual_seed(0))
+    return save_context(tmp_path / "c.safetensors", model.prompt_learner.ctx, context_meta(tiny, model))
+
+
+def test_predict_cli_reports_each_unreadable_image_and_classifies_the_rest(tiny, tmp_path, capsys, caplog):
+    path = _context(tiny, tmp_path)
+    good = [tmp_path / "a.png", tmp_path / "b.png"]
+    Image.new("RGB", (40, 40), (200, 30, 30)).save(good[0])
+    Image.new("RGB", (40, 40), (30, 30, 200)).save(good[1])
+    broken, missing = tmp_path / "broken.jpg", tmp_path / "missing.png"
+    broken.write_bytes(b"not an image")
+    files = [good[0], broken, missing, good[1]]
+
+    assert predict_main(["--context", str(path), "--json", *map(str, files)]) == 1
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [r["image"] for r in rows] == [str(f) for f in files]  # one row per image, in the order given
+    assert "top" in rows[0] and "top" in rows[3] and "top" not in rows[1] and "top" not in rows[2]
+    assert "broken.jpg" in rows[1]["error"] and "no such file" in rows[2]["error"]
+    errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    assert any("broken.jpg" in m for m in errors) and any("missing.png" in m for m in errors)
+    assert "split lists" not in caplog.text  # dataset advice means nothing to a user of predict
+    assert any("2 of 4 image(s) could not be read" in m for m in errors)
+
+    # The readable images get the same answer as when they are classified alone.
+    caplog.clear()
+    assert predict_main(["--context", str(path), "--json", *map(str, good)]) == 0
+    alone = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [alone[0]["top"], alone[1]["top"]] == [rows[0]["top"], rows[3]["top"]]
+    assert not [r for r in caplog.records if r.levelname == "ERROR"]
+
+
+def test_predict_cli_exits_1_when_no_image_is_readable(tiny, tmp_path, capsys, caplog):
+    path = _context(tiny, tmp_path)
+    assert predict_main(["--context", str(path), str(tmp_path / "nothing.png")]) == 1
+    assert capsys.readouterr().out == ""
+    assert "nothing.png" in caplog.text
+
+
+def test_predict_cli_accepts_either_file_of_a_context(tiny, tmp_path, capsys):
+    path = _context(tiny, tmp_path)
+    image = tmp_path / "a.png"
+    Image.new("RGB", (40, 40), (200, 30, 30)).save(image)
+    outputs = []
+    for context in (path, path.with_suffix(".json")):
+        assert predict_main(["--context", str(context), "--json", str(image)]) == 0
+        outputs.append(capsys.readouterr().out)
+    assert outputs[0] == outputs[1] and json.loads(outputs[0])["top"]
+
+
+def test_predict_cli_names_a_bad_context_file(tiny, tmp_path, caplog):
+    path = _context(tiny, tmp_path)
+    image = tmp_path / "a.png"
+    Image.new("RGB", (40, 40), (200, 30, 30)).save(image)
+    other = tmp_path / "c.pt"
+    other.write_bytes(b"")
+    assert predict_main(["--context", str(other), str(image)]) == 2
+    assert "c.pt" in caplog.text and ".safetensors file or the .json" in caplog.text
+    caplog.clear()
+    path.write_bytes(b"{}")  # not a safetensors file: a message naming it, not a traceback
+    assert predict_main(["--context", str(path.with_suffix(".json")), str(image)]) == 2
+    assert "c.safetensors is not a safetensors file" in caplog.text

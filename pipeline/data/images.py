@@ -25,16 +25,16 @@ class ImageReadError(UserError, RuntimeError):
     """An image file could not be opened or decoded."""
 
 
-def load_image(path: Path) -> Image.Image:
-    """Open an image as RGB, or raise ImageReadError naming the file."""
+SPLIT_ADVICE = "Replace the file, or remove it from the dataset's split lists, then rerun."
+
+
+def load_image(path: Path, advice: str = SPLIT_ADVICE) -> Image.Image:
+    """Open an image as RGB, or raise ImageReadError naming the file (and `advice`: what to do about it)."""
     try:
         with Image.open(path) as image:
             return image.convert("RGB")
     except (OSError, UnidentifiedImageError, ValueError, Image.DecompressionBombError) as error:
-        raise ImageReadError(
-            f"Cannot read image {path}: {type(error).__name__}: {error}. Replace the file, or remove it "
-            "from the dataset's split lists, then rerun."
-        ) from None
+        raise ImageReadError(f"Cannot read image {path}: {type(error).__name__}: {error}. {advice}".rstrip()) from None
 
 
 def build_transforms(

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from pipeline.atomic import atomic_write
@@ -86,7 +87,10 @@ def load_context(path: str | Path) -> tuple[torch.Tensor, ContextMeta]:
     if not path.is_file():
         raise ContextFileError(f"context file {path} does not exist (a context is a .safetensors + .json pair)")
     meta = load_metadata(path)
-    tensors = load_file(str(path))
+    try:
+        tensors = load_file(str(path))
+    except SafetensorError as e:
+        raise ContextFileError(f"{path} is not a safetensors file ({e}); pass the context's .safetensors") from None
     if set(tensors) != {"ctx"}:
         raise ContextFileError(f"{path} should hold one tensor 'ctx', found {sorted(tensors)}")
     ctx = tensors["ctx"]

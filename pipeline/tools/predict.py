@@ -4,59 +4,95 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
 from pipeline import cli
 
+log = logging.getLogger(__name__)
+
+BATCH_SIZE = 64  # images encoded at once: memory stays bounded however many files are given
+
+
+def context_tensor_file(path: Path) -> Path:
+    """The .safetensors file of a context named by either of its two files (the tensor or its .json metadata)."""
+    from pipeline.engine.context import ContextFileError
+
+    path = Path(path)
+    if path.suffix == ".json":
+        return path.with_suffix(".safetensors")
+    if path.suffix != ".safetensors":
+        raise ContextFileError(f"--context {path}: expected a context's .safetensors file or the .json beside it")
+    return path
+
 
 def predict(context_file: Path, images: list[Path], pretrained: str | None = None, top_k: int = 3,
             device: str = "auto") -> list[dict]:
-    """Top-k classes (name, probability, label) for each image under the saved context.
+    """Top-k classes (name, probability, label) for each image under the saved context, in the order given.
 
-    The label (index in the context's class list) identifies the class: two classes may share a name
-    (ImageNet's 'missile')."""
+    An image that is missing or cannot be decoded is logged (naming the file) and gets an "error" entry
+    instead of "top"; the other images are still classified. The label (index in the context's class
+    list) identifies the class: two classes may share a name (ImageNet's 'missile')."""
     import torch
     import torch.nn.functional as F
 
-    from pipeline.data.images import build_transforms, load_image
+    from pipeline.data.images import ImageReadError, build_transforms, load_image
     from pipeline.engine.backbone import load_backbone, resolve_device
     from pipeline.engine.context import context_model, load_context
 
-    ctx, meta = load_context(context_file)
+    ctx, meta = load_context(context_tensor_file(context_file))
+    rows: list[dict] = []
+    readable = []  # (row index, decoded image)
+    for index, path in enumerate(images):
+        rows.append({"image": str(path)})
+        if not Path(path).is_file():
+            rows[index]["error"] = f"Cannot read image {path}: no such file."
+        else:
+            try:
+                readable.append((index, load_image(path, advice="")))
+            except ImageReadError as error:
+                rows[index]["error"] = str(error)
+        if "error" in rows[index]:
+            log.error("%s Skipped.", rows[index]["error"])
+    if not readable:
+        return rows
+
     backbone = load_backbone(meta.arch, pretrained if pretrained is not None else meta.pretrained,
                              resolve_device(device))
     model = context_model(backbone, ctx, meta)
     _, test_transform = build_transforms(backbone.image_size, backbone.mean, backbone.std)
-    batch = torch.stack([test_transform(load_image(p)) for p in images])
-    with torch.no_grad():
-        features = F.normalize(backbone.encode_images(batch), dim=-1)
-        probs = model(features).softmax(dim=-1)
-    k = min(top_k, probs.shape[1])
-    top = probs.topk(k, dim=-1)
-    return [
-        {"image": str(path),
-         "top": [(meta.classnames[i], round(p, 4), i) for i, p in zip(idx, val, strict=True)]}
-        for path, idx, val in zip(images, top.indices.tolist(), top.values.tolist(), strict=True)
-    ]
+    k = min(top_k, len(meta.classnames))
+    for start in range(0, len(readable), BATCH_SIZE):
+        chunk = readable[start : start + BATCH_SIZE]
+        batch = torch.stack([test_transform(image) for _, image in chunk])
+        with torch.no_grad():
+            features = F.normalize(backbone.encode_images(batch), dim=-1)
+            top = model(features).softmax(dim=-1).topk(k, dim=-1)
+        for (index, _), idx, val in zip(chunk, top.indices.tolist(), top.values.tolist(), strict=True):
+            rows[index]["top"] = [(meta.classnames[i], round(p, 4), i) for i, p in zip(idx, val, strict=True)]
+    return rows
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = cli.parser("python -m pipeline.tools.predict", __doc__, params=False)
     parser.add_argument("--context", type=Path, required=True,
-                        help="learned context (.safetensors; its .json metadata must lie beside it)")
+                        help="learned context: its .safetensors file or the .json metadata beside it (both must "
+                        "be there)")
     parser.add_argument("images", nargs="+", type=Path, help="image files to classify")
     parser.add_argument("--pretrained", default=None,
                         help="override the weights recorded in the context (a local checkpoint file or tag)")
     parser.add_argument("--top-k", type=int, default=3, help="how many classes to print per image (default 3)")
     parser.add_argument("--json", action="store_true",
-                        help="print one JSON object per image instead of text: top = [[name, probability, label], ...]")
+                        help="print one JSON object per image instead of text: top = [[name, probability, label], "
+                        "...], or error = why the image could not be read")
     cli.add_device(parser, "the CLIP model")
     return parser
 
 
-def run(args: argparse.Namespace, params: None) -> None:
+def run(args: argparse.Namespace, params: None) -> int:
+    """Print each image's classes; exit status 1 when some image could not be read (each was logged)."""
     from pipeline.data.datasets import duplicate_classnames
     from pipeline.engine.context import load_metadata
 
@@ -66,10 +102,15 @@ def run(args: argparse.Namespace, params: None) -> None:
     for row in results:
         if args.json:
             sys.stdout.write(json.dumps(row) + "\n")
-        else:
+        elif "top" in row:
             ranked = ", ".join(f"{name}{f' [label {label}]' if name in shared else ''} ({p:.1%})"
                                for name, p, label in row["top"])
             sys.stdout.write(f"{row['image']}: {ranked}\n")
+    failed = sum("error" in row for row in results)
+    if failed:
+        log.error("%d of %d image(s) could not be read (each named above)", failed, len(results))
+        return 1
+    return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
