@@ -1,0 +1,47 @@
+"""Class splits of the evaluation protocols beyond few-shot: base-to-new generalisation (CoCoOp's rule)."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Sequence
+
+from pipeline.data.datasets import DatasetError, DatasetSplits, Item
+
+SUBSAMPLES = ("all", "base", "new")
+
+
+def base_new_labels(labels: Sequence[int]) -> tuple[list[int], list[int]]:
+    """The official rule: the distinct labels sorted, the first ceil(n / 2) are base, the rest new."""
+    distinct = sorted(set(labels))
+    if len(distinct) < 2:
+        raise DatasetError(f"base-to-new needs at least 2 classes to split, got {len(distinct)}")
+    half = math.ceil(len(distinct) / 2)
+    return distinct[:half], distinct[half:]
+
+
+def subsample_classes(splits: DatasetSplits, subsample: str) -> DatasetSplits:
+    """`splits` restricted to its base or new classes, each relabelled from 0 in label order ("all": unchanged).
+
+    The classes are split on the training labels (as the official code reads them from its first argument);
+    val and test keep the same classes. The class names follow their labels.
+    """
+    if subsample not in SUBSAMPLES:
+        raise DatasetError(f"unknown class subsample {subsample!r}; choose from {', '.join(SUBSAMPLES)}")
+    if subsample == "all":
+        return splits
+    base, new = base_new_labels([item.label for item in splits.train])
+    kept = base if subsample == "base" else new
+    relabel = {old: new_label for new_label, old in enumerate(kept)}
+
+    def keep(items: list[Item]) -> list[Item]:
+        return [Item(item.path, relabel[item.label], item.classname) for item in items if item.label in relabel]
+
+    return dataclasses.replace(
+        splits,
+        classnames=[splits.classnames[old] for old in kept],
+        train=keep(splits.train),
+        val=keep(splits.val),
+        test=keep(splits.test),
+        imagenet_labels=[splits.imagenet_labels[old] for old in kept] if splits.imagenet_labels else None,
+    )
