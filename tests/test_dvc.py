@@ -47,6 +47,8 @@ def project(tmp_path_factory) -> Path:
                                 "class_token_position": ["end"]}
     (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     _dvc(project, "init", "--no-scm", "-q")
+    shutil.copy(ROOT / ".dvc" / "config", project / ".dvc" / "config")  # plots.html_template: the offline page
+    shutil.copytree(ROOT / ".dvc" / "plots", project / ".dvc" / "plots")  # and the plot template it names
     return project
 
 
@@ -75,5 +77,10 @@ def test_metrics_and_plots_show_the_demo_results(project):
     metrics = json.loads(_dvc(project, "metrics", "show", "--json"))
     flat = json.dumps(metrics)
     assert "WorldSketch" in flat and "test_acc" in flat
+    rows = [line for line in _dvc(project, "metrics", "show").splitlines() if line.startswith("outputs/sweep/")]
+    assert len(rows) == 2  # a row per dataset x shots (WorldSketch at 1 and 2 shots): a table, not one long row
     plots = _dvc(project, "plots", "show", "--json")
     assert "shots" in plots
+    _dvc(project, "plots", "show")
+    page = (project / "dvc_plots" / "index.html").read_text()
+    assert "vegaEmbed(" in page and not re.search(r"""<(script|link)[^>]+(src|href)=["']?(https?:)?//""", page)

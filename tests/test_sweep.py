@@ -233,18 +233,19 @@ def test_optuna_sweep_end_to_end(demo_ws: DemoWorkspace, ray_session: Any) -> No
         assert int(s["n_seeds"]) == len(members)
         assert float(s["val_acc_mean"]) == pytest.approx(statistics.fmean(vals), abs=1e-3)
         assert float(s["test_acc_std"]) == pytest.approx(statistics.pstdev(tests), abs=1e-3)
-    metrics = json.loads((root / "res" / "metrics.json").read_text())
-    assert metrics["trials"]["finished"] == 6
+    metrics = {f.name: json.loads(f.read_text()) for f in (root / "res" / "metrics").iterdir()}
+    assert len(metrics) == len(_by_setting(summary)) and sum(m["finished"] for m in metrics.values()) == 6
     for (dataset, shots), members in _by_setting(summary).items():
         most = max(int(m["n_seeds"]) for m in members)
         best = max((m for m in members if int(m["n_seeds"]) == most), key=lambda m: float(m["val_acc_mean"]))
         assert [m["best"] for m in members].count("True") == 1 and best["best"] == "True"
-        entry = metrics["best"][dataset][f"{shots}shot"]
-        assert entry["config"] == best["config"] and entry["val_acc"] == float(best["val_acc_mean"])
+        entry = metrics[f"{dataset}-{shots}shot.json"]
+        assert entry["val_acc"] == float(best["val_acc_mean"]) and entry["test_acc"] == float(best["test_acc_mean"])
     plots = read_csv(root / "res" / "plots.csv")
-    assert {(p["dataset"], p["config"], p["shots"]) for p in plots} == {(s["dataset"], s["config"], s["shots"])
-                                                                        for s in summary}
-    assert sum(p["series"].endswith("best by val") for p in plots) == len(_by_setting(summary))
+    assert sorted((p["dataset"], p["config"], p["shots"]) for p in plots) == sorted(
+        (s["dataset"], s["config"], s["shots"]) for s in summary)  # one row each, no repeats for the best
+    assert {(p["dataset"], p["config"]) for p in plots if p["best_by_val"] == "yes"} == {
+        (s["dataset"], s["config"]) for s in summary if s["best"] == "True"}
 
 
 def _by_setting(summary: list[dict]) -> dict[tuple, list[dict]]:

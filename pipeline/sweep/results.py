@@ -5,9 +5,12 @@ Files (all written atomically under sweep.results_dir):
 * ``trials.csv``   one row per trial: configuration, state, val/test accuracy, node, MLflow run
 * ``summary.csv``  per dataset x shots x configuration: seeds finished, mean ± std of val and test accuracy,
                    and which configuration is the best of its dataset x shots
-* ``metrics.json`` DVC metrics: trial counts and, per dataset x shots, the best configuration's accuracies
-* ``plots.csv``    shots vs mean test accuracy per dataset and configuration (plus each dataset's best), for
-                   ``dvc plots``
+* ``metrics/``     DVC metrics, one small file per dataset x shots (``WorldSketch-01shot.json``) so that
+                   ``dvc metrics show`` prints a table with a row each: that setting's finished and failed
+                   trials and its best configuration's seeds, mean test accuracy ± std and mean val accuracy
+                   (which configuration it is: ``summary.csv``, ``plots.csv``)
+* ``plots.csv``    for ``dvc plots``: one row per dataset x shots x configuration (mean test accuracy ± std,
+                   val accuracy, ``best_by_val``), ``line`` naming the configuration across shots
 
 (``contexts/<trial_key>/`` beside them holds each finished trial's learned context: `pipeline.sweep.contexts`.)
 
@@ -38,7 +41,9 @@ SUMMARY_COLUMNS = [
     "dataset", "shots", "config", *HYPER_KEYS, "n_seeds", "seeds",
     "val_acc_mean", "val_acc_std", "test_acc_mean", "test_acc_std", "best",
 ]
-PLOT_COLUMNS = ["series", "dataset", "config", "shots", "test_acc", "test_acc_std", "val_acc", "n_seeds"]
+PLOT_COLUMNS = [
+    "series", "dataset", "line", "config", "shots", "test_acc", "test_acc_std", "val_acc", "n_seeds", "best_by_val",
+]
 
 
 @dataclass
@@ -169,29 +174,53 @@ def counts(records: Sequence[TrialRecord]) -> dict[str, int]:
     return out
 
 
-def metrics_json(records: Sequence[TrialRecord], summaries: Sequence[ConfigSummary]) -> dict[str, Any]:
-    best: dict[str, dict[str, Any]] = {}
+def metrics_files(records: Sequence[TrialRecord], summaries: Sequence[ConfigSummary]) -> dict[str, dict[str, Any]]:
+    """DVC metrics: file name -> content, one file per dataset x shots that has trials.
+
+    DVC prints one row per metrics file (a single file's keys would all flatten into one very wide row), so
+    each setting gets a file with a few flat keys; shots are zero-padded so the rows sort by shots.
+    """
+    settings = sorted({(r.config["dataset"], r.config["shots"]) for r in records})
+    width = max((len(str(shots)) for _, shots in settings), default=1)
+    best = {(s.dataset, s.shots): s for s in summaries if s.best}
+    files = {}
+    for dataset, shots in settings:
+        states = [r.state for r in records if (r.config["dataset"], r.config["shots"]) == (dataset, shots)]
+        content: dict[str, Any] = {"finished": states.count("FINISHED"), "failed": states.count("FAILED")}
+        winner = best.get((dataset, shots))
+        if winner is not None:
+            content.update(n_seeds=len(winner.seeds), test_acc=_json_number(winner.test_mean),
+                           test_acc_std=_json_number(_std(winner.test)), val_acc=_json_number(winner.val_mean))
+        files[f"{dataset}-{shots:0{width}d}shot.json"] = content
+    return files
+
+
+def line_labels(summaries: Sequence[ConfigSummary]) -> dict[tuple[str, str], str]:
+    """(dataset, config label) -> the name of its line across shots in the plots.
+
+    With CoOp's per-shot epochs (50 for 1 shot, 200 for 16) the same configuration has a different label at
+    each shots value; the line drops the epochs unless they are a real choice in that dataset (two
+    configurations of one dataset x shots that differ only in epochs), which keeps them apart.
+    """
+    without_epochs: dict[tuple[str, int, str], set[int]] = {}
     for s in summaries:
-        if s.best:
-            best.setdefault(s.dataset, {})[f"{s.shots}shot"] = {
-                "val_acc": _json_number(s.val_mean),
-                "val_acc_std": _json_number(_std(s.val)),
-                "test_acc": _json_number(s.test_mean),
-                "test_acc_std": _json_number(_std(s.test)),
-                "n_seeds": len(s.seeds),
-                "config": s.label,
-            }
-    return {"trials": counts(records), "best": best}
+        without_epochs.setdefault((s.dataset, s.shots, config_label(s.config, epochs=False)), set()).add(
+            s.config["epochs"])
+    epochs_chosen = {dataset for (dataset, _, _), epochs in without_epochs.items() if len(epochs) > 1}
+    return {(s.dataset, s.label): s.label if s.dataset in epochs_chosen else config_label(s.config, epochs=False)
+            for s in summaries}
 
 
 def plot_rows(summaries: Sequence[ConfigSummary]) -> list[dict[str, Any]]:
+    """One row per dataset x shots x configuration; `series` (dataset | line) is one line across shots."""
+    lines = line_labels(summaries)
     rows = []
     for s in summaries:
-        entry = {"dataset": s.dataset, "config": s.label, "shots": s.shots, "test_acc": csv_number(s.test_mean),
-                 "test_acc_std": csv_number(_std(s.test)), "val_acc": csv_number(s.val_mean), "n_seeds": len(s.seeds)}
-        rows.append({"series": f"{s.dataset} | {s.label}", **entry})
-        if s.best:
-            rows.append({"series": f"{s.dataset} | best by val", **entry})
+        line = lines[(s.dataset, s.label)]
+        rows.append({"series": f"{s.dataset} | {line}", "dataset": s.dataset, "line": line, "config": s.label,
+                     "shots": s.shots, "test_acc": csv_number(s.test_mean), "test_acc_std": csv_number(_std(s.test)),
+                     "val_acc": csv_number(s.val_mean), "n_seeds": len(s.seeds),
+                     "best_by_val": "yes" if s.best else "no"})
     return sorted(rows, key=lambda r: (r["series"], r["shots"]))
 
 
@@ -199,21 +228,28 @@ def plot_rows(summaries: Sequence[ConfigSummary]) -> list[dict[str, Any]]:
 class ResultFiles:
     trials: Path
     summary: Path
-    metrics: Path
+    metrics: Path  # a folder: one file per dataset x shots
     plots: Path
 
     def all(self) -> list[Path]:
-        return [self.trials, self.summary, self.metrics, self.plots]
+        """The tables (logged with the parent run); the metrics files only repeat summary.csv's best rows."""
+        return [self.trials, self.summary, self.plots]
 
 
 def write_results(results_dir: Path, records: Sequence[TrialRecord]) -> ResultFiles:
-    """Write the four result files; returns their paths."""
-    files = ResultFiles(results_dir / "trials.csv", results_dir / "summary.csv", results_dir / "metrics.json",
+    """Write the result tables and the metrics folder; returns their paths."""
+    files = ResultFiles(results_dir / "trials.csv", results_dir / "summary.csv", results_dir / "metrics",
                         results_dir / "plots.csv")
     ordered = sorted(records, key=lambda r: tuple(str(r.config[k]) for k in CONFIG_KEYS))
     summaries = summarize(records)
     write_csv_atomic(files.trials, TRIAL_COLUMNS, [r.row() for r in ordered])
     write_csv_atomic(files.summary, SUMMARY_COLUMNS, [s.row() for s in summaries])
-    write_json_atomic(files.metrics, metrics_json(records, summaries))
+    metrics = metrics_files(records, summaries)
+    files.metrics.mkdir(parents=True, exist_ok=True)  # DVC expects the folder even when no trial ran
+    for name, content in metrics.items():
+        write_json_atomic(files.metrics / name, content)
+    for stale in files.metrics.glob("*.json"):  # settings of an earlier sweep in the same folder
+        if stale.name not in metrics:
+            stale.unlink()
     write_csv_atomic(files.plots, PLOT_COLUMNS, plot_rows(summaries))
     return files

@@ -95,11 +95,17 @@ def trial_key(config: dict[str, Any]) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
-def config_label(config: dict[str, Any]) -> str:
-    """Human-readable name of a configuration without its data keys (what summaries group by)."""
+def config_label(config: dict[str, Any], epochs: bool = True) -> str:
+    """Human-readable name of a configuration without its data keys (what summaries group by).
+
+    epochs=False leaves the epochs out: the name of a configuration across shots when its epochs follow
+    CoOp's per-shot schedule (the plots' lines).
+    """
     init = f"init='{config['ctx_init']}'" if config["ctx_init"] else f"n_ctx={config['n_ctx']}"
-    parts = [init, "csc" if config["csc"] else "unified", config["class_token_position"]]
-    parts += [f"lr={config['lr']:g}", f"ep={config['epochs']}", config["precision"]]
+    parts = [init, "csc" if config["csc"] else "unified", config["class_token_position"], f"lr={config['lr']:g}"]
+    if epochs:
+        parts.append(f"ep={config['epochs']}")
+    parts.append(config["precision"])
     return " ".join(parts)
 
 
