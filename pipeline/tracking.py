@@ -25,7 +25,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
-from urllib.parse import urlparse
+from urllib.parse import unquote, urlparse
 
 from mlflow import MlflowClient
 from mlflow.entities import Metric, Param, Run, RunStatus, RunTag
@@ -48,6 +48,13 @@ RAY_TRIAL_TAG = "ray.trial_id"
 NODE_TAG = "node_ip"
 GPU_TAG = "ray.gpu_ids"
 STAGE_TAG = "coop.stage"  # which non-sweep stage logged a run: baselines, domain_shift, report
+# MLflow 3's kind of experiment: its UI shows a "custom_model_development" experiment as model training
+# (runs, charts) rather than as a GenAI app (traces). UIs from 3.x with the GenAI/Model training switch follow
+# the switch (remembered per browser) or the page's `workflowType` instead: `runs_page` links with it.
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+EXPERIMENT_KIND = "custom_model_development"
+UI_ADDRESS = "http://127.0.0.1:5000"  # where `mlflow ui` serves by default
+CHECKPOINT_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors", ".ckpt")
 MAX_PARAM_LENGTH = 6000  # MLflow's limit on a param value
 
 
@@ -124,31 +131,83 @@ def check_tracking_uri(uri: str, timeout: float = 5.0) -> None:
 def artifact_root(uri: str, experiment: str) -> str | None:
     """Where a new experiment keeps artifacts: mlruns/<experiment> beside a SQLite database (not the
     current directory, MLflow's default); None lets a tracking server decide (it proxies uploads)."""
+    folder = _artifact_folder(uri, experiment)
+    return folder.as_uri() if folder is not None else None
+
+
+def _artifact_folder(uri: str, experiment: str) -> Path | None:
     if uri.startswith("sqlite:///"):
         path = uri[len("sqlite:///") :]
         if path and path != ":memory:":
             folder = re.sub(r"[^A-Za-z0-9._-]+", "_", experiment)
-            return (Path(path).parent / "mlruns" / folder).resolve().as_uri()
+            return (Path(path).parent / "mlruns" / folder).resolve()
     return None
 
 
+def _local_path(location: str) -> Path | None:
+    """An artifact location on this filesystem as a path (file: URI or plain path); None for s3:, http: etc."""
+    parsed = urlparse(location)
+    if parsed.scheme == "file":
+        return Path(unquote(parsed.path))
+    if parsed.scheme == "" and location.startswith("/"):
+        return Path(location)
+    return None
+
+
+def check_artifact_location(uri: str, name: str, location: str) -> None:
+    """An experiment that `artifact_root` placed beside its SQLite database must still be beside it.
+
+    MLflow stores the absolute artifact location once, when it creates the experiment: a database copied or
+    moved with its project keeps pointing at the original folder, and every new run would write its artifacts
+    there. MLflow offers no way to change an experiment's artifact location, so this stops with what to do.
+    A location of any other shape (a server's, an object store's, one chosen by hand) is left alone.
+    """
+    expected = _artifact_folder(uri, name)
+    stored = _local_path(location)
+    if expected is None or stored is None or stored.parent.name != "mlruns" or stored.name != expected.name:
+        return
+    if stored.resolve() == expected:
+        return
+    database = uri[len("sqlite:///") :]
+    raise TrackingError(
+        f"MLflow experiment {name!r} in {database} keeps its artifacts in {stored}, not beside the database "
+        f"({expected}): the database was copied or moved from {stored.parent.parent}, and new runs would write "
+        f"their artifacts into that folder (MLflow cannot change an experiment's artifact location). Either "
+        f"set tracking.experiment to a new name (its artifacts then go to {expected.parent}/<name>), or start "
+        f"this copy's tracking afresh by moving {database} and {expected.parent} out of the way."
+    )
+
+
 def get_or_create_experiment(client: MlflowClient, name: str, uri: str) -> str:
+    """The experiment's id, created if needed with its artifacts beside a SQLite database and tagged as model
+    training (`EXPERIMENT_KIND`); an existing one is checked (`check_artifact_location`) and gets the tag if it
+    has no kind yet."""
     experiment = client.get_experiment_by_name(name)
-    if experiment is not None:
-        if experiment.lifecycle_stage == "deleted":
-            raise TrackingError(
-                f"MLflow experiment {name!r} is deleted; restore it (`mlflow experiments restore`) "
-                "or set tracking.experiment to another name"
-            )
-        return experiment.experiment_id
-    try:
-        return client.create_experiment(name, artifact_location=artifact_root(uri, name))
-    except MlflowException:
-        # Another process created it between our lookup and create.
-        experiment = client.get_experiment_by_name(name)
-        if experiment is None:
-            raise
-        return experiment.experiment_id
+    if experiment is None:
+        try:
+            return client.create_experiment(name, artifact_location=artifact_root(uri, name),
+                                            tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND})
+        except MlflowException:
+            # Another process created it between our lookup and create.
+            experiment = client.get_experiment_by_name(name)
+            if experiment is None:
+                raise
+    if experiment.lifecycle_stage == "deleted":
+        raise TrackingError(
+            f"MLflow experiment {name!r} is deleted; restore it (`mlflow experiments restore`) "
+            "or set tracking.experiment to another name"
+        )
+    check_artifact_location(uri, name, experiment.artifact_location)
+    if EXPERIMENT_KIND_TAG not in experiment.tags:  # a kind the user chose stays
+        client.set_experiment_tag(experiment.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
+    return experiment.experiment_id
+
+
+def runs_page(uri: str, experiment_id: str) -> str:
+    """The MLflow UI page listing the experiment's runs, in the model-training view: on the tracking server
+    itself, or for a SQLite database where `mlflow ui` serves it by default."""
+    base = uri.rstrip("/") if urlparse(uri).scheme in ("http", "https") else UI_ADDRESS
+    return f"{base}/#/experiments/{experiment_id}/runs?workflowType=machine_learning"
 
 
 def git_commit(cwd: Path | None = None) -> str:
@@ -213,6 +272,11 @@ class SweepRun:
         experiment_id = get_or_create_experiment(client, experiment, uri)
         run = client.create_run(experiment_id, run_name=name, tags={SWEEP_TAG: name, **{k: str(v) for k, v in tags.items()}})
         client.log_batch(run.info.run_id, params=_params(params))
+        if uri.startswith("sqlite:"):
+            log.info("MLflow: browse the runs with `mlflow ui --backend-store-uri %s`, then open %s", uri,
+                     runs_page(uri, experiment_id))
+        else:
+            log.info("MLflow: the runs are at %s", runs_page(uri, experiment_id))
         return cls(client, experiment_id, run.info.run_id, uri)
 
     @classmethod
@@ -368,8 +432,14 @@ class TrialRun:
 
 
 def backbone_label(arch: str, pretrained: str | None) -> str:
-    """A backbone as runs and result tables name it: "<arch>/<weights>", "random" for random weights."""
-    return f"{arch}/{pretrained or 'random'}"
+    """A backbone as runs and result tables name it: "<arch>/<weights>", the weights being an open_clip tag, a
+    checkpoint's file name (however the path to it was spelled; the path itself is in the trials' params and
+    the context files) or "random" for random weights."""
+    if not pretrained:
+        return f"{arch}/random"
+    if "/" in pretrained or os.sep in pretrained or pretrained.endswith(CHECKPOINT_SUFFIXES):
+        return f"{arch}/{Path(pretrained).name}"
+    return f"{arch}/{pretrained}"
 
 
 @dataclass

@@ -1,8 +1,10 @@
-"""MLflow tracking: URI resolution, fast failure on a dead server, and one run per trial across retries and
-resumes (real MLflow on SQLite)."""
+"""MLflow tracking: URI resolution, fast failure on a dead server, one run per trial across retries and
+resumes, experiments that open as model training and keep their artifacts beside their database, backbone
+labels (real MLflow on SQLite)."""
 
 from __future__ import annotations
 
+import shutil
 import socket
 import threading
 import time
@@ -14,6 +16,7 @@ from sweep_helpers import free_port
 
 from pipeline.tracking import (
     ATTEMPT_TAG,
+    EXPERIMENT_KIND_TAG,
     KEY_TAG,
     PARENT_TAG,
     REASON_TAG,
@@ -22,8 +25,10 @@ from pipeline.tracking import (
     TrialOutcome,
     TrialRun,
     absolute_uri,
+    backbone_label,
     check_tracking_uri,
     resolve_tracking_uri,
+    runs_page,
 )
 
 
@@ -131,3 +136,84 @@ def test_trial_on_a_node_without_the_sqlite_file_fails_clearly(tmp_path: Path) -
         TrialRun.open(missing, "1", "parent", "key", "name", {}, {})
     assert not (tmp_path / "elsewhere").exists()
 
+
+
+def test_experiments_open_as_model_training(tmp_path: Path) -> None:
+    uri = f"sqlite:///{tmp_path}/t.db"
+    client = MlflowClient(uri)
+    created = SweepRun.start(uri, "new", "s", params={}, tags={})
+    # MLflow 3's kind of experiment; without one its UI first shows the experiment as a GenAI app (traces).
+    assert client.get_experiment(created.experiment_id).tags[EXPERIMENT_KIND_TAG] == "custom_model_development"
+    older = client.create_experiment("older", artifact_location=(tmp_path / "mlruns" / "older").as_uri())
+    SweepRun.start(uri, "older", "s", params={}, tags={})  # an experiment made before the tag existed gets it
+    assert client.get_experiment(older).tags[EXPERIMENT_KIND_TAG] == "custom_model_development"
+    chosen = client.create_experiment("chosen", tags={EXPERIMENT_KIND_TAG: "finetuning"})
+    SweepRun.start(uri, "chosen", "s", params={}, tags={})
+    assert client.get_experiment(chosen).tags[EXPERIMENT_KIND_TAG] == "finetuning"  # the user's kind stays
+
+
+def test_runs_page_opens_the_model_training_view() -> None:
+    assert runs_page("sqlite:////p/mlflow.db", "3") == (
+        "http://127.0.0.1:5000/#/experiments/3/runs?workflowType=machine_learning")
+    assert runs_page("http://mlflow.lab:8080/", "7") == (
+        "http://mlflow.lab:8080/#/experiments/7/runs?workflowType=machine_learning")
+
+
+def _log_one_artifact(uri: str, parent: SweepRun, folder: Path) -> str:
+    run, _ = TrialRun.open(uri, parent.experiment_id, parent.run_id, "key", "trial", {}, {})
+    assert run is not None
+    folder.mkdir()
+    (folder / "ctx.json").write_text("{}")
+    run.log_artifacts(folder)
+    run.close("FINISHED")
+    return run.run_id
+
+
+def test_a_copied_or_moved_project_never_writes_into_the_original_folder(tmp_path: Path) -> None:
+    original = tmp_path / "project"
+    original.mkdir()
+    uri = f"sqlite:///{original}/mlflow.db"
+    parent = SweepRun.start(uri, "coop demo", "first", params={}, tags={})
+    run_id = _log_one_artifact(uri, parent, tmp_path / "a")
+    assert (original / "mlruns" / "coop_demo" / run_id / "artifacts" / "ctx.json").is_file()
+    SweepRun.start(uri, "coop demo", "second", params={}, tags={})  # the same project again: fine
+
+    copy = tmp_path / "copy"
+    shutil.copytree(original, copy)
+    copy_uri = f"sqlite:///{copy}/mlflow.db"
+    with pytest.raises(TrackingError) as info:
+        SweepRun.start(copy_uri, "coop demo", "third", params={}, tags={})
+    message = str(info.value)
+    assert str(original / "mlruns" / "coop_demo") in message and str(copy / "mlruns" / "coop_demo") in message
+    assert "tracking.experiment" in message and f"{copy}/mlflow.db" in message
+    assert len(MlflowClient(copy_uri).search_runs([parent.experiment_id])) == 3  # no run was started
+    # What the message offers: a new experiment in the copy keeps its artifacts in the copy.
+    fresh = SweepRun.start(copy_uri, "coop demo 2", "third", params={}, tags={})
+    fresh_id = _log_one_artifact(copy_uri, fresh, tmp_path / "b")
+    assert (copy / "mlruns" / "coop_demo_2" / fresh_id / "artifacts" / "ctx.json").is_file()
+    assert sorted(p.name for p in (original / "mlruns").iterdir()) == ["coop_demo"]
+
+    moved = tmp_path / "moved"
+    shutil.move(original, moved)
+    with pytest.raises(TrackingError, match="copied or moved from"):
+        SweepRun.start(f"sqlite:///{moved}/mlflow.db", "coop demo", "fourth", params={}, tags={})
+
+
+def test_an_artifact_location_chosen_by_hand_is_kept(tmp_path: Path) -> None:
+    uri = f"sqlite:///{tmp_path}/project/mlflow.db"
+    (tmp_path / "project").mkdir()
+    chosen = tmp_path / "big-disk" / "artifacts"
+    MlflowClient(uri).create_experiment("exp", artifact_location=chosen.as_uri())
+    parent = SweepRun.start(uri, "exp", "s", params={}, tags={})
+    run_id = _log_one_artifact(uri, parent, tmp_path / "a")
+    assert (chosen / run_id / "artifacts" / "ctx.json").is_file()
+
+
+def test_backbone_label_spells_a_checkpoint_by_its_file_name() -> None:
+    # The sweep's parent run sees params' relative path, its trials the absolute one (worker_weights).
+    relative = backbone_label("coop-tiny-rn", "models/coop-tiny-world.safetensors")
+    absolute = backbone_label("coop-tiny-rn", "/work/x/models/coop-tiny-world.safetensors")
+    assert relative == absolute == "coop-tiny-rn/coop-tiny-world.safetensors"
+    assert backbone_label("RN50", "openai") == "RN50/openai"
+    assert backbone_label("ViT-B-32", "laion2b_s34b_b79k") == "ViT-B-32/laion2b_s34b_b79k"
+    assert backbone_label("coop-tiny", None) == "coop-tiny/random"
