@@ -127,9 +127,18 @@ def count_tokens(text: str) -> int:
 
 
 def decode_tokens(token_ids: list[int]) -> list[str]:
-    """Each id to its word piece, '</w>' (end of word) stripped."""
-    decoder = open_clip.tokenizer._tokenizer.decoder
-    return [decoder[i].replace("</w>", "") for i in token_ids]
+    """Each id to its text, as the tokenizer's decode gives it, the end-of-word marker '</w>' dropped.
+
+    CLIP's BPE vocabulary spells bytes as printable symbols ("ðŁĳĳ</w>" is the four UTF-8 bytes of 👑):
+    they are turned back into bytes and decoded. A piece holding only part of a character's bytes shows
+    them escaped ("\\xf0\\x9f"), where the tokenizer's own decode would print the same U+FFFD for all.
+    """
+    tokenizer = open_clip.tokenizer._tokenizer
+    words = []
+    for token_id in token_ids:
+        piece = tokenizer.decoder[token_id].removesuffix("</w>")
+        words.append(bytes(tokenizer.byte_decoder[c] for c in piece).decode("utf-8", errors="backslashreplace"))
+    return words
 
 
 def weights_fingerprint(model: nn.Module, arch: str) -> str:

@@ -14,7 +14,8 @@ NEAREST_BLOCK = 512  # context vectors per distance computation (512 x 49,408 di
 
 @torch.no_grad()
 def nearest_words(ctx: torch.Tensor, backbone: Backbone, k: int = 3) -> list[list[tuple[str, float]]]:
-    """For each context vector, the k token embeddings closest in Euclidean distance, as (word, distance).
+    """For each context vector, the k token embeddings closest in Euclidean distance, as (word, distance), the
+    word being the token's text (`decode_tokens`: UTF-8, no end-of-word marker), as the report and artifacts show it.
 
     `ctx` is (M, D) or (C, M, D); the result has M or C*M rows, row-major over (class, position).
     """

@@ -159,8 +159,10 @@ def write_artifacts(folder: Path, config: dict[str, Any], settings: TrialSetting
     # CSC rows are named by label and class name: ImageNet has two classes called 'missile'.
     entries = nearest_word_entries(ctx, backbone, data.classnames, k=settings.nearest_words)
     lines = [format_entry(entry) for entry in entries]
-    (folder / "nearest_words.json").write_text(json.dumps({"k": settings.nearest_words, "vectors": entries}, indent=2))
-    (folder / "nearest_words.txt").write_text("\n".join(lines) + "\n")
+    # Words as text ("👑", "café"), not JSON escapes: MLflow's artifact viewer shows the file as it is.
+    (folder / "nearest_words.json").write_text(
+        json.dumps({"k": settings.nearest_words, "vectors": entries}, indent=2, ensure_ascii=False), encoding="utf-8")
+    (folder / "nearest_words.txt").write_text("\n".join(lines) + "\n", encoding="utf-8")
 
     resolved = {
         "trial_key": key,
