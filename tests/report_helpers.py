@@ -1,9 +1,12 @@
-"""Shared setup for the report tests: hand-made result tables, and checks of a written page."""
+"""Shared setup for the report tests: hand-made result tables (a small one, and one shaped like the demo's sweep),
+and checks of a written page."""
 
 from __future__ import annotations
 
 import csv
+import json
 import math
+import random
 from html.parser import HTMLParser
 from pathlib import Path
 from typing import Any
@@ -13,6 +16,8 @@ from pipeline.sweep.results import TRIAL_COLUMNS
 from pipeline.sweep.space import config_label, trial_key
 
 BASELINE_COLUMNS = ["method", "dataset", "shots", "seed", "val_acc", "test_acc"]
+DOMAIN_SHIFT_COLUMNS = ["method", "config", "n_ctx", "ctx_init", "csc", "class_token_position", "source", "target",
+                        "shots", "seed", "test_acc", "trial_key"]
 
 # ------------------------------------------------------------------------------------------- page checks
 
@@ -53,6 +58,39 @@ def check_html(html: str) -> list[str]:
     problems += [f"external resource {link}" for link in parser.links]
     problems += [f"table #{i} has no rows" for i, rows in enumerate(parser.tables) if rows == 0]
     return problems
+
+
+class _TableParser(HTMLParser):
+    def __init__(self) -> None:
+        super().__init__()
+        self.tables: list[list[list[str]]] = []
+        self._cell: list[str] | None = None
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        if tag == "table":
+            self.tables.append([])
+        elif tag == "tr":
+            self.tables[-1].append([])
+        elif tag in ("td", "th"):
+            self._cell = []
+        elif tag in ("br", "small") and self._cell is not None:
+            self._cell.append(" | ")  # a cell's second line stays apart from its first
+
+    def handle_endtag(self, tag: str) -> None:
+        if tag in ("td", "th") and self._cell is not None:
+            self.tables[-1][-1].append("".join(self._cell).strip())
+            self._cell = None
+
+    def handle_data(self, data: str) -> None:
+        if self._cell is not None:
+            self._cell.append(data)
+
+
+def tables(html: str) -> list[list[list[str]]]:
+    """Every table's rows (the header row first) as the text of their cells; a cell's lines joined by ' | '."""
+    parser = _TableParser()
+    parser.feed(html)
+    return parser.tables
 
 
 def sections(html: str) -> dict[str, str]:
@@ -115,3 +153,68 @@ def build_report_workspace(root: Path) -> dict[str, Any]:
                    "test_acc": 60.0 + s + e} for s in (1, 16) for e in (1, 2)]
     write_csv(root / "out" / "baselines" / "baselines.csv", BASELINE_COLUMNS, baselines)
     return {"root": root, "params": params_for(root), "rows": rows}
+
+
+DEMO_DATASETS = ["WorldSketch", "WorldPastel", "WorldPastelRare"]
+DEMO_SHIFTED = ["WorldSketchV2", "WorldSketchBackgrounds", "WorldSketchPastel", "WorldSketchLarge"]
+DEMO_CONFIGS = [{"n_ctx": 16, "ctx_init": "", "csc": False}, {"n_ctx": 16, "ctx_init": "", "csc": True},
+                {"n_ctx": 4, "ctx_init": "a photo of a", "csc": False}]
+
+
+def build_demo_report_workspace(root: Path) -> dict[str, Any]:
+    """Result tables shaped like the demo's (params.yaml): 3 datasets x shots 1-16 x seeds 1-3 x its 3
+    configurations (M=16 unified and CSC, M=4 from 'a photo of a'), zero-shot, ensemble and lpclip linear-probe
+    baselines, WorldSketch's contexts on its 4 shifted sets, every trial's nearest words, and the grid sweep's
+    record under sweep.storage. Accuracies are drawn from a seeded generator with CoOp's trends (more shots help,
+    CSC gains most at 16 shots). Returns root, params and the trial rows."""
+    rng = random.Random(0)
+    shots = [1, 2, 4, 8, 16]
+    rows = []
+    for dataset in DEMO_DATASETS:
+        for k in shots:
+            for seed in (1, 2, 3):
+                for i, config in enumerate(DEMO_CONFIGS):
+                    gain = 4 * math.log2(k) * (1.6 if config["csc"] else 1.0) - (8 if config["csc"] and k < 4 else 0)
+                    test = 40 + gain + i + rng.gauss(0, 2)
+                    row = trial_row(dataset, k, seed, val=round(test + rng.gauss(0, 3), 2), test=round(test, 2),
+                                    epochs=50 if k == 1 else 100 if k <= 4 else 200, **config)
+                    rows.append({**row, "trial_id": f"{dataset[:6]}{k}{seed}{i}"})
+    write_csv(root / "out" / "sweep" / "trials.csv", TRIAL_COLUMNS, rows)
+    words = ["drawing", "outline", "sketch", "pastel", "faded", "shape", "of", "a", "photo", "the", "colour", "print",
+             "picture", "art", "line", "soft"]
+    for r in rows:
+        folder = root / "out" / "sweep" / "contexts" / r["trial_key"]
+        folder.mkdir(parents=True)
+        classes = ["circle", "square"] if r["csc"] else [None]
+        vectors = [{"class": c, "label": j, "position": p + 1,
+                    "words": [{"word": words[(p + j + n) % len(words)], "distance": 0.3 + 0.01 * n} for n in range(3)]}
+                   for j, c in enumerate(classes) for p in range(r["n_ctx"])]
+        (folder / "nearest_words.json").write_text(json.dumps({"k": 3, "vectors": vectors}))
+    baselines = []
+    for dataset in DEMO_DATASETS:
+        baselines += [{"method": m, "dataset": dataset, "shots": 0, "seed": 0, "val_acc": "", "test_acc": acc}
+                      for m, acc in (("zero-shot", 35.0), ("zero-shot-ensemble", 36.5))]
+        baselines += [{"method": "linear-probe", "protocol": "lpclip", "dataset": dataset, "shots": k, "seed": seed,
+                       "val_acc": 50, "test_acc": round(25 + 7 * math.log2(k) + rng.gauss(0, 2), 2)}
+                      for k in shots for seed in (1, 2, 3)]
+    write_csv(root / "out" / "baselines" / "baselines.csv", [*BASELINE_COLUMNS, "protocol"], baselines)
+    shifted = [{"method": m, "source": "WorldSketch", "target": t, "shots": 0, "seed": 0, "test_acc": 30.0}
+               for m in ("zero-shot", "zero-shot-ensemble") for t in ["WorldSketch", *DEMO_SHIFTED]]
+    shifted += [{"method": "CoOp", **{k: r[k] for k in ("config", "n_ctx", "ctx_init", "csc", "class_token_position",
+                                                         "seed", "trial_key")},
+                 "source": "WorldSketch", "target": t, "shots": 16, "test_acc": round(r["test_acc"] - 5 * j, 2)}
+                for r in rows if r["dataset"] == "WorldSketch" and r["shots"] == 16
+                for j, t in enumerate(["WorldSketch", *DEMO_SHIFTED])]
+    write_csv(root / "out" / "baselines" / "domain_shift.csv", DOMAIN_SHIFT_COLUMNS, shifted)
+    params = params_from_dict({
+        **params_for(root, [*DEMO_DATASETS, *DEMO_SHIFTED]).to_dict(),
+        "backbone": {"arch": "coop-tiny-rn", "pretrained": "models/coop-tiny-world.safetensors"},
+        "domain_shift": {"source": "WorldSketch", "targets": DEMO_SHIFTED},
+    })
+    params = params_from_dict({**params.to_dict(), "data": {**params.to_dict()["data"], "shots": shots,
+                                                            "seeds": [1, 2, 3]}})
+    storage = Path(params.sweep.storage)
+    storage.mkdir(parents=True)
+    (storage / "latest.json").write_text(json.dumps({"name": "grid-demo"}))
+    (storage / "grid-demo.sweep.json").write_text(json.dumps({"name": "grid-demo", "search": "grid"}))
+    return {"root": root, "params": params, "rows": rows}

@@ -1,4 +1,4 @@
-"""The report's figures (matplotlib, Agg), each returned as an inline PNG data URI."""
+"""The report's figures (matplotlib, Agg): drawn as figures (draw_*), put on the page as inline PNG data URIs."""
 
 from __future__ import annotations
 
@@ -9,14 +9,8 @@ from collections.abc import Sequence
 from typing import Any
 
 from pipeline.evaluate.methods import ENSEMBLE, ZERO_SHOT
-from pipeline.report.labels import (
-    HYPERPARAMETER_NAMES,
-    METHOD_NAMES,
-    is_probe,
-    method_name,
-    value_name,
-)
-from pipeline.report.statistics import AccuracyPoint, ValueEffect, average_points
+from pipeline.report.labels import METHOD_NAMES, factor_name, is_probe, method_name, settings_text
+from pipeline.report.statistics import AccuracyPoint, MatchedEffect, average_points, mean_std
 
 
 def png_data_uri(fig: Any) -> str:
@@ -40,7 +34,14 @@ def agg_pyplot() -> Any:
 
 
 def shots_figure(coop: Sequence[AccuracyPoint], baselines: Sequence[AccuracyPoint]) -> str | None:
-    """Small multiples: test accuracy against shots per dataset plus the average panel."""
+    """draw_shots as an inline PNG."""
+    fig = draw_shots(coop, baselines)
+    return None if fig is None else png_data_uri(fig)
+
+
+def draw_shots(coop: Sequence[AccuracyPoint], baselines: Sequence[AccuracyPoint]) -> Any:
+    """Small multiples: test accuracy against shots per dataset, plus the average panel when there are several
+    datasets; one legend below the panels. None without CoOp or linear-probe points."""
     probes = sorted({p.method for p in baselines if is_probe(p.method)})
     if not coop and not probes:
         return None
@@ -50,10 +51,11 @@ def shots_figure(coop: Sequence[AccuracyPoint], baselines: Sequence[AccuracyPoin
     position = {k: i + 1 for i, k in enumerate(shots)}  # 0 is zero-shot
     methods = sorted({p.method for p in coop}) + probes
     colours = dict(zip(methods, plt.get_cmap("tab10").colors, strict=False))
-    panels = [*datasets, "Average"]
+    panels = [*datasets, "Average"] if len(datasets) > 1 else datasets
     cols = min(4, len(panels))
     rows = math.ceil(len(panels) / cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.3 * rows), squeeze=False)
+    # Constrained layout with the legend "outside": matplotlib reserves its room below the axes' labels.
+    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.3 * rows + 0.6), squeeze=False, layout="constrained")
     average = average_points([*coop, *baselines], datasets)
     for ax, panel in zip(axes.flat, panels, strict=False):
         points = average if panel == "Average" else [p for p in (*coop, *baselines) if p.dataset == panel]
@@ -73,7 +75,8 @@ def shots_figure(coop: Sequence[AccuracyPoint], baselines: Sequence[AccuracyPoin
                 ax.plot([0], [zero[0].mean], marker, ms=11 if marker == "*" else 7, color="black" if marker == "*"
                         else "dimgray", label=METHOD_NAMES[method], ls="none")
                 ax.axhline(zero[0].mean, color="lightgray", lw=0.8, ls=":", zorder=0)
-        ax.set_title(panel, fontsize=10, fontweight="bold" if panel == "Average" else "normal")
+        title = f"Average ({len(datasets)} datasets)" if panel == "Average" else panel
+        ax.set_title(title, fontsize=10, fontweight="bold" if panel == "Average" else "normal")
         ax.set_xticks(range(len(shots) + 1), ["0", *map(str, shots)])
         ax.set_xlabel("shots per class", fontsize=8)
         ax.set_ylabel("test accuracy (%)", fontsize=8)
@@ -87,26 +90,52 @@ def shots_figure(coop: Sequence[AccuracyPoint], baselines: Sequence[AccuracyPoin
             if label not in handles:
                 handles[label] = handle
                 labels.append(label)
-    fig.legend([handles[label] for label in labels], labels, loc="lower center", ncol=min(3, len(labels)),
-               fontsize=8, bbox_to_anchor=(0.5, -0.02 - 0.03 * math.ceil(len(labels) / 3)))
-    fig.tight_layout()
-    return png_data_uri(fig)
+    fig.legend([handles[label] for label in labels], labels, loc="outside lower center", ncol=min(3, len(labels)),
+               fontsize=8, frameon=False)
+    return fig
 
 
-def effects_figure(effects: dict[str, list[ValueEffect]]) -> str | None:
-    """One box plot per varied hyperparameter: test accuracy minus the setting mean, by value."""
+def comparison_label(effect: MatchedEffect) -> str:
+    """'CSC − unified (M=16, random init)': the comparison and the settings it holds for."""
+    condition = settings_text([k for k, _ in effect.condition], [v for _, v in effect.condition])
+    head = f"{settings_text(effect.keys, effect.value)} − {settings_text(effect.keys, effect.reference)}"
+    return head + (f" ({condition})" if condition else "")
+
+
+def effects_figure(effects: Sequence[MatchedEffect]) -> str | None:
+    """draw_effects as an inline PNG."""
+    fig = draw_effects(effects)
+    return None if fig is None else png_data_uri(fig)
+
+
+def draw_effects(effects: Sequence[MatchedEffect]) -> Any:
+    """One panel per hyperparameter: the matched test-accuracy difference (mean ± std over pairs) against shots,
+    one line per comparison. None without comparisons."""
     if not effects:
         return None
     plt = agg_pyplot()
-    fig, axes = plt.subplots(1, len(effects), figsize=(3.4 * len(effects), 3.2), squeeze=False)
-    for ax, (key, values) in zip(axes.flat, effects.items(), strict=True):
-        names = [value_name(key, e.value) for e in values]
-        ax.boxplot([[d for d in e.test_deltas if math.isfinite(d)] or [0.0] for e in values], widths=0.5)
-        ax.set_xticks(range(1, len(names) + 1), names, rotation=20 if max(map(len, names)) > 8 else 0, fontsize=8)
+    factors = list(dict.fromkeys(e.keys for e in effects))
+    shots = sorted({k for e in effects for k in e.shots})
+    cols = min(3, len(factors))
+    rows = math.ceil(len(factors) / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(4.6 * cols, 3.4 * rows), squeeze=False, layout="constrained")
+    colours = plt.get_cmap("tab10").colors
+    for ax, keys in zip(axes.flat, factors, strict=False):
+        mine = [e for e in effects if e.keys == keys]
+        for i, effect in enumerate(mine):
+            present = [k for k in shots if effect.test_deltas_at(k)]
+            stats = [mean_std(effect.test_deltas_at(k)) for k in present]
+            ax.errorbar([shots.index(k) for k in present], [m for m, _, _ in stats],
+                        yerr=[sd if math.isfinite(sd) else 0.0 for _, sd, _ in stats], fmt="-o", ms=3.5,
+                        capsize=2.5, lw=1.4, color=colours[i % len(colours)], label=comparison_label(effect))
         ax.axhline(0, color="gray", lw=0.8, ls=":")
-        ax.set_title(HYPERPARAMETER_NAMES.get(key, key), fontsize=10)
-        ax.set_ylabel("test acc. − setting mean (pp)", fontsize=8)
+        ax.set_xticks(range(len(shots)), [str(k) for k in shots])
+        ax.set_xlabel("shots per class", fontsize=8)
+        ax.set_ylabel("Δ test accuracy (pp)", fontsize=8)
+        ax.set_title(factor_name(keys).replace(" (always changed together)", ""), fontsize=10)
         ax.tick_params(labelsize=8)
-        ax.grid(alpha=0.25, axis="y")
-    fig.tight_layout()
-    return png_data_uri(fig)
+        ax.grid(alpha=0.25)
+        ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.22), frameon=False)
+    for ax in list(axes.flat)[len(factors):]:
+        ax.axis("off")
+    return fig

@@ -15,26 +15,48 @@ from pipeline.evaluate.methods import ENSEMBLE, ZERO_SHOT
 from pipeline.report.collect import ReportData
 from pipeline.report.figures import effects_figure, shots_figure
 from pipeline.report.labels import (
-    HYPERPARAMETER_NAMES,
+    COOP_BEST,
+    COOP_BEST_NAME,
+    factor_name,
     is_probe,
     method_name,
-    value_name,
+    settings_text,
+    shots_text,
     variant_label,
 )
-from pipeline.report.statistics import domain_shift_table, hyperparameter_effects, mean_std, param_importances
+from pipeline.report.statistics import (
+    AccuracyPoint,
+    MatchedEffect,
+    average_points,
+    ci95,
+    domain_shift_table,
+    importance_trials,
+    matched_effects,
+    mean_std,
+    param_importances,
+    varied_hyperparameters,
+)
 
 PAGE_CSS = """
 body{font-family:-apple-system,'Segoe UI',Helvetica,Arial,sans-serif;margin:24px auto;max-width:1180px;
 color:#222;line-height:1.45;padding:0 16px}
 h1{font-size:1.6em;margin-bottom:4px}h2{margin-top:36px;border-bottom:1px solid #ddd;padding-bottom:4px}
+h3{font-size:1.05em;margin:18px 0 4px}
 table{border-collapse:collapse;margin:12px 0;font-size:13px}th,td{border:1px solid #ddd;padding:4px 8px}
 th{background:#f4f4f4;text-align:left}table.numbers td{text-align:right}table.numbers td:first-child,
 table.numbers td:nth-child(2){text-align:left}table.meta th{display:none}table.meta td:first-child{font-weight:600}
-table.words{font-size:11px}table.words td{padding:3px 5px}table.words td small{color:#888;margin-left:2px;
-font-size:9px}table.words td:nth-child(2){white-space:nowrap}p.caption{color:#555;font-size:12px;margin-top:-6px}.scroll{overflow-x:auto}figure{margin:12px 0}figure img{max-width:100%}
-figcaption{color:#555;font-size:12px}.empty{color:#777;font-style:italic}
+table.paper td{text-align:right;white-space:nowrap}table.paper td:first-child{text-align:left}
+table.paper td small{display:block;color:#888;font-size:10px}table.paper th{text-align:center}
+table.paper tr.selected td{background:#f7fbff}
+table.effects td:nth-child(3){text-align:left}table.effects td:nth-child(n+4){white-space:nowrap}
+table.words{font-size:11px}table.words td{padding:3px 4px}table.words td small{display:block;color:#888;
+font-size:9px}table.words td:nth-child(2){white-space:nowrap}p.caption{color:#555;font-size:12px;margin-top:-6px}
+.scroll{overflow-x:auto}figure{margin:12px 0}figure img{max-width:100%}
+figcaption{color:#555;font-size:12px}.empty{color:#777;font-style:italic}.note{color:#555}
 .warn{background:#fff4e5;border-left:4px solid #f0a030;padding:6px 10px}
+details{margin:10px 0}summary{cursor:pointer;color:#245;font-weight:600}
 """
+CI_TEXT = "95% CI = 1.96 × std / √n, as CoOp's parse_test_res.py --ci95 (population std, ddof=0)"
 
 
 def mean_std_text(mean: float, std: float = math.nan, n: int = 0) -> str:
@@ -47,12 +69,24 @@ def mean_std_text(mean: float, std: float = math.nan, n: int = 0) -> str:
     return text
 
 
+def ci_title(std: float, n: int) -> str:
+    """The tooltip of a mean over seeds: how many, and the 95% CI."""
+    ci = ci95(std, n)
+    return f"{n} seeds; 95% CI ± {ci:.2f}" if math.isfinite(ci) else f"{n} value" + ("" if n == 1 else "s")
+
+
+def seeds_cell(mean: float, std: float, n: int) -> tuple[str, str]:
+    """A mean ± std cell whose tooltip gives the number of seeds and the 95% CI."""
+    return ("html", f'<span title="{escape(ci_title(std, n))}">{escape(mean_std_text(mean, std, n))}</span>')
+
+
 def difference_text(value: float) -> str:
     """A difference with its sign, '–' when there is none."""
     return "–" if not math.isfinite(value) else f"{value:+.2f}"
 
 
-def table_html(header: Sequence[str], rows: Sequence[Sequence[Any]], caption: str = "", classes: str = "") -> str:
+def table_html(header: Sequence[Any], rows: Sequence[Sequence[Any]], caption: str = "", classes: str = "",
+               row_classes: Sequence[str] = ()) -> str:
     """An HTML table; cells are escaped, except those given as ('html', markup) tuples."""
     def cell(tag: str, value: Any) -> str:
         if isinstance(value, tuple) and value and value[0] == "html":
@@ -60,7 +94,9 @@ def table_html(header: Sequence[str], rows: Sequence[Sequence[Any]], caption: st
         return f"<{tag}>{escape(str(value))}</{tag}>"
 
     head = "".join(cell("th", h) for h in header)
-    body = "".join("<tr>" + "".join(cell("td", v) for v in row) + "</tr>" for row in rows)
+    classes_of = list(row_classes) + [""] * (len(rows) - len(row_classes))
+    body = "".join((f'<tr class="{c}">' if c else "<tr>") + "".join(cell("td", v) for v in row) + "</tr>"
+                   for row, c in zip(rows, classes_of, strict=True))
     # The caption goes below as a paragraph: a <caption> is as narrow as its table.
     caption_html = f'<p class="caption">{escape(caption)}</p>' if caption else ""
     return (f'<div class="scroll"><table class="{classes}"><thead><tr>{head}</tr></thead>'
@@ -76,26 +112,102 @@ def figure_html(uri: str, alt: str, caption: str) -> str:
     return f'<figure><img src="{uri}" alt="{escape(alt)}"><figcaption>{escape(caption)}</figcaption></figure>'
 
 
+def selection_text(data: ReportData) -> str:
+    """How the page picks the CoOp numbers it shows, stated once at the top of the results."""
+    return ("<p><b>Selection.</b> For each dataset × shots, CoOp's numbers come from the configuration with the best "
+            "validation accuracy averaged over seeds (among those finished on the most seeds); test accuracy never "
+            f"selects anything. <i>{escape(COOP_BEST_NAME)}</i> is that one configuration over all the sweep's "
+            "configurations (which one is listed below); each CoOp variant row (context length or initialisation, "
+            "class-token position, CSC or unified) is the best configuration of that variant, e.g. over learning "
+            "rates. Test accuracy (%) as mean ± std over seeds, the 95% confidence interval below it ("
+            f"{escape(CI_TEXT)}).</p>")
+
+
+def paper_cell(point: AccuracyPoint | None, best: float) -> Any:
+    """A results-table cell: mean ± std over seeds with the 95% CI below; the column's best in bold."""
+    if point is None or not math.isfinite(point.mean):
+        return "–"
+    text = escape(mean_std_text(point.mean, point.std, point.n))
+    if math.isfinite(best) and round(point.mean, 2) >= round(best, 2):
+        text = f"<b>{text}</b>"
+    ci = point.ci95
+    below = f"<small>CI ± {ci:.2f}</small>" if math.isfinite(ci) else ""
+    return ("html", f'<span title="{escape(ci_title(point.std, point.n))}">{text}</span>{below}')
+
+
+def paper_table(points: Sequence[AccuracyPoint], methods: Sequence[str], datasets: Sequence[str], shots: int) -> str:
+    """The table as the papers print it: one row per method, one column per dataset and their average."""
+    chosen = [p for p in points if p.shots in (0, shots)]
+    average = average_points(chosen, datasets) if len(datasets) > 1 else []
+    columns = [*datasets, "Average"] if average else list(datasets)
+    cell_of = {(p.method, p.dataset): p for p in (*chosen, *average)}
+    best = {c: max((p.mean for (m, d), p in cell_of.items() if d == c and math.isfinite(p.mean)), default=math.nan)
+            for c in columns}
+    rows, classes = [], []
+    for method in methods:
+        if not any((method, c) in cell_of for c in columns):
+            continue
+        rows.append([method_name(method), *[paper_cell(cell_of.get((method, c)), best[c]) for c in columns]])
+        classes.append("selected" if method == COOP_BEST else "")
+    header = ["method", *[f"{c} ({len(datasets)} datasets)" if c == "Average" else c for c in columns]]
+    return table_html(header, rows, classes="paper", row_classes=classes)
+
+
+def best_config_table(best: Sequence[AccuracyPoint], datasets: Sequence[str], shots: Sequence[int]) -> str:
+    """Which configuration the val selection picked per dataset x shots, with the val and test accuracy."""
+    cell_of = {(p.dataset, p.shots): p for p in best}
+    rows = []
+    for dataset in datasets:
+        cells: list[Any] = [dataset]
+        for k in shots:
+            p = cell_of.get((dataset, k))
+            cells.append("" if p is None else ("html", f"{escape(p.config)}<br><small>val "
+                                                       f"{mean_std_text(p.val_mean)} · test "
+                                                       f"{mean_std_text(p.mean)} · {p.n} seeds</small>"))
+        rows.append(cells)
+    return table_html(["dataset", *map(shots_text, shots)], rows,
+                      "The configuration selected per dataset × shots: the best validation accuracy averaged over "
+                      "seeds (val and test: means over its seeds, %).", "words")
+
+
 def section_shots(data: ReportData) -> str:
-    coop, baselines = data.coop_points, data.baseline_points
+    coop, baselines, best = data.coop_points, data.baseline_points, data.best_points
     uri = shots_figure(coop, baselines)
     if uri is None:
         return empty_note("No CoOp trials or linear-probe results yet: run the sweep and the baselines stage.")
-    parts = [figure_html(uri, "Test accuracy against shots per dataset",
-                         "Test accuracy (%) against shots per class: CoOp variants and the linear probe (its protocol "
-                         "in the legend) as mean ± std over seeds, zero-shot CLIP at 0 shots (★ hand-crafted prompt, "
-                         "▲ prompt ensemble). Average: mean of the per-dataset means over the datasets shown.")]
-    shots = sorted({p.shots for p in (*coop, *baselines)})
+    all_points = [*baselines, *coop, *best]
+    datasets = sorted({p.dataset for p in (*coop, *baselines) if p.shots > 0})
+    shots = sorted({p.shots for p in all_points if p.shots > 0})
     probes = sorted({p.method for p in baselines if is_probe(p.method)})
+    variants = sorted({p.method for p in coop})
+    methods = [ZERO_SHOT, ENSEMBLE, *probes, *variants, *([COOP_BEST] if best else [])]
+    parts = [selection_text(data), f"<h3>{escape(shots_text(shots[-1]))} per class</h3>",
+             paper_table(all_points, methods, datasets, shots[-1])]
+    if len(shots) > 1:
+        others = "".join(f"<h3>{escape(shots_text(k))} per class</h3>" + paper_table(all_points, methods, datasets, k)
+                         for k in reversed(shots[:-1]))
+        listed = ", ".join(map(str, shots[:-1]))
+        parts.append(f"<details><summary>The same table at {listed} shot{'s' if shots[:-1] != [1] else ''}</summary>"
+                     f"{others}</details>")
+    if best:
+        parts.append("<h3>Selected configurations</h3>" + best_config_table(best, datasets, shots))
+    parts.append("<h3>Accuracy against shots</h3>" + figure_html(
+        uri, "Test accuracy against shots per dataset",
+        "Test accuracy (%) against shots per class: CoOp variants and the linear probe (its protocol in the legend) "
+        "as mean ± std over seeds (error bars: std), zero-shot CLIP at 0 shots (★ hand-crafted prompt, ▲ prompt "
+        "ensemble)." + (" Average: mean of the per-dataset means." if len(datasets) > 1 else "")))
+    long_shots = sorted({p.shots for p in (*coop, *baselines)})
     rows = []
     for dataset in sorted({p.dataset for p in (*coop, *baselines)}):
-        for method in [ZERO_SHOT, ENSEMBLE, *probes, *sorted({p.method for p in coop})]:
+        for method in [ZERO_SHOT, ENSEMBLE, *probes, *variants]:
             points = {p.shots: p for p in (*coop, *baselines) if p.dataset == dataset and p.method == method}
             if points:
                 rows.append([dataset, method_name(method), *[
-                    mean_std_text(points[k].mean, points[k].std, points[k].n) if k in points else "" for k in shots]])
-    parts.append(table_html(["dataset", "method", *[f"{k} shots" if k else "0 shots" for k in shots]], rows,
-                            "Test accuracy (%), mean ± std over seeds", "numbers"))
+                    seeds_cell(points[k].mean, points[k].std, points[k].n) if k in points else "" for k in long_shots]])
+    parts.append("<details><summary>The figure's numbers: every method at every shot count</summary>"
+                 + table_html(["dataset", "method", *map(shots_text, long_shots)], rows,
+                              "Test accuracy (%), mean ± std over seeds (hover a number for the 95% CI)", "numbers")
+                 + "</details>")
     return "\n".join(parts)
 
 
@@ -146,18 +258,18 @@ def section_domain(data: ReportData) -> str:
     summary = domain_shift_table(data.domain_shift_rows)
     if summary is None:
         shift = data.params.domain_shift
-        return empty_note(f"No domain-shift results: they need {shift.source} trials (domain_shift.source) and "
-                          f"its shifted sets ({', '.join(shift.targets)}: domain_shift.targets) in data.datasets "
-                          "(run python -m stages.domain_shift).")
+        return empty_note(f"No domain-shift results ({shift.source} → {', '.join(shift.targets)}): "
+                          f"{data.domain_shift_gap}")
     rows = []
     for name, by_target in summary.accuracy.items():
-        cells = [mean_std_text(*by_target[t]) if t in by_target else "" for t in summary.targets]
+        cells = [seeds_cell(*by_target[t]) if t in by_target else "" for t in summary.targets]
         rows.append([name, *cells, mean_std_text(summary.target_average[name])])
     header = ["method", *[f"{t} (source)" if t == summary.source else t for t in summary.targets],
               "average (targets)"]
-    caption = (f"Contexts learned on {summary.source} with {', '.join(map(str, summary.coop_shots))} shots, "
-               "evaluated on its test set and on the shifted test sets (mean ± std over seeds); a set of a subset "
-               "of the classes (ImageNet-A, -R: 200 classes) uses the contexts' rows of its classes. Test accuracy (%).")
+    caption = (f"Contexts learned on {summary.source} with {', '.join(map(str, summary.coop_shots))} shots (every "
+               "finished trial of each variant), evaluated on its test set and on the shifted test sets (mean ± std "
+               "over seeds; hover a number for the 95% CI); a set of a subset of the classes (ImageNet-A, -R: 200 "
+               "classes) uses the contexts' rows of its classes. Test accuracy (%).")
     return table_html(header, rows, caption, "numbers")
 
 
@@ -171,9 +283,10 @@ def first_class_context(vectors: list[dict[str, Any]]) -> list[dict[str, Any]]:
 def section_words(data: ReportData) -> str:
     if not data.context_words:
         return empty_note("No learned contexts to interpret (no finished trials, or their artifacts are unavailable).")
-    width = max(len(first_class_context(w["vectors"])) for w in data.context_words.values())
+    entries = [(dataset, entry) for dataset, listed in data.context_words.items() for entry in listed]
+    width = max(len(first_class_context(entry["vectors"])) for _, entry in entries)
     rows = []
-    for dataset, entry in data.context_words.items():
+    for dataset, entry in entries:
         trial = entry["trial"]
         vectors = entry["vectors"]
         owner = vectors[0]["class"]
@@ -185,44 +298,77 @@ def section_words(data: ReportData) -> str:
                                   f'<small>{top[0]["distance"]:.2f}</small>'))
         cells += [""] * (width - len(cells))
         label = variant_label(trial).removeprefix("CoOp ") + (f", class '{owner}'" if owner else "")
-        rows.append([dataset, ("html", f"{escape(label)}<br><small>{trial['shots']} shots, seed {trial['seed']}, "
-                                       f"val {trial['val_acc']:.1f}%</small>"), *cells])
+        rows.append([dataset, ("html", f"<b>{escape(entry['role'])}</b>: {escape(label)}<br><small>{trial['shots']} "
+                                       f"shots, seed {trial['seed']}, val {trial['val_acc']:.1f}%</small>"), *cells])
     return table_html(["dataset", "context", *[f"v{i + 1}" for i in range(width)]], rows,
                       "Nearest vocabulary word (Euclidean distance in the token-embedding space) of each learned "
-                      "context vector of each dataset's best context by validation accuracy; hover a word for its "
-                      "top-k.", "words")
+                      "context vector. Per dataset, at its largest shot count: the trial with the best validation "
+                      "accuracy, whatever its variant (a class-specific context shows its first class's vectors), and, "
+                      "when that one is class-specific, also the best unified context (one context for all classes, "
+                      "as in the paper's interpretation table). Hover a word for its top-k.", "words")
+
+
+def effects_table(effects: Sequence[MatchedEffect]) -> str:
+    """The matched comparisons: pooled Δ val and Δ test, and Δ test per shot count (effects often grow or flip
+    with the shots)."""
+    shots = sorted({k for e in effects for k in e.shots})
+    rows = []
+    for e in effects:
+        condition = settings_text([k for k, _ in e.condition], [v for _, v in e.condition])
+        wins = sum(d > 0 for d in e.test_deltas if math.isfinite(d))
+        by_shots = [difference_text(mean_std(e.test_deltas_at(k))[0]) for k in shots]
+        rows.append([factor_name(e.keys), f"{settings_text(e.keys, e.value)} − {settings_text(e.keys, e.reference)}",
+                     condition or "–", str(len(e.test_deltas)), mean_std_text(*mean_std(e.val_deltas)),
+                     mean_std_text(*mean_std(e.test_deltas)), f"{wins}/{len(e.test_deltas)}", *by_shots])
+    return table_html(["hyperparameter", "difference", "with these fixed", "pairs", "Δ val acc", "Δ test acc",
+                       "first better (test)", *[f"Δ test at {shots_text(k)}" for k in shots]], rows,
+                      "Matched comparisons: each pair is two trials of the same dataset, shots and seed that differ "
+                      "only in this hyperparameter (every other one equal, including those the sweep did not vary); "
+                      "Δ = first − second in percentage points, mean ± std over the pairs, pooled over datasets, shot "
+                      "counts and seeds, then the mean per shot count. A difference holds for the settings in 'with "
+                      "these fixed' only.", "numbers effects")
 
 
 def section_sweep(data: ReportData) -> str:
     if not data.finished_trials:
         return empty_note("No finished trials: nothing to say about hyperparameters yet.")
-    effects = hyperparameter_effects(data.finished_trials)
-    parts = []
+    trials = data.finished_trials
+    effects, unmatched = matched_effects(trials)
+    parts = [f"<p>{len(trials)} finished trials of a {escape(data.search)} search "
+             f"(<small>{escape(data.search_source)}</small>).</p>"]
     uri = effects_figure(effects)
     if uri is None:
-        parts.append(empty_note("The sweep varied no hyperparameter within a dataset × shots × seed setting."))
+        parts.append(empty_note("The sweep varied no hyperparameter with everything else fixed (same dataset, shots, "
+                                "seed and other hyperparameters): there is no matched comparison to show."))
     else:
-        parts.append(figure_html(uri, "Accuracy against each hyperparameter",
-                                 "Test accuracy of each trial minus the mean of its dataset × shots × seed setting, "
-                                 "by the value of each hyperparameter the sweep varied (boxes over all settings)."))
-        rows = []
-        for key, values in effects.items():
-            for effect in values:
-                rows.append([HYPERPARAMETER_NAMES.get(key, key), value_name(key, effect.value),
-                             str(len(effect.test_deltas)), difference_text(mean_std(effect.val_deltas)[0]),
-                             difference_text(mean_std(effect.test_deltas)[0])])
-        parts.append(table_html(["hyperparameter", "value", "trials", "Δ val acc", "Δ test acc"], rows,
-                                "Mean accuracy difference to the setting mean (percentage points)", "numbers"))
-    importances, why = param_importances(data.finished_trials, list(effects))
+        parts.append(figure_html(uri, "Matched accuracy differences per hyperparameter against shots",
+                                 "Test-accuracy difference (percentage points) between trials that differ only in "
+                                 "one hyperparameter (same dataset, shots, seed and all other hyperparameters), mean "
+                                 "± std over the pairs at each shot count, one line per comparison; the settings "
+                                 "held fixed in parentheses."))
+        parts.append(effects_table(effects))
+    for keys in unmatched:
+        parts.append(f'<p class="note">{escape(factor_name(keys))}: no two trials differ in it alone (same dataset, '
+                     "shots, seed and other hyperparameters), so its effect cannot be told apart from the others'; "
+                     "a grid over it would.</p>")
+    covering, left_out = importance_trials(trials)
+    keys = varied_hyperparameters(covering)
+    if not covering:
+        parts.append(empty_note("Parameter importances: not computed. All the trials come from "
+                                f"{'Optuna TPE' if data.search == 'optuna' else data.search} sampling, which "
+                                "concentrates on the regions it found good; fANOVA assumes trials that cover the "
+                                "space. Run a grid or random sweep for importances."))
+        return "\n".join(parts)
+    importances, why = param_importances(covering, keys)
     if importances is None:
         parts.append(empty_note(f"Parameter importances: not computed ({why})."))
     else:
-        search = data.params.sweep.search
         parts.append(table_html(
             ["hyperparameter", "importance"], [[k, f"{v:.3f}"] for k, v in importances.items()],
-            f"fANOVA importances (optuna.importance, seed 0) on an Optuna study rebuilt from the "
-            f"{len(data.finished_trials)} finished trials of this {search} sweep; objective: val accuracy "
-            "minus its dataset × shots × seed mean.", "numbers"))
+            f"fANOVA importances (optuna.importance, seed 0) on an Optuna study rebuilt from the {len(covering)} "
+            "finished grid/random-search trials; objective: val accuracy minus its dataset × shots × seed mean. "
+            "Hyperparameters the sweep only changed together share one importance"
+            + (f"; {left_out}." if left_out else "."), "numbers"))
     return "\n".join(parts)
 
 
@@ -245,8 +391,9 @@ def header_html(data: ReportData) -> str:
     rows = [
         ["backbone", f"{params.backbone.arch} / {pretrained or 'random weights'}"],
         ["datasets", ", ".join(params.data.datasets)],
-        ["shots × seeds", f"{params.data.shots} × {params.data.seeds}"],
-        ["search", f"{params.sweep.search}, {len(data.trial_rows)} trials ("
+        ["shots, seeds", f"shots {', '.join(map(str, params.data.shots))}; seeds "
+                         f"{', '.join(map(str, params.data.seeds))}"],
+        ["search", f"{data.search}, {len(data.trial_rows)} trials ("
                    + ", ".join(f"{n} {s.lower()}" for s, n in sorted(states.items())) + ")"],
         ["results", f"{data.results_dir} · {data.baselines_dir}"],
         ["MLflow", f"{params.tracking.uri}, experiment {params.tracking.experiment}"],
@@ -263,7 +410,7 @@ def header_html(data: ReportData) -> str:
 def render(data: ReportData) -> str:
     """The whole page: header, table of contents and the five sections."""
     sections = [
-        ("accuracy", "Accuracy against shots", section_shots(data)),
+        ("accuracy", "Test accuracy per dataset and against shots", section_shots(data)),
         ("published", "Our 16-shot results next to the published ones", section_published(data)),
         ("domain", "Domain generalisation", section_domain(data)),
         ("words", "Interpreting the learned contexts", section_words(data)),

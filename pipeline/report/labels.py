@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 from pipeline.evaluate.methods import ENSEMBLE, PROBE, ZERO_SHOT
 
 METHOD_NAMES = {ZERO_SHOT: "Zero-shot CLIP", ENSEMBLE: "Zero-shot CLIP (prompt ensemble)", PROBE: "Linear probe CLIP"}
+# The report's own series: per dataset x shots, the CoOp configuration with the best seed-averaged val accuracy.
+COOP_BEST = "coop-best-by-val"
+COOP_BEST_NAME = "CoOp, best configuration by val"
 # Linear-probe rows are one series per protocol (baselines.csv's `protocol`): its method is "linear-probe/<protocol>".
 # The page's short name of each protocol in params.BaselineParams.PROTOCOLS (which describes them).
 PROBE_PROTOCOL_NAMES = {"lpclip": "official lpclip protocol", "grid": "our C grid on augmented views"}
@@ -29,7 +33,14 @@ def method_name(method: str) -> str:
     if is_probe(method):
         protocol = method.partition("/")[2]
         return f"{METHOD_NAMES[PROBE]} ({PROBE_PROTOCOL_NAMES.get(protocol, protocol) or 'protocol not recorded'})"
+    if method == COOP_BEST:
+        return COOP_BEST_NAME
     return METHOD_NAMES.get(method, method)
+
+
+def shots_text(shots: int) -> str:
+    """'1 shot', '16 shots'; 0 is zero-shot."""
+    return "0 shots (zero-shot)" if shots == 0 else f"{shots} shot" + ("" if shots == 1 else "s")
 
 
 def variant_label(row: dict[str, Any]) -> str:
@@ -45,3 +56,32 @@ def value_name(key: str, value: Any) -> str:
     if key == "csc":
         return "CSC" if value else "unified"
     return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+def setting_text(key: str, value: Any) -> str:
+    """A hyperparameter and its value in a few words, understandable without the column name ('M=16', 'CSC',
+    'random init', 'lr 0.002'): how the page says what a comparison holds fixed."""
+    if key == "n_ctx":
+        return f"M={value}"
+    if key == "ctx_init":
+        return f"init '{value}'" if value else "random init"
+    if key == "csc":
+        return value_name(key, value)
+    if key == "class_token_position":
+        return f"class token at {value}"
+    if key == "epochs":
+        return f"{value} epochs"
+    if key == "lr":
+        return f"lr {value_name(key, value)}"
+    return value_name(key, value)
+
+
+def settings_text(keys: Sequence[str], values: Sequence[Any]) -> str:
+    """Several hyperparameters' values, comma-separated ('M=4, init 'a photo of a'')."""
+    return ", ".join(setting_text(k, v) for k, v in zip(keys, values, strict=True))
+
+
+def factor_name(keys: Sequence[str]) -> str:
+    """The page's name of one hyperparameter, or of several that the sweep only ever changed together."""
+    names = [HYPERPARAMETER_NAMES.get(k, k) for k in keys]
+    return names[0] if len(names) == 1 else " + ".join(names) + " (always changed together)"

@@ -1,4 +1,5 @@
-"""The report's numbers: mean ± std over seeds, the best configuration per CoOp variant, hyperparameter effects."""
+"""The report's numbers: mean ± std and 95% CI over seeds, the val-selected configurations, matched hyperparameter
+comparisons."""
 
 from __future__ import annotations
 
@@ -12,10 +13,12 @@ from statistics import fmean, pstdev
 from typing import Any, NamedTuple
 
 from pipeline.evaluate.methods import COOP, PROBE
-from pipeline.report.labels import HYPERPARAMETER_NAMES, METHOD_NAMES, probe_method, variant_label
+from pipeline.report.labels import COOP_BEST, HYPERPARAMETER_NAMES, METHOD_NAMES, probe_method, variant_label
 
 # The hyperparameters whose effect the sweep section shows, where the sweep varied them.
 HYPERPARAMETERS = ("n_ctx", "ctx_init", "csc", "class_token_position", "lr", "epochs", "precision")
+# Searches whose trials cover the space evenly enough for fANOVA (Optuna's TPE concentrates on good regions).
+COVERING_SEARCHES = ("grid", "random")
 
 
 def number_or_nan(value: str | None) -> float:
@@ -34,6 +37,19 @@ def mean_std(values: Iterable[float]) -> tuple[float, float, int]:
     return fmean(finite), pstdev(finite), len(finite)
 
 
+def ci95(std: float, n: int) -> float:
+    """Half-width of the 95% confidence interval as CoOp's parse_test_res.py --ci95 computes it: 1.96 times the
+    population std (numpy's default ddof=0) over sqrt(n). NaN for fewer than two values (no spread to speak of)."""
+    return 1.96 * std / math.sqrt(n) if n > 1 and math.isfinite(std) else math.nan
+
+
+def value_order(value: Any) -> tuple[int, Any]:
+    """Sort key of hyperparameter values: numbers numerically (4 before 16), then strings; NaN/None first."""
+    if isinstance(value, (bool, int, float)) and not (isinstance(value, float) and math.isnan(value)):
+        return (1, float(value))
+    return (0, "") if value is None or isinstance(value, float) else (2, str(value))
+
+
 @dataclass
 class AccuracyPoint:
     """One point of a curve: mean ± std over seeds of one method's test accuracy at one dataset x shots."""
@@ -46,26 +62,48 @@ class AccuracyPoint:
     n: int
     config: str = ""
     trial_keys: list[str] = field(default_factory=list)
+    val_mean: float = math.nan  # the seed-averaged val accuracy the configuration was selected on (CoOp only)
+
+    @property
+    def ci95(self) -> float:
+        return ci95(self.std, self.n)
+
+
+def best_by_val(members: Sequence[dict[str, Any]], label: Any) -> dict[Any, list[dict[str, Any]]]:
+    """Group `members` by label(trial) + config and keep, per label, the configuration with the best
+    seed-averaged val accuracy; a configuration with more finished seeds wins over one with fewer (as the
+    sweep's summary.csv selects)."""
+    groups: dict[tuple[Any, str], list[dict[str, Any]]] = defaultdict(list)
+    for t in members:
+        groups[(label(t), t["config"])].append(t)
+    best: dict[Any, tuple[tuple[int, float], list[dict[str, Any]]]] = {}
+    for (key, _), group in groups.items():
+        val = mean_std(m["val_acc"] for m in group)[0]
+        score = (len(group), val if math.isfinite(val) else -math.inf)
+        if key not in best or score > best[key][0]:
+            best[key] = (score, group)
+    return {key: group for key, (_, group) in best.items()}
+
+
+def selected_point(method: str, group: Sequence[dict[str, Any]]) -> AccuracyPoint:
+    """The test accuracy (mean ± std over seeds) of one selected configuration's trials."""
+    first = group[0]
+    mean, std, n = mean_std(m["test_acc"] for m in group)
+    return AccuracyPoint(method, first["dataset"], first["shots"], mean, std, n, first["config"],
+                         [m["trial_key"] for m in group], mean_std(m["val_acc"] for m in group)[0])
 
 
 def coop_points(trials: Sequence[dict[str, Any]]) -> list[AccuracyPoint]:
     """Per dataset x shots x variant, the configuration with the best mean val accuracy (most seeds first)."""
-    groups: dict[tuple[str, int, str, str], list[dict[str, Any]]] = defaultdict(list)
-    for t in trials:
-        groups[(t["dataset"], t["shots"], variant_label(t), t["config"])].append(t)
-    best: dict[tuple[str, int, str], tuple[tuple[int, float], list[dict[str, Any]]]] = {}
-    for (dataset, shots, variant, _), members in groups.items():
-        val = mean_std(m["val_acc"] for m in members)[0]
-        score = (len(members), val if math.isfinite(val) else -math.inf)
-        key = (dataset, shots, variant)
-        if key not in best or score > best[key][0]:
-            best[key] = (score, members)
-    out = []
-    for (dataset, shots, variant), (_, members) in sorted(best.items()):
-        mean, std, n = mean_std(m["test_acc"] for m in members)
-        out.append(AccuracyPoint(variant, dataset, shots, mean, std, n, members[0]["config"],
-                                 [m["trial_key"] for m in members]))
-    return out
+    best = best_by_val(trials, lambda t: (t["dataset"], t["shots"], variant_label(t)))
+    return [selected_point(variant, group) for (_, _, variant), group in sorted(best.items())]
+
+
+def best_config_points(trials: Sequence[dict[str, Any]]) -> list[AccuracyPoint]:
+    """Per dataset x shots, the one CoOp configuration (any variant) with the best seed-averaged val accuracy:
+    the series COOP_BEST, each point naming its configuration."""
+    best = best_by_val(trials, lambda t: (t["dataset"], t["shots"]))
+    return [selected_point(COOP_BEST, group) for _, group in sorted(best.items())]
 
 
 def baseline_points(rows: Sequence[dict[str, str]]) -> list[AccuracyPoint]:
@@ -91,21 +129,29 @@ def average_points(points: Sequence[AccuracyPoint], datasets: Sequence[str]) -> 
     return out
 
 
-def best_context_trials(trials: Sequence[dict[str, Any]]) -> dict[str, dict[str, Any]]:
-    """For each dataset, the trial whose learned context the page interprets: the best by val at the
-    dataset's largest shot count, unified contexts preferred (one row of words per position, as in the
-    paper's interpretation table)."""
+class ContextChoice(NamedTuple):
+    """The learned contexts the page interprets for one dataset, at its largest shot count."""
+
+    best: dict[str, Any]  # the trial with the highest val accuracy, CSC or not
+    best_unified: dict[str, Any] | None  # the best unified one when `best` is CSC (one row of words per position)
+
+
+def best_context_trials(trials: Sequence[dict[str, Any]]) -> dict[str, ContextChoice]:
+    """For each dataset, the trial with the best val accuracy at the dataset's largest shot count (equal val:
+    the lower seed) and, when that one is class-specific, also the best unified one."""
     by_dataset: dict[str, list[dict[str, Any]]] = defaultdict(list)
     for t in trials:
         by_dataset[t["dataset"]].append(t)
-    out: dict[str, dict[str, Any]] = {}
+    out: dict[str, ContextChoice] = {}
     for dataset, members in sorted(by_dataset.items()):
         top = max(m["shots"] for m in members)
-        candidates = [m for m in members if m["shots"] == top]
-        unified = [m for m in candidates if not m["csc"]]
-        finite = [m for m in (unified or candidates) if math.isfinite(m["val_acc"])]
-        if finite:
-            out[dataset] = max(finite, key=lambda m: (m["val_acc"], -m["seed"]))
+        finite = [m for m in members if m["shots"] == top and math.isfinite(m["val_acc"])]
+        if not finite:
+            continue
+        best = max(finite, key=lambda m: (m["val_acc"], -m["seed"]))
+        unified = [m for m in finite if not m["csc"]]
+        best_unified = max(unified, key=lambda m: (m["val_acc"], -m["seed"])) if best["csc"] and unified else None
+        out[dataset] = ContextChoice(best, best_unified)
     return out
 
 
@@ -142,41 +188,96 @@ def domain_shift_table(rows: Sequence[dict[str, str]]) -> DomainShiftTable | Non
     return DomainShiftTable(source, targets, coop_shots, accuracy, target_average)
 
 
-class ValueEffect(NamedTuple):
-    """The trials with one value of a hyperparameter: their accuracies minus their setting's mean."""
-
-    value: Any
-    val_deltas: list[float]
-    test_deltas: list[float]
-
-
-def hyperparameter_effects(trials: Sequence[dict[str, Any]]) -> dict[str, list[ValueEffect]]:
-    """For each hyperparameter the sweep really varied (within some dataset x shots x seed): per value, the
-    trials' val and test accuracy relative to the mean of their dataset x shots x seed group."""
+def varied_hyperparameters(trials: Sequence[dict[str, Any]]) -> list[str]:
+    """The HYPERPARAMETERS that take more than one value within some dataset x shots x seed setting (the
+    epochs of CoOp's per-shot schedule change between shot counts only: not varied)."""
     groups: dict[tuple[str, int, int], list[dict[str, Any]]] = defaultdict(list)
     for t in trials:
         groups[(t["dataset"], t["shots"], t["seed"])].append(t)
-    varied = [k for k in HYPERPARAMETERS if any(len({json.dumps(m[k]) for m in g}) > 1 for g in groups.values())]
-    out: dict[str, list[ValueEffect]] = {}
-    for key in varied:
-        by_value: dict[str, ValueEffect] = {}
-        for members in groups.values():
-            if len({json.dumps(m[key]) for m in members}) < 2:
-                continue  # this group says nothing about `key`
-            val_mean = mean_std(m["val_acc"] for m in members)[0]
-            test_mean = mean_std(m["test_acc"] for m in members)[0]
-            for m in members:
-                effect = by_value.setdefault(json.dumps(m[key]), ValueEffect(m[key], [], []))
-                effect.val_deltas.append(m["val_acc"] - val_mean)
-                effect.test_deltas.append(m["test_acc"] - test_mean)
-        out[key] = sorted(by_value.values(), key=lambda e: str(e.value))
-    return out
+    return [k for k in HYPERPARAMETERS if any(len({json.dumps(m[k]) for m in g}) > 1 for g in groups.values())]
+
+
+@dataclass
+class MatchedEffect:
+    """Matched comparisons of one hyperparameter value against another: pairs of trials with the same dataset,
+    shots and seed and the same value of every other hyperparameter; deltas are value minus reference."""
+
+    keys: tuple[str, ...]  # the hyperparameter, or twins the sweep only changed together (n_ctx and ctx_init)
+    value: tuple[Any, ...]
+    reference: tuple[Any, ...]
+    condition: tuple[tuple[str, Any], ...]  # the other varied hyperparameters' values, the same in every pair
+    val_deltas: list[float] = field(default_factory=list)
+    test_deltas: list[float] = field(default_factory=list)
+    shots: list[int] = field(default_factory=list)  # each pair's shot count
+
+    def test_deltas_at(self, shots: int) -> list[float]:
+        return [d for d, k in zip(self.test_deltas, self.shots, strict=True) if k == shots]
+
+
+def matched_effects(trials: Sequence[dict[str, Any]]) -> tuple[list[MatchedEffect], list[tuple[str, ...]]]:
+    """Every matched comparison the trials allow, and the varied hyperparameters that have none.
+
+    Hyperparameters that mirror each other one to one (independent_keys) are one factor. Within each match
+    (dataset, shots, seed and all other hyperparameters equal) every value is compared with the match's
+    smallest value (value_order: 4 before 16, unified before CSC); the pairs are pooled per value, reference
+    and condition, so each difference is stated only for the settings it was measured in.
+    """
+    varied = varied_hyperparameters(trials)
+    effects: dict[tuple[str, ...], MatchedEffect] = {}
+    unmatched: list[tuple[str, ...]] = []
+    for lead, twins in independent_keys(trials, varied).items():
+        keys = (lead, *twins)
+        others = [k for k in HYPERPARAMETERS if k not in keys]
+        shown = [k for k in varied if k not in keys]
+        matches: dict[str, dict[str, list[dict[str, Any]]]] = defaultdict(lambda: defaultdict(list))
+        for t in trials:
+            match = json.dumps([t["dataset"], t["shots"], t["seed"], *(t[k] for k in others)])
+            matches[match][json.dumps([t[k] for k in keys])].append(t)
+        found = False
+        for by_value in matches.values():
+            if len(by_value) < 2:
+                continue
+            found = True
+            groups = sorted(by_value.values(), key=lambda g: [value_order(g[0][k]) for k in keys])
+            reference = groups[0]
+            condition = tuple((k, reference[0][k]) for k in shown)
+            for group in groups[1:]:
+                value = tuple(group[0][k] for k in keys)
+                ref_value = tuple(reference[0][k] for k in keys)
+                effect = effects.setdefault(json.dumps([keys, value, ref_value, condition]),
+                                            MatchedEffect(keys, value, ref_value, condition))
+                for metric, deltas in (("val_acc", effect.val_deltas), ("test_acc", effect.test_deltas)):
+                    deltas.append(mean_std(m[metric] for m in group)[0] - mean_std(m[metric] for m in reference)[0])
+                effect.shots.append(reference[0]["shots"])
+        if not found:
+            unmatched.append(keys)
+
+    def order(e: MatchedEffect) -> list[Any]:
+        return [varied.index(e.keys[0]), [value_order(v) for _, v in e.condition],
+                [value_order(v) for v in e.value], [value_order(v) for v in e.reference]]
+
+    return sorted(effects.values(), key=order), unmatched
+
+
+def importance_trials(trials: Sequence[dict[str, Any]]) -> tuple[list[dict[str, Any]], str]:
+    """The trials fANOVA may use (those of a grid or random search: its importances assume the trials cover
+    the space) and, when some are left out, a sentence saying which and why."""
+    covering = [t for t in trials if t.get("search") in COVERING_SEARCHES]
+    left_out = defaultdict(int)
+    for t in trials:
+        if t.get("search") not in COVERING_SEARCHES:
+            left_out[t.get("search") or "unknown"] += 1
+    if not left_out:
+        return covering, ""
+    counts = ", ".join(f"{n} {'Optuna TPE' if s == 'optuna' else s}" for s, n in sorted(left_out.items()))
+    return covering, (f"left out: {counts} trials (fANOVA assumes trials that cover the space, as a grid or random "
+                      "search draws them; a TPE search concentrates on the regions it found good)")
 
 
 def param_importances(trials: Sequence[dict[str, Any]], keys: Sequence[str]) -> tuple[dict[str, float] | None, str]:
     """fANOVA importances over an Optuna study rebuilt from the trials (objective: val acc minus its
     dataset x shots x seed mean, so differences between datasets and shot counts do not count). A key that
-    mirrors another one to one is reported under the other's name as "a = b". (None, why) when not computed."""
+    mirrors another one to one is reported under the other's name as "a + b". (None, why) when not computed."""
     if not keys:
         return None, "the sweep varied no hyperparameter"
     import optuna
@@ -207,7 +308,7 @@ def param_importances(trials: Sequence[dict[str, Any]], keys: Sequence[str]) -> 
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             importances = get_param_importances(study, evaluator=FanovaImportanceEvaluator(seed=0))
-        names = {k: " = ".join(HYPERPARAMETER_NAMES.get(x, x) for x in [k, *twins[k]]) for k in importances}
+        names = {k: " + ".join(HYPERPARAMETER_NAMES.get(x, x) for x in [k, *twins[k]]) for k in importances}
         return {names[k]: v for k, v in importances.items()}, ""
     except (RuntimeError, ValueError, ZeroDivisionError) as error:
         return None, f"fANOVA could not be computed ({error})"
