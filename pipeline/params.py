@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -19,6 +20,8 @@ from pipeline.errors import UserError
 OFFICIAL_FP16 = "fp16-official"
 PRECISIONS = ("fp32", "bf16", "fp16", "amp", OFFICIAL_FP16)  # train.precision (engine.prompt.compute_dtype)
 SEARCHES = ("grid", "random", "optuna")  # sweep.search (pipeline/sweep/plan.py, searchers.py)
+# sweep.name (--name): a folder under sweep.storage and an MLflow run name, so a plain file name
+SWEEP_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
 ONLINE_VIEWS = "online"  # features.views of the exact official augmentation: fresh crops every epoch, none cached
 
 
@@ -253,6 +256,10 @@ def _validate(p: Params) -> None:
         raise ParamsError(f"train.epochs must be >= 1 or null, got {p.train.epochs}")
     if p.sweep.search not in SEARCHES:
         raise ParamsError(f"sweep.search must be one of {', '.join(SEARCHES)}, got {p.sweep.search!r}")
+    if p.sweep.name is not None and not SWEEP_NAME.fullmatch(p.sweep.name):
+        raise ParamsError(f"sweep.name (--name) {p.sweep.name!r} is not a plain name: use up to 100 letters, "
+                          "digits, '.', '_' or '-', starting with a letter or digit (it names a folder under "
+                          "sweep.storage)")
     for key in p.sweep.space:
         if key not in SweepParams.SPACE_KEYS:
             raise ParamsError(

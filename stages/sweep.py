@@ -19,7 +19,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 from pipeline import cli
-from pipeline.params import ONLINE_VIEWS, SEARCHES
+from pipeline.params import ONLINE_VIEWS, SEARCHES, SWEEP_NAME, ParamsError
 
 if TYPE_CHECKING:
     from pipeline.params import Params
@@ -75,7 +75,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="MLflow tracking URI, e.g. http://host:5000 or sqlite:///mlflow.db (relative SQLite paths are made "
         "absolute) (default: MLFLOW_TRACKING_URI, else tracking.uri)",
     )
-    parser.add_argument("--name", help="Ray Tune experiment name (default: sweep.name, else <search>-<timestamp>)")
+    parser.add_argument(
+        "--name", metavar="NAME",
+        help="a name for this sweep: letters, digits, '.', '_', '-' (its folder under sweep.storage and its MLflow "
+        "parent run; `python -m pipeline.tools.sweeps` lists them); a name already used needs --resume NAME "
+        "(default: sweep.name, else <search>-<timestamp>)",
+    )
     asha = parser.add_mutually_exclusive_group()
     asha.add_argument("--asha", dest="asha", action="store_true", default=None,
                       help="early-stop weak trials with ASHA on val_acc (needs train.eval_every > 0) (default: sweep.asha)")
@@ -85,8 +90,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="print the trials the sweep would run (optuna: the configurations it may choose from) and their "
         "count, then exit; starts nothing",
     )
-    parser.add_argument("--quiet", action="store_true",
-                        help="no Ray Tune progress table, warnings only (overrides --log-level)")
+    console = parser.add_mutually_exclusive_group()
+    console.add_argument("--quiet", action="store_true",
+                         help="no progress line or end table, warnings only (overrides --log-level)")
+    console.add_argument("--ray-tables", action="store_true",
+                         help="also print Ray Tune's own tables (each trial's config and result, status every 30 s) "
+                         "besides the progress line")
     return parser
 
 
@@ -123,6 +132,9 @@ def run(args: argparse.Namespace, params: Params | None) -> int:
     if args.quiet:
         logging.getLogger().setLevel(logging.WARNING)
     params = with_flags(params, args)
+    if args.resume not in (None, "latest") and not SWEEP_NAME.fullmatch(args.resume):
+        raise ParamsError(f"--resume {args.resume!r} is not a sweep name (letters, digits, '.', '_', '-'); "
+                          "`python -m pipeline.tools.sweeps` lists the sweeps")
     if args.num_samples is not None and params.sweep.search == "grid" and not args.resume:
         log.info("grid runs every distinct configuration once; --num-samples is ignored")
     if args.dry_run:
@@ -133,7 +145,7 @@ def run(args: argparse.Namespace, params: Params | None) -> int:
     if hasattr(signal, "SIGUSR1"):
         signal.signal(signal.SIGTERM, _terminate_like_interrupt)
     outcome = run_sweep(params, SweepOptions(resume=args.resume, tracking_uri=args.tracking_uri,
-                                             verbose=0 if args.quiet else 1))
+                                             verbose=0 if args.quiet else 2 if args.ray_tables else 1))
     if outcome.interrupted:
         return EXIT_INTERRUPTED
     if outcome.counts.get("failed"):

@@ -30,7 +30,7 @@ def write_params(folder: Path, name: str, **sections: dict) -> Path:
 def test_help_explains_every_flag() -> None:
     text = build_parser().format_help()
     for flag in ("--params", "--log-level", "--search", "--num-samples", "--max-concurrent", "--address", "--resume",
-                 "--tracking-uri", "--name", "--asha", "--no-asha", "--dry-run", "--quiet"):
+                 "--tracking-uri", "--name", "--asha", "--no-asha", "--dry-run", "--quiet", "--ray-tables"):
         assert flag in text
     assert "optuna" in text and "Ray" in text and "MLflow" in text and "exit status" in text
     parser = build_parser()
@@ -113,3 +113,66 @@ def test_python_m_pipeline_sweep_is_the_same_command(tmp_path: Path) -> None:
     bad = subprocess.run([sys.executable, "-m", "pipeline.sweep", "--params", str(tmp_path / "none.yaml")],
                          cwd=REPO, capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and "does not exist" in bad.stderr
+
+
+def test_a_sweep_name_must_be_plain_and_new(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    params = write_params(tmp_path, "named")
+    for flag in ("--name", "--resume"):
+        for bad in ("../elsewhere", "a b", ".hidden", "x" * 101):
+            caplog.clear()
+            assert main(["--params", str(params), flag, bad, "--dry-run"]) == 2, (flag, bad)
+            assert repr(bad) in caplog.text and "letters, digits" in caplog.text
+    assert main(["--params", str(params), "--name", "paper-rn50_v1.2", "--dry-run"]) == 0
+    caplog.clear()
+    (tmp_path / "ray" / "taken").mkdir(parents=True)  # an earlier sweep's Ray Tune folder (sweep.storage)
+    assert main(["--params", str(params), "--name", "taken"]) == 2
+    assert "a sweep named 'taken' already exists" in caplog.text and "--resume taken" in caplog.text
+    assert not (tmp_path / "mlflow.db").exists()  # refused before tracking, Ray or the features were touched
+
+
+@pytest.mark.slow
+def test_ctrl_c_stops_a_real_sweep_with_one_resume_instruction(demo_ws) -> None:
+    """SIGINT to the process group of a running `python -m pipeline.sweep`, as Ctrl-C in a terminal sends it."""
+    import os
+    import signal
+    import time
+
+    from mlflow import MlflowClient
+    from sweep_helpers import stop_group, wait_for
+
+    root = demo_ws.root / "sigint"
+    uri = f"sqlite:///{root}/mlflow.db"
+    params = demo_ws.params(
+        "sigint", data={"shots": [1]}, train={"epochs": 300, "eval_every": 0},
+        sweep={"space": {"n_ctx": [4, 8]}, "max_concurrent": 1, "storage": str(root / "ray"),
+               "results_dir": str(root / "results"), "name": "interrupted"},
+        tracking={"uri": uri, "experiment": "sigint"},
+    )
+
+    def a_trial_finished() -> bool:
+        try:
+            client = MlflowClient(uri)
+            experiment = client.get_experiment_by_name("sigint")
+            runs = client.search_runs([experiment.experiment_id]) if experiment else []
+        except Exception:  # the database is still being created
+            return False
+        return any(r.info.status == "FINISHED" and "mlflow.parentRunId" in r.data.tags for r in runs)
+
+    root.mkdir(parents=True, exist_ok=True)
+    with (root / "out.txt").open("w") as out, (root / "err.txt").open("w") as err:
+        proc = subprocess.Popen([sys.executable, "-m", "pipeline.sweep", "--params", str(params)], cwd=REPO,
+                                stdout=out, stderr=err, start_new_session=True)
+        try:
+            wait_for(lambda: a_trial_finished() or proc.poll() is not None, 240, 1.0, "a finished trial")
+            assert proc.poll() is None, (root / "err.txt").read_text()[-3000:]
+            os.killpg(proc.pid, signal.SIGINT)
+            start = time.monotonic()
+            status = proc.wait(120)
+        finally:
+            stop_group(proc)
+    console = (root / "out.txt").read_text() + (root / "err.txt").read_text()
+    assert status == 130, console[-3000:]
+    assert time.monotonic() - start < 120
+    assert "continue it with: python -m pipeline.sweep --resume interrupted" in console
+    assert "Tuner.restore" not in console and "Resume experiment with" not in console  # one instruction, ours
+    assert "trials done" in console and "not done" in console  # the progress line's last word

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
 import math
 import os
 import signal
@@ -156,7 +157,7 @@ def test_interrupted_sweep_resumes_without_duplicates(demo_ws: DemoWorkspace,
 
 
 @pytest.mark.slow
-def test_optuna_sweep_end_to_end(demo_ws: DemoWorkspace, ray_session: Any) -> None:
+def test_optuna_sweep_end_to_end(demo_ws: DemoWorkspace, ray_session: Any, caplog: pytest.LogCaptureFixture) -> None:
     root = demo_ws.root / "optuna"
     space = {"n_ctx": [4, 8], "ctx_init": ["", WORDS], "csc": [False, True], "lr": [0.002, 0.02]}
     params_path = demo_ws.params(
@@ -168,8 +169,16 @@ def test_optuna_sweep_end_to_end(demo_ws: DemoWorkspace, ray_session: Any) -> No
         tracking={"uri": f"sqlite:///{root}/mlflow.db", "experiment": "opt"},
     )
     params = load_params(params_path)
-    outcome = run_sweep(params, SweepOptions(verbose=0))
+    with caplog.at_level(logging.INFO):
+        outcome = run_sweep(params, SweepOptions(verbose=0, progress_every_s=0))  # a progress line every step
     assert outcome.counts["total"] == 6 and outcome.counts["finished"] == 6 and not outcome.interrupted
+
+    # The console: progress lines with an ETA once a trial ended, a last line, the best-by-validation table.
+    progress = [r.getMessage() for r in caplog.records if r.name == "pipeline.sweep.callbacks"]
+    assert any(" waiting; " in line and ", ETA " in line for line in progress)
+    assert progress[-1].startswith(f"sweep {outcome.name}: 6/6 trials done (0 failed), 0 running, 0 waiting;")
+    assert progress[-1].endswith("all ended")
+    (table,) = [r.getMessage() for r in caplog.records if r.getMessage().startswith("best configuration per dataset")]
 
     rows = read_csv(root / "res" / "trials.csv")
     assert len(rows) == 6 and len({r["trial_key"] for r in rows}) == 6
@@ -242,6 +251,10 @@ def test_optuna_sweep_end_to_end(demo_ws: DemoWorkspace, ray_session: Any) -> No
         assert [m["best"] for m in members].count("True") == 1 and best["best"] == "True"
         entry = metrics[f"{dataset}-{shots}shot.json"]
         assert entry["val_acc"] == float(best["val_acc_mean"]) and entry["test_acc"] == float(best["test_acc_mean"])
+    best_rows = sorted(((s["dataset"], s["shots"], s["config"], s["n_seeds"]) for s in summary if s["best"] == "True"),
+                       key=lambda row: (row[0], int(row[1])))
+    table_rows = [[c.strip() for c in line.split("  ") if c.strip()] for line in table.splitlines()[2:]]
+    assert [tuple(row[:4]) for row in table_rows] == best_rows  # the end table is summary.csv's best rows
     plots = read_csv(root / "res" / "plots.csv")
     assert sorted((p["dataset"], p["config"], p["shots"]) for p in plots) == sorted(
         (s["dataset"], s["config"], s["shots"]) for s in summary)  # one row each, no repeats for the best

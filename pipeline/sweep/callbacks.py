@@ -1,17 +1,58 @@
-"""A Ray Tune callback that tells trials which ended (finished or early-stopped) from trials an interrupt cut off.
+"""The sweep's console on Ray Tune: which trials ended, a progress line, one resume hint, the end-of-sweep table.
 
-After an interrupted fit, Ray marks every trial TERMINATED; only trials that went through Tune's stop path
-(`on_trial_complete`) really ended. Tuner.restore brings back a pickled copy of the callback, so each copy
-registers itself under its experiment name when the session starts, and the driver looks it up there.
+EndWatcher: after an interrupted fit, Ray marks every trial TERMINATED; only trials that went through Tune's
+stop path (`on_trial_complete`) really ended. Tuner.restore brings back a pickled copy of each callback, so a
+copy registers itself under its experiment name when the session starts, and the driver looks it up there;
+every callback resets its state in `setup` for the same reason.
+
+ProgressLog: one log line every `every_s` seconds (and one at the end) with the trials done, failed, running
+and waiting out of the sweep's total, the time elapsed and an ETA from the durations of the trials that ended
+in this session; it replaces Ray Tune's own per-trial tables on the console.
+
+RayResumeHint: on an interrupt Ray logs "Resume experiment with: Tuner.restore(...)", a Python call our users
+never make; the sweep's own warning names the command (`--resume NAME`), so Ray's line is dropped.
 """
 
 from __future__ import annotations
 
-from typing import Any
+import contextlib
+import logging
+import math
+import statistics
+import time
+from collections.abc import Iterator, Sequence
+from typing import TYPE_CHECKING, Any
 
 from ray.tune import Callback
 
+if TYPE_CHECKING:
+    from pipeline.sweep.results import ConfigSummary
+
+log = logging.getLogger(__name__)
+
 WATCHERS: dict[str, EndWatcher] = {}  # experiment name -> the watcher of the session running in this process
+PROGRESS_EVERY_S = 30.0  # Ray Tune's own status tables came every 30 s too
+DONE_STATES = ("TERMINATED", "ERROR")  # Ray's statuses of a trial that will not run again in this session
+
+
+class RayResumeHint(logging.Filter):
+    """Drops Ray Tune's "Resume experiment with: Tuner.restore(...)" record (see ray_resume_hint_dropped)."""
+
+    LOGGER = "ray.tune.tune"  # where tune.run logs it, at the end of an interrupted fit
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "Tuner.restore(" not in record.getMessage()
+
+
+@contextlib.contextmanager
+def ray_resume_hint_dropped() -> Iterator[None]:
+    """While the block runs (Tuner.fit), Ray's own resume hint is not logged."""
+    logger, hint = logging.getLogger(RayResumeHint.LOGGER), RayResumeHint()
+    logger.addFilter(hint)
+    try:
+        yield
+    finally:
+        logger.removeFilter(hint)
 
 
 class EndWatcher(Callback):
@@ -26,10 +67,145 @@ class EndWatcher(Callback):
 
     def on_step_begin(self, iteration: int, trials: list, **info: Any) -> None:
         if self.ended_before is None:  # trials that a resumed session restored already ended
-            self.ended_before = {t.trial_id for t in trials if t.status in ("TERMINATED", "ERROR")}
+            self.ended_before = {t.trial_id for t in trials if t.status in DONE_STATES}
 
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         self.ended.add(trial.trial_id)
 
     def all_ended(self) -> set[str]:
         return self.ended | (self.ended_before or set())
+
+
+def format_duration(seconds: float) -> str:
+    """'42 s', '3 min 05 s', '2 h 07 min': as precise as a progress line needs."""
+    seconds = max(0, round(seconds))
+    if seconds < 60:
+        return f"{seconds} s"
+    if seconds < 3600:
+        return f"{seconds // 60} min {seconds % 60:02d} s"
+    return f"{seconds // 3600} h {seconds % 3600 // 60:02d} min"
+
+
+def eta_seconds(durations: Sequence[float], running_elapsed: Sequence[float], waiting: int,
+                concurrency: int) -> float | None:
+    """Seconds until the last trial ends, from the mean duration of the trials that ended; None before any did.
+
+    Work left = a mean trial per waiting trial + what a mean trial has left of each running one, shared by
+    `concurrency` slots; never less than what the running trial furthest from its end has left.
+    """
+    if not durations:
+        return None
+    mean = statistics.fmean(durations)
+    left_running = [max(mean - elapsed, 0.0) for elapsed in running_elapsed]
+    work = waiting * mean + sum(left_running)
+    return max(work / max(concurrency, 1), max(left_running, default=0.0))
+
+
+def progress_line(name: str, total: int, done: int, failed: int, running: int, elapsed: float,
+                  eta: float | None, final: bool = False) -> str:
+    """'sweep NAME: 40/135 trials done (2 failed), 2 running, 93 waiting; 3 min 10 s elapsed, ETA 6 min 40 s'.
+
+    `done` counts the trials that ended (finished, early-stopped or failed); trials the searcher has not
+    created yet are waiting. `final`: the line Tune's end gets, which says whether trials were left over.
+    """
+    waiting = max(total - done - running, 0)
+    if done >= total:
+        outlook = "all ended"
+    elif final:
+        outlook = f"stopped with {total - done} trial(s) not done"
+    elif eta is None:
+        outlook = "ETA once a trial has ended"
+    else:
+        outlook = f"ETA {format_duration(eta)}"
+    return (f"sweep {name}: {done}/{total} trials done ({failed} failed), {running} running, {waiting} waiting; "
+            f"{format_duration(elapsed)} elapsed, {outlook}")
+
+
+class ProgressLog(Callback):
+    """Logs `progress_line` every `every_s` seconds while Tune runs, and once when it stops."""
+
+    def __init__(self, name: str, total: int, every_s: float = PROGRESS_EVERY_S) -> None:
+        self.name, self.total, self.every_s = name, total, every_s
+        self._reset()
+
+    def _reset(self) -> None:
+        now = time.monotonic()
+        self.start, self.last_logged = now, now
+        self.started: dict[str, float] = {}  # trial id -> when it started in this session
+        self.durations: list[float] = []  # of the trials that ended in this session
+        # Trials that really ended: Tune's complete/error path, or already ended when a resumed session began
+        # (on an interrupt Ray marks the trials it cut off TERMINATED too, so statuses alone cannot tell).
+        self.ended: set[str] = set()
+        self.failed: set[str] = set()
+        self.ended_before: set[str] | None = None
+        self.most_running = 0  # the concurrency the cluster really gave (max_concurrent or fewer)
+
+    def setup(self, **info: Any) -> None:
+        self._reset()
+
+    def on_step_begin(self, iteration: int, trials: list, **info: Any) -> None:
+        if self.ended_before is None:
+            self.ended_before = {t.trial_id for t in trials if t.status in DONE_STATES}
+            self.failed |= {t.trial_id for t in trials if t.status == "ERROR"}
+
+    def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        self.started.setdefault(trial.trial_id, time.monotonic())  # a retried trial keeps its first start
+
+    def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        self._ended(trial)
+
+    def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        self.failed.add(trial.trial_id)
+        self._ended(trial)
+
+    def _ended(self, trial: Any) -> None:
+        self.ended.add(trial.trial_id)
+        start = self.started.pop(trial.trial_id, None)
+        if start is not None:
+            self.durations.append(time.monotonic() - start)
+
+    def on_step_end(self, iteration: int, trials: list, **info: Any) -> None:
+        running = sum(t.status == "RUNNING" for t in trials)
+        self.most_running = max(self.most_running, running)
+        if time.monotonic() - self.last_logged >= self.every_s:
+            self.log(trials)
+
+    def on_experiment_end(self, trials: list, **info: Any) -> None:
+        self.log(trials, final=True)
+
+    def log(self, trials: Sequence[Any], final: bool = False) -> None:
+        now = time.monotonic()
+        self.last_logged = now
+        done = len(self.ended | (self.ended_before or set()))
+        running = [now - self.started[t.trial_id] for t in trials
+                   if t.status == "RUNNING" and t.trial_id in self.started]
+        total = max(self.total, len(trials))
+        eta = eta_seconds(self.durations, running, max(total - done - len(running), 0), max(self.most_running, 1))
+        log.info("%s", progress_line(self.name, total, done, len(self.failed), 0 if final else len(running),
+                                     now - self.start, eta, final))
+
+
+def mean_std_text(values: Sequence[float], std: bool = True) -> str:
+    """'71.25 ± 1.30' over seeds (population std, as CoOp's result parser), the mean alone for one seed or
+    std=False, '-' when no value is finite."""
+    finite = [v for v in values if v is not None and math.isfinite(v)]
+    if not finite:
+        return "-"
+    mean = f"{statistics.fmean(finite):.2f}"
+    return f"{mean} ± {statistics.pstdev(finite):.2f}" if std and len(finite) > 1 else mean
+
+
+def best_table(summaries: Sequence[ConfigSummary]) -> str:
+    """The best configuration of each dataset x shots (chosen on mean validation accuracy), as a text table."""
+    best = sorted((s for s in summaries if s.best), key=lambda s: (s.dataset, s.shots))
+    if not best:
+        return "no configuration finished: no best configuration to show"
+    rows = [("dataset", "shots", "configuration (best by val)", "seeds", "val acc", "test acc (mean ± std)")]
+    rows += [(s.dataset, str(s.shots), s.label, str(len(s.seeds)), mean_std_text(s.val, std=False),
+              mean_std_text(s.test)) for s in best]
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    right = {1, 3, 4, 5}  # numbers align right
+    lines = ["  ".join(cell.rjust(widths[i]) if i in right else cell.ljust(widths[i]) for i, cell in enumerate(row))
+             .rstrip() for row in rows]
+    return ("best configuration per dataset x shots, chosen on validation accuracy (mean over seeds; test "
+            "accuracy is shown, never used to choose):\n" + "\n".join(lines))

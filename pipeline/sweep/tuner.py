@@ -20,7 +20,7 @@ from pipeline.params import Params
 from pipeline.sweep.cluster import check_ray_address, check_resources, init_ray, resolve_address
 from pipeline.sweep.plan import SweepError, SweepPlan, check_precision, plan_sweep
 from pipeline.sweep.results import ResultFiles, TrialRecord, counts, summarize, write_results
-from pipeline.sweep.resume import SweepState, read_state, write_state
+from pipeline.sweep.resume import SweepState, read_state, state_path, write_state
 from pipeline.sweep.space import CONFIG_KEYS, max_epochs, trial_key
 from pipeline.tracking import (
     NODE_TAG,
@@ -43,7 +43,8 @@ class SweepOptions:
 
     resume: str | None = None  # "latest" or an experiment name
     tracking_uri: str | None = None  # --tracking-uri: outranks MLFLOW_TRACKING_URI, which outranks tracking.uri
-    verbose: int = 1  # Ray Tune's progress output: 0 silent, 1 status table
+    verbose: int = 1  # console: 0 no progress line; 1 our progress line (callbacks.ProgressLog); 2 Ray's tables too
+    progress_every_s: float | None = None  # seconds between progress lines; None: callbacks.PROGRESS_EVERY_S
 
 
 @dataclass
@@ -72,6 +73,12 @@ def run_sweep(params: Params, options: SweepOptions) -> SweepOutcome:
     check_precision(params, plan)
     if state is not None:
         state.check_plan(plan)
+    name = state.name if state is not None else (
+        params.sweep.name or f"{plan.search}-{datetime.now():%Y%m%d-%H%M%S}")
+    experiment_path = storage / name
+    if state is None and (experiment_path.exists() or state_path(storage, name).exists()):
+        raise SweepError(f"a sweep named {name!r} already exists under {storage} (sweep.storage): start this one "
+                         f"with another --name, or continue that one with --resume {name} if it was interrupted")
 
     uri = state.tracking_uri if state is not None else resolve_tracking_uri(options.tracking_uri, params.tracking.uri)
     if state is not None and options.tracking_uri and options.tracking_uri != uri:
@@ -87,13 +94,6 @@ def run_sweep(params: Params, options: SweepOptions) -> SweepOutcome:
     from pipeline.sweep.inputs import load_inputs
 
     inputs = load_inputs(params, plan.triples)
-
-    name = state.name if state is not None else (
-        params.sweep.name or f"{plan.search}-{datetime.now():%Y%m%d-%H%M%S}")
-    experiment_path = storage / name
-    if state is None and experiment_path.exists():
-        raise SweepError(f"a sweep named {name!r} already exists under {storage}; resume it with --resume {name} "
-                         "or choose another --name")
 
     commit = git_commit()
     if state is None:
@@ -228,7 +228,14 @@ def _fit(params: Params, options: SweepOptions, plan: SweepPlan, inputs: Any, pa
     from ray import tune
 
     from pipeline.engine.backbone import worker_weights
-    from pipeline.sweep.callbacks import WATCHERS, EndWatcher
+    from pipeline.sweep.callbacks import (
+        PROGRESS_EVERY_S,
+        WATCHERS,
+        EndWatcher,
+        ProgressLog,
+        best_table,
+        ray_resume_hint_dropped,
+    )
     from pipeline.sweep.contexts import export_contexts
     from pipeline.sweep.searchers import build_searcher
     from pipeline.sweep.trial import (
@@ -261,6 +268,7 @@ def _fit(params: Params, options: SweepOptions, plan: SweepPlan, inputs: Any, pa
         tune.with_parameters(run_trial, settings=settings, features=refs),
         {"cpu": params.sweep.cpus_per_trial, "gpu": params.sweep.gpus_per_trial},
     )
+    every_s = PROGRESS_EVERY_S if options.progress_every_s is None else options.progress_every_s
     fit_start = time.perf_counter()
     if resume:
         if not tune.Tuner.can_restore(str(experiment_path)):
@@ -282,11 +290,12 @@ def _fit(params: Params, options: SweepOptions, plan: SweepPlan, inputs: Any, pa
                 name=name,
                 storage_path=str(experiment_path.parent),
                 failure_config=tune.FailureConfig(max_failures=params.sweep.retries),
-                callbacks=[EndWatcher(name)],
-                verbose=options.verbose,
+                callbacks=[EndWatcher(name), ProgressLog(name, plan.num_samples, every_s)],
+                verbose=1 if options.verbose >= 2 else 0,  # our progress line replaces Ray's per-trial tables
             ),
         )
-    results = tuner.fit()
+    with ray_resume_hint_dropped():  # the warning below names our command, not Tuner.restore
+        results = tuner.fit()
     fit_seconds = time.perf_counter() - fit_start
     watcher = WATCHERS.pop(name, None)
     ended = watcher.all_ended() if watcher is not None else set()
@@ -321,5 +330,6 @@ def _fit(params: Params, options: SweepOptions, plan: SweepPlan, inputs: Any, pa
         log.warning("sweep %s interrupted with %d unfinished trial(s); continue it with: "
                     "python -m pipeline.sweep --resume %s", name, tally["unfinished"], name)
     log.info("sweep %s: %s; results in %s", name, ", ".join(f"{v} {k}" for k, v in tally.items()), files.trials.parent)
+    log.info("%s", best_table(summarize(records)))
     return SweepOutcome(name, experiment_path, parent.uri, parent.experiment_id, parent.run_id, records, files,
                         0.0, fit_seconds, interrupted, tally)
