@@ -5,18 +5,24 @@ trial's artifacts), ``baselines.csv`` and ``domain_shift.csv`` (in ``report.base
 published numbers (``pipeline/data/published.json``), and writes ``<report.dir>/index.html`` atomically.
 Figures are inline PNGs (base64 ``data:`` URIs): the page needs no other file. Sections:
 
-1. accuracy against shots per dataset and averaged: CoOp variants, zero-shot CLIP, linear probe (one
-   series per protocol, labelled; ± std over seeds), the paper's main figure, with the numbers as a table;
+1. test accuracy per dataset as the papers print it (rows: zero-shot CLIP, prompt ensemble, linear probe per
+   protocol, CoOp variants and the best configuration by val; columns: datasets and their average), the
+   largest shot count first, each number mean ± std over seeds with the 95% CI of CoOp's
+   ``parse_test_res.py --ci95`` (1.96 x population std / sqrt(seeds)); the configuration selected per dataset x
+   shots; accuracy against shots per dataset (and averaged, with several), the paper's main figure;
 2. our 16-shot CoOp (M=16, end, unified) and zero-shot results next to the published ones;
 3. domain generalisation: the source's contexts (domain_shift.source, e.g. ImageNet) on its shifted test
-   sets (e.g. ImageNet-V2/-Sketch/-A/-R), beside zero-shot CLIP;
-4. the nearest vocabulary words of each dataset's best learned context;
-5. the sweep's view: accuracy against each hyperparameter, and parameter importances (fANOVA over an
-   Optuna study rebuilt from trials.csv).
+   sets (e.g. ImageNet-V2/-Sketch/-A/-R), beside zero-shot CLIP; without results, what is missing;
+4. the nearest vocabulary words of each dataset's best learned context by val, and of its best unified one
+   when the best is class-specific;
+5. the sweep's view: matched comparisons (trials differing in one hyperparameter only, same dataset, shots
+   and seed) per shot count, and parameter importances (fANOVA over an Optuna study rebuilt from the grid or
+   random-search trials of trials.csv; not from TPE trials, which do not cover the space).
 
-Where several configurations share a CoOp variant (e.g. the sweep also varied lr), each dataset x shots
-uses the one with the best mean validation accuracy; test accuracy never selects anything. A section
-without data says so in one line. The page is also logged to MLflow as the artifact of a "report" run.
+Selection: per dataset x shots, the configuration with the best validation accuracy averaged over seeds
+(among those finished on the most seeds), over all configurations and, for each CoOp variant row, among that
+variant's (e.g. over lr); test accuracy never selects anything. A section without data says so in one line.
+The page is also logged to MLflow as the artifact of a "report" run.
 """
 
 from __future__ import annotations

@@ -32,10 +32,10 @@ from pipeline.report.html import difference_text, first_class_context, mean_std_
 from pipeline.sweep.results import TRIAL_COLUMNS
 
 
-@pytest.fixture
-def demo_report(tmp_path: Path) -> dict[str, Any]:
+@pytest.fixture(scope="module")
+def demo_report(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     """The demo-shaped workspace (report_helpers.build_demo_report_workspace) and its rendered page's sections."""
-    workspace = build_demo_report_workspace(tmp_path)
+    workspace = build_demo_report_workspace(tmp_path_factory.mktemp("demo_report"))
     html = render(collect(workspace["params"]))
     assert check_html(html) == []
     return {**workspace, "html": html, "sections": sections(html)}
