@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import configparser
 import json
 import os
 import re
@@ -47,8 +48,11 @@ def project(tmp_path_factory) -> Path:
                                 "class_token_position": ["end"]}
     (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     _dvc(project, "init", "--no-scm", "-q")
-    shutil.copy(ROOT / ".dvc" / "config", project / ".dvc" / "config")  # plots.html_template: the offline page
-    shutil.copytree(ROOT / ".dvc" / "plots", project / ".dvc" / "plots")  # and the plot template it names
+    plots_config = configparser.ConfigParser()
+    plots_config.read(ROOT / ".dvc" / "config")
+    for key, value in plots_config["plots"].items():  # html_template: the offline page
+        _dvc(project, "config", f"plots.{key}", value)
+    shutil.copytree(ROOT / ".dvc" / "plots", project / ".dvc" / "plots")  # the page and the plot template
     return project
 
 

@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import asyncio
+import configparser
+import itertools
 import json
 import os
 import random
 import shutil
 import subprocess
 import sys
+import time
+from dataclasses import dataclass
 from html.parser import HTMLParser
 from pathlib import Path
 
@@ -119,8 +124,11 @@ def project(tmp_path_factory) -> Path:
     """A DVC project with the repository's .dvc/config, .dvc/plots and the sweep stage's metrics and plots
     definitions from dvc.yaml, over result files written by the sweep's own code."""
     project = tmp_path_factory.mktemp("dvcplots")
-    subprocess.run([sys.executable, "-m", "dvc", "init", "--no-scm", "-q"], cwd=project, check=True)
-    shutil.copy(ROOT / ".dvc" / "config", project / ".dvc" / "config")
+    _dvc(project, "init", "--no-scm", "-q")
+    plots_config = configparser.ConfigParser()
+    plots_config.read(ROOT / ".dvc" / "config")
+    for key, value in plots_config["plots"].items():
+        _dvc(project, "config", f"plots.{key}", value)
     shutil.copytree(ROOT / ".dvc" / "plots", project / ".dvc" / "plots")
     sweep = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]["sweep"]
     stage = {"cmd": "true", "metrics": sweep["metrics"], "plots": sweep["plots"]}
@@ -165,28 +173,104 @@ def test_plots_page_is_self_contained(page):
     assert "vegaEmbed(" in html and "{plot_divs}" not in html
 
 
-@pytest.mark.slow
-@pytest.mark.skipif(CHROMIUM is None, reason="needs a headless Chromium (Debian: apt-get install chromium)")
-def test_plots_page_renders_a_line_per_configuration_in_a_browser_without_network(page, project, tmp_path):
-    # Every host name resolves nowhere and the proxy is a closed port: the page must need no network.
-    command = [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-               "--disable-component-update", "--disable-sync", "--no-first-run", f"--user-data-dir={tmp_path}",
-               "--host-resolver-rules=MAP * ~NOTFOUND", "--proxy-server=127.0.0.1:9",
-               "--virtual-time-budget=10000", "--dump-dom", page.as_uri()]
-    dom = subprocess.run(command, capture_output=True, text=True, timeout=120, check=True).stdout
-    marks = [attrs for tag, attrs in _elements(dom) if tag == "path" and "aria-roledescription" in attrs]
-    lines = [m["aria-label"] for m in marks if m["aria-roledescription"] == "line mark"]
-    points = [m["aria-label"] for m in marks if m["aria-roledescription"] == "point"]
+@dataclass
+class Browsed:
+    """What a headless Chromium showed of the plots page."""
 
+    lines: list[str]  # aria-label of each drawn line
+    points: list[str]  # aria-label of each drawn point
+    tooltip: str  # the tooltip shown while the pointer rests on a best-by-val point
+
+
+async def _browse(url: str, profile: Path) -> Browsed:
+    """Load `url` in headless Chromium with every network fetch failing, driven over the DevTools protocol."""
+    import aiohttp  # mlflow's dependency
+
+    # Host names resolve nowhere and the proxy is a closed port: the page must need no network.
+    process = subprocess.Popen(
+        [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+         "--disable-component-update", "--disable-sync", "--no-first-run", f"--user-data-dir={profile}",
+         "--window-size=1400,900", "--host-resolver-rules=MAP * ~NOTFOUND", "--proxy-server=127.0.0.1:9",
+         "--remote-debugging-port=0", "about:blank"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        port_file = profile / "DevToolsActivePort"
+        deadline = time.monotonic() + 60
+        while not (port_file.is_file() and port_file.read_text().strip()):
+            assert time.monotonic() < deadline, "Chromium did not open its DevTools port"
+            await asyncio.sleep(0.1)
+        port = int(port_file.read_text().split()[0])
+        ids = itertools.count(1)
+        async with aiohttp.ClientSession() as session:
+            targets = await (await session.get(f"http://127.0.0.1:{port}/json/list")).json()
+            tab = next(t for t in targets if t["type"] == "page")
+            async with session.ws_connect(tab["webSocketDebuggerUrl"], max_msg_size=0) as socket:
+
+                async def call(method: str, **params: object) -> dict:
+                    n = next(ids)
+                    await socket.send_json({"id": n, "method": method, "params": params})
+                    while (answer := await socket.receive_json()).get("id") != n:
+                        pass  # an event
+                    assert "error" not in answer, answer
+                    return answer["result"]
+
+                async def evaluate(expression: str) -> object:
+                    return (await call("Runtime.evaluate", expression=expression, returnByValue=True))["result"].get(
+                        "value")
+
+                async def wait_for(expression: str) -> object:
+                    deadline = time.monotonic() + 30
+                    while not (value := await evaluate(expression)):
+                        assert time.monotonic() < deadline, f"never true in the page: {expression}"
+                        await asyncio.sleep(0.2)
+                    return value
+
+                await call("Page.navigate", url=url)
+                labels = "(kind) => [...document.querySelectorAll(`path[aria-roledescription='${kind}']`)]" \
+                         ".map(e => e.getAttribute('aria-label'))"
+                points = await wait_for(f"({labels})('point')")
+                lines = await evaluate(f"({labels})('line mark')")
+                x, y = await evaluate("""(() => {  // the centre of a best point that no other mark covers
+                    const centre = (e) => { const b = e.getBoundingClientRect();
+                                            return [b.x + b.width / 2, b.y + b.height / 2]; };
+                    const best = [...document.querySelectorAll("path[aria-roledescription='point']")]
+                        .filter(e => e.getAttribute('aria-label').includes('best by val: yes'))
+                        .find(e => document.elementFromPoint(...centre(e)) === e);
+                    return centre(best); })()""")
+                await call("Input.dispatchMouseEvent", type="mouseMoved", x=x, y=y)
+                tooltip = await wait_for("(document.getElementById('vg-tooltip-element') || {}).innerText")
+                return Browsed(lines, points, tooltip)
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def browsed(page: Path, tmp_path_factory) -> Browsed:
+    if CHROMIUM is None:
+        pytest.skip("needs a headless Chromium (Debian: apt-get install chromium)")
+    return asyncio.run(_browse(page.as_uri(), tmp_path_factory.mktemp("chromium")))
+
+
+@pytest.mark.slow
+def test_plots_page_draws_a_line_per_configuration_in_a_browser_without_network(browsed, project):
     rows = read_csv_rows(project / "res" / "plots.csv")
     series = {r["series"] for r in rows}
-    assert len(lines) == len(series)  # the SVG vega-embed drew: one line per dataset x configuration
-    assert {label.split("series: ")[1].split("; ")[0] for label in lines} == series
-    assert len(points) == len(rows)  # one point per row: the best-by-val ones are not drawn twice
-    assert sum("best by val: yes" in p for p in points) == len(DATASETS) * len(SHOTS)
-    for row in rows:  # the tooltip names the full configuration, epochs included
+    assert len(browsed.lines) == len(series)  # the SVG vega-embed drew: one line per dataset x configuration
+    assert {label.split("series: ")[1].split("; ")[0] for label in browsed.lines} == series
+    assert len(browsed.points) == len(rows)  # one point per row: the best-by-val ones are not drawn twice
+    assert sum("best by val: yes" in p for p in browsed.points) == len(DATASETS) * len(SHOTS)
+    for row in rows:
         assert any(f"configuration: {row['config']};" in p and f"shots: {row['shots']};" in p
-                   and f"dataset: {row['dataset']};" in p for p in points)
+                   and f"dataset: {row['dataset']};" in p for p in browsed.points)
+
+
+@pytest.mark.slow
+def test_plots_tooltip_names_the_full_configuration(browsed, project):
+    best = {(r["dataset"], r["shots"]): r["config"] for r in read_csv_rows(project / "res" / "plots.csv")
+            if r["best_by_val"] == "yes"}
+    text = " ".join(browsed.tooltip.split())
+    assert "configuration" in text and "best by val yes" in text
+    assert any(f"dataset {d} configuration {config} shots {k} " in text for (d, k), config in best.items())
 
 
 @pytest.mark.slow
