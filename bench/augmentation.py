@@ -6,7 +6,8 @@ demo's train.* settings. Every mode trains on the same split files; only how tra
 differs (online: a fresh random-resized crop + flip of every image every epoch; V views: V such crops cached
 per image, one drawn per epoch; V=1: the test transform, no augmentation).
 
-    python bench/augmentation.py [--params params.yaml] [--shots 16] [--seeds 1 2 3] [--out bench/results/augmentation.json]
+    python bench/augmentation.py [--params params.yaml] [--shots 16] [--seeds 1 2 3] [--tasks ...]
+        [--out bench/results/augmentation.json]
 """
 
 from __future__ import annotations
@@ -50,6 +51,7 @@ def main() -> None:
     parser.add_argument("--params", default="params.yaml")
     parser.add_argument("--shots", type=int, default=16)
     parser.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
+    parser.add_argument("--tasks", nargs="+", help="world tasks (default: the trainable ones in data.datasets)")
     parser.add_argument("--out", default="bench/results/augmentation.json")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
@@ -57,7 +59,7 @@ def main() -> None:
 
     params = load_params(args.params)
     backbone = load_backbone(params.backbone.arch, params.backbone.pretrained)
-    tasks = [d for d in params.data.datasets if not get_task(d).test_only]
+    tasks = args.tasks or [d for d in params.data.datasets if not get_task(d).test_only]
     prompt = PromptConfig(n_ctx=16, ctx_init="", csc=False, class_token_position="end")
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
