@@ -18,7 +18,7 @@ def png_data_uri(fig: Any) -> str:
     import matplotlib.pyplot as plt
 
     buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=110, bbox_inches="tight")
+    fig.savefig(buffer, format="png", dpi=130, bbox_inches="tight")
     plt.close(fig)
     return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
 
@@ -55,7 +55,8 @@ def draw_shots(coop: Sequence[AccuracyPoint], baselines: Sequence[AccuracyPoint]
     cols = min(4, len(panels))
     rows = math.ceil(len(panels) / cols)
     # Constrained layout with the legend "outside": matplotlib reserves its room below the axes' labels.
-    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.3 * rows + 0.6), squeeze=False, layout="constrained")
+    # 2.9 in per panel: four panels fit the page's ~1150 px column with 8 pt text still ~11 px on screen.
+    fig, axes = plt.subplots(rows, cols, figsize=(2.9 * cols, 2.5 * rows + 0.5), squeeze=False, layout="constrained")
     average = average_points([*coop, *baselines], datasets)
     for ax, panel in zip(axes.flat, panels, strict=False):
         points = average if panel == "Average" else [p for p in (*coop, *baselines) if p.dataset == panel]
@@ -76,7 +77,7 @@ def draw_shots(coop: Sequence[AccuracyPoint], baselines: Sequence[AccuracyPoint]
                         else "dimgray", label=METHOD_NAMES[method], ls="none")
                 ax.axhline(zero[0].mean, color="lightgray", lw=0.8, ls=":", zorder=0)
         title = f"Average ({len(datasets)} datasets)" if panel == "Average" else panel
-        ax.set_title(title, fontsize=10, fontweight="bold" if panel == "Average" else "normal")
+        ax.set_title(title, fontsize=9, fontweight="bold" if panel == "Average" else "normal")
         ax.set_xticks(range(len(shots) + 1), ["0", *map(str, shots)])
         ax.set_xlabel("shots per class", fontsize=8)
         ax.set_ylabel("test accuracy (%)", fontsize=8)
@@ -118,7 +119,7 @@ def draw_effects(effects: Sequence[MatchedEffect]) -> Any:
     shots = sorted({k for e in effects for k in e.shots})
     cols = min(3, len(factors))
     rows = math.ceil(len(factors) / cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(4.6 * cols, 3.4 * rows), squeeze=False, layout="constrained")
+    fig, axes = plt.subplots(rows, cols, figsize=(3.8 * cols, 2.8 * rows), squeeze=False, layout="constrained")
     colours = plt.get_cmap("tab10").colors
     for ax, keys in zip(axes.flat, factors, strict=False):
         mine = [e for e in effects if e.keys == keys]
@@ -132,7 +133,7 @@ def draw_effects(effects: Sequence[MatchedEffect]) -> Any:
         ax.set_xticks(range(len(shots)), [str(k) for k in shots])
         ax.set_xlabel("shots per class", fontsize=8)
         ax.set_ylabel("Δ test accuracy (pp)", fontsize=8)
-        ax.set_title(factor_name(keys).replace(" (always changed together)", ""), fontsize=10)
+        ax.set_title(factor_name(keys).replace(" (always changed together)", ""), fontsize=9)
         ax.tick_params(labelsize=8)
         ax.grid(alpha=0.25)
         ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.22), frameon=False)

@@ -114,13 +114,12 @@ def figure_html(uri: str, alt: str, caption: str) -> str:
 
 def selection_text(data: ReportData) -> str:
     """How the page picks the CoOp numbers it shows, stated once at the top of the results."""
-    return ("<p><b>Selection.</b> For each dataset × shots, CoOp's numbers come from the configuration with the best "
-            "validation accuracy averaged over seeds (among those finished on the most seeds); test accuracy never "
-            f"selects anything. <i>{escape(COOP_BEST_NAME)}</i> is that one configuration over all the sweep's "
-            "configurations (which one is listed below); each CoOp variant row (context length or initialisation, "
-            "class-token position, CSC or unified) is the best configuration of that variant, e.g. over learning "
-            "rates. Test accuracy (%) as mean ± std over seeds, the 95% confidence interval below it ("
-            f"{escape(CI_TEXT)}).</p>")
+    return ("<p><b>Selection:</b> per dataset × shots, the configuration with the best validation accuracy averaged "
+            "over seeds (among those finished on the most seeds); test accuracy never selects. "
+            f"<i>{escape(COOP_BEST_NAME)}</i> picks among all the sweep's configurations (listed under Selected "
+            "configurations), each CoOp variant row among that variant's (e.g. learning rates). "
+            "<b>Numbers:</b> test accuracy (%), mean ± std over seeds; below it the 95% confidence interval, "
+            f"{escape(CI_TEXT.removeprefix('95% CI = '))}.</p>")
 
 
 def paper_cell(point: AccuracyPoint | None, best: float) -> Any:
@@ -189,13 +188,13 @@ def section_shots(data: ReportData) -> str:
         listed = ", ".join(map(str, shots[:-1]))
         parts.append(f"<details><summary>The same table at {listed} shot{'s' if shots[:-1] != [1] else ''}</summary>"
                      f"{others}</details>")
-    if best:
-        parts.append("<h3>Selected configurations</h3>" + best_config_table(best, datasets, shots))
     parts.append("<h3>Accuracy against shots</h3>" + figure_html(
         uri, "Test accuracy against shots per dataset",
         "Test accuracy (%) against shots per class: CoOp variants and the linear probe (its protocol in the legend) "
         "as mean ± std over seeds (error bars: std), zero-shot CLIP at 0 shots (★ hand-crafted prompt, ▲ prompt "
         "ensemble)." + (" Average: mean of the per-dataset means." if len(datasets) > 1 else "")))
+    if best:
+        parts.append("<h3>Selected configurations</h3>" + best_config_table(best, datasets, shots))
     long_shots = sorted({p.shots for p in (*coop, *baselines)})
     rows = []
     for dataset in sorted({p.dataset for p in (*coop, *baselines)}):
