@@ -87,8 +87,9 @@ def build_parser() -> argparse.ArgumentParser:
     asha.add_argument("--no-asha", dest="asha", action="store_false", help="run every trial to its last epoch")
     parser.add_argument(
         "--dry-run", action="store_true",
-        help="print the trials the sweep would run (optuna: the configurations it may choose from) and their "
-        "count, then exit; starts nothing",
+        help="print the trials the sweep would run (optuna: the configurations it may choose from), their "
+        "count and cost (GPU-hours on an assumed H100 when sweep.gpus_per_trial > 0, else CPU core-hours at "
+        "sweep.cpus_per_trial), then exit; starts nothing",
     )
     console = parser.add_mutually_exclusive_group()
     console.add_argument("--quiet", action="store_true",
@@ -114,14 +115,15 @@ def _terminate_like_interrupt(signum: int, frame: object) -> None:
 
 
 def dry_run(params: Params) -> None:
-    """Print the planned trials and their estimated GPU-hours; start nothing."""
-    from pipeline.sweep.estimate import estimate_gpu_hours
+    """Print the planned trials and their cost on the resources the params ask for (GPU-hours or CPU
+    core-hours); start nothing."""
+    from pipeline.sweep.estimate import estimate_sweep
     from pipeline.sweep.plan import plan_sweep
 
     plan = plan_sweep(params)
     print(plan.describe())
     configs = plan.configs[: plan.num_samples] if plan.search == "optuna" else plan.configs
-    print(estimate_gpu_hours(params, configs).summary())
+    print(estimate_sweep(params, configs).summary())
     if params.features.views == ONLINE_VIEWS:
         print(f"features.views = online: every trial crops and encodes its training images every epoch, "
               f"reading them from data.root ({params.data.root}), which every Ray worker must see.")

@@ -66,8 +66,15 @@ def test_dry_run_prints_the_trials_and_their_count(tmp_path: Path, capsys: pytes
     assert out.startswith(f"grid: {len(expected)} trials:") and f"{len(expected)} trial(s) would run" in out
     for config in expected:
         assert trial_key(config) in out
-    assert "GPU-hours" in out or "GPU hours" in out  # the cost estimate follows the listing
+    # The cost follows the listing, on the resources the params ask for: CPU trials here (gpus_per_trial 0).
+    assert "CPU core-hours (1 core(s) per trial; as the params ask: sweep.gpus_per_trial = 0" in out
+    assert "GPU-hours" not in out and "H100" not in out
     assert not (tmp_path / "dry-ray").exists()  # a dry run starts nothing
+    gpu = write_params(tmp_path, "gpu", sweep={"space": space, "gpus_per_trial": 0.5, "max_concurrent": 4})
+    assert main(["--params", str(gpu), "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "GPU-hours on H100 (one GPU per trial; sweep.gpus_per_trial = 0.5: trials share a GPU" in out
+    assert "4 GPUs" in out and "CPU core-hours" not in out
 
 
 def test_dry_run_of_the_params_search(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:

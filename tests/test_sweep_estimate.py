@@ -83,3 +83,46 @@ def test_imagenet_16shot_estimate_compares_our_paths_with_the_official_one() -> 
     assert paths["official"]["tflops_per_step"] > 2 * paths["truncated"]["tflops_per_step"]
     assert paths["official"]["hours"] > paths["truncated"]["hours"] > 0
     assert math.isfinite(result["speedup_vs_official"]) and result["speedup_vs_official"] > 1
+
+
+def test_cpu_trials_are_costed_in_core_hours_at_the_measured_rate_on_their_cores() -> None:
+    import math
+
+    from pipeline.engine.flops import packs_tokens, prompt_layout, step_flops, tower_shape
+    from pipeline.sweep.estimate import DEV_CPU, estimate_sweep
+
+    config = {"dataset": "EuroSAT", "shots": 16, "seed": 1, "n_ctx": 16, "ctx_init": "", "csc": False,
+              "class_token_position": "end", "epochs": 10, "precision": "fp32"}
+    two = estimate_trial(config, "RN50", DEV_CPU, batch=32, cores=2)
+    # The reference, written out: the CPU engine's path (shared prefix for a unified context, packed tokens),
+    # its FLOPs at 2 cores' rate, combined with the floor, per step; plus the per-trial overhead.
+    layout = prompt_layout(16, 12, False, "end", 2.2)
+    flops = step_flops(tower_shape("RN50"), 10, layout, "shared", 32,
+                       packed=packs_tokens(10, layout, "shared", "fp32", "cpu")).total
+    step = math.hypot(DEV_CPU.step_floor_s, flops / (DEV_CPU.text_gflops_per_core * 1e9 * 2))
+    assert two.path == "shared" and two.steps == 10 * (160 // 32)
+    assert two.seconds == pytest.approx(two.steps * step + DEV_CPU.trial_overhead_s)
+    assert estimate_trial(config, "RN50", GPUS["H100"]).path == "truncated"  # 10 classes: the GPU rule differs
+    one = estimate_trial(config, "RN50", DEV_CPU, batch=32, cores=1)
+    assert one.seconds > two.seconds  # more cores, more FLOP/s
+    assert estimate_trial({**config, "precision": "bf16"}, "RN50", DEV_CPU, cores=2).seconds > 10 * two.seconds
+
+    raw = {"data": {"datasets": ["EuroSAT"], "shots": [16], "seeds": [1, 2], "splits_dir": "/nonexistent"},
+           "backbone": {"arch": "RN50"}, "train": {"epochs": 10, "batch_size": 32},
+           "sweep": {"space": {"n_ctx": [16]}, "cpus_per_trial": 2, "max_concurrent": 3}}
+    from pipeline.params import params_from_dict
+
+    cpu = estimate_sweep(params_from_dict(raw))
+    assert cpu.on_cpu and cpu.unit == "CPU core-hours" and cpu.slots == (1, 3)
+    assert cpu.hours == pytest.approx(2 * two.seconds * 2 / 3600)  # 2 seeds x 2 cores
+    assert cpu.wall_hours(2) == pytest.approx(two.seconds / 3600)
+    text = cpu.summary()
+    assert text.startswith("cost model: 2 trials, ") and "CPU core-hours (2 core(s) per trial; as the params ask: " in text
+    assert "sweep.gpus_per_trial = 0, sweep.cpus_per_trial = 2) at the rate measured on" in text
+    assert "3 trials at a time" in text and "GPU" not in text.splitlines()[0]
+    forced = estimate_sweep(params_from_dict(raw), gpu="A100")  # a GPU named for a CPU sweep: costed there, said so
+    assert not forced.on_cpu and "GPU-hours on A100" in forced.summary()
+    assert "the params ask for CPU trials (sweep.gpus_per_trial = 0)" in forced.summary()
+    raw["sweep"]["gpus_per_trial"] = 1
+    gpu = estimate_sweep(params_from_dict(raw))
+    assert gpu.unit == "GPU-hours" and gpu.hours == pytest.approx(estimate_gpu_hours(params_from_dict(raw)).hours)

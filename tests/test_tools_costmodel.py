@@ -30,3 +30,16 @@ def test_cli_prints_the_imagenet_estimate_beside_the_published_time(capsys: pyte
     assert result["gpu"] == "A100" and result["arch"] == "RN50"
     assert result["published_official_hours"] == pytest.approx(14 + 40 / 60, abs=1e-3)
     assert result["published_official_hours"] == load_published()["timing"]["imagenet_16shot_one_gpu_hours"]
+
+
+def test_cli_costs_a_cpu_sweep_in_core_hours_and_says_so(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    out = tmp_path / "cpu.json"
+    profile = str(REPO / "configs" / "fashion-mnist.yaml")  # gpus_per_trial: 0, cpus_per_trial: 1
+    assert main(["--params", profile, "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "CPU core-hours (1 core(s) per trial; as the params ask: sweep.gpus_per_trial = 0" in printed
+    assert "GPU-hours" not in printed and "2 trials at a time" in printed
+    saved = json.loads(out.read_text())
+    assert saved["unit"] == "CPU core-hours" and saved["cores_per_trial"] == 1 and set(saved["wall_hours"]) == {"1", "2"}
+    assert main(["--params", profile, "--gpu", "H100"]) == 0  # asked for: a GPU estimate, which says what the params ask
+    assert "GPU-hours on H100 (one GPU per trial; the params ask for CPU trials" in capsys.readouterr().out

@@ -1,11 +1,13 @@
-"""GPU-hours of CoOp trials and sweeps from the FLOP model: the GPU catalogue, trial and grid estimates.
+"""GPU-hours or CPU core-hours of CoOp trials and sweeps from the FLOP model: device figures, trial and grid estimates.
 
-A step's time combines its compute time ``FLOPs / (peak x utilisation)`` (pipeline.engine.flops) with a
-per-step floor (kernel launches) in quadrature; a trial adds a fixed overhead. With online augmentation
-(``features.views: online``) our steps also run the image encoder on the batch's fresh crops, in the trial's
-precision. `GPUS` holds the figures, fitted to H100 measurements (within 20% of every measured step) or, for
-other GPUs, assumed; `python bench/costmodel.py` times real steps on the local accelerator next to the
-model's FLOPs, to check or recalibrate (docs/reproduce.md has what we measured).
+A step's time combines its compute time ``FLOPs / rate`` (pipeline.engine.flops) with a per-step floor
+(kernel launches on a GPU, Python and operator dispatch on a CPU) in quadrature; a trial adds a fixed
+overhead. With online augmentation (``features.views: online``) our steps also run the image encoder on the
+batch's fresh crops, in the trial's precision. `GPUS` holds GPU figures, fitted to H100 measurements (within
+20% of every measured step) or, for other GPUs, assumed; `DEV_CPU` the CPU rate measured on the development
+machine, used when a sweep's trials get no GPU (``sweep.gpus_per_trial: 0``). `python bench/costmodel.py`
+times real steps on the local accelerator next to the model's FLOPs, to check or recalibrate
+(docs/reproduce.md has what we measured). `estimate_sweep` picks the device the params ask for.
 """
 
 from __future__ import annotations
@@ -95,6 +97,39 @@ GPUS: dict[str, GPU] = {
 }
 
 
+@dataclass(frozen=True)
+class CPU:
+    """Throughput of CPU cores for CoOp steps: the FLOP rate a core reaches on the text path and on the image
+    encoder, a per-step floor, combined in quadrature as for a GPU; a trial's torch threads are its
+    sweep.cpus_per_trial cores (sweep/trial.py), and the rate is assumed to scale with them."""
+
+    name: str
+    text_gflops_per_core: float  # fp32, CoOp's text path forward + backward
+    image_gflops_per_core: float  # fp32, the image encoder's forward (online views)
+    bf16_slowdown: float  # how much slower bf16 runs where it is emulated (no AVX-512-BF16 / AMX)
+    step_floor_s: float  # per step, whatever its work
+    trial_overhead_s: float  # per trial: Ray scheduling, MLflow run and artifacts, evaluation
+
+    def rate(self, gflops_per_core: float, cores: float, precision: str) -> float:
+        """FLOP/s of `cores` cores at `precision` (only fp32 and bf16 run on a CPU)."""
+        slowdown = self.bf16_slowdown if precision == "bf16" else 1.0
+        return gflops_per_core * 1e9 * max(cores, 1.0) / slowdown
+
+    def step_seconds(self, flops: float, cores: float, precision: str = "fp32") -> float:
+        return math.hypot(self.step_floor_s, flops / self.rate(self.text_gflops_per_core, cores, precision))
+
+
+# Measured on the development machine (2 cores of an AMD EPYC, AVX2, fp32; BENCHMARKS.md): the RN50 text path
+# (100 classes, M=16, shared prefix + packing) ran 48.8 GFLOP in 476 ms on 2 threads, 51 GFLOP/s per core
+# (bench/results/step_cpu_run1.json, "text_path"); the RN50 image encoder (12.2 GFLOPs an image) 10.3 images/s
+# on 2 threads, 63 GFLOP/s per core ("features"); bf16 matrix products emulated at 1.3 GFLOP/s against
+# 184 in fp32 ("peaks_gflops"). The demo sweep (params.yaml: 135 trials of coop-tiny-rn, 8-20 classes, one
+# core each, two at a time) trained 5-7 ms per step, most of it the floor, and spent 121 s of wall time on
+# 2 cores for 175 s of training: 0.5 s of core time per trial besides its steps.
+DEV_CPU = CPU("the development machine's CPU (AMD EPYC, AVX2)", text_gflops_per_core=51.0,
+              image_gflops_per_core=63.0, bf16_slowdown=138.0, step_floor_s=0.0055, trial_overhead_s=0.5)
+
+
 def steps_per_epoch(n_train: int, batch: int) -> int:
     """Optimizer steps per epoch: Dassl drops the last incomplete batch (one batch if N < batch)."""
     return max(1, n_train // min(batch, max(n_train, 1)))
@@ -102,7 +137,7 @@ def steps_per_epoch(n_train: int, batch: int) -> int:
 
 @dataclass
 class TrialEstimate:
-    """GPU time of one trial configuration and what it was computed from."""
+    """Time of one trial configuration on its device (one GPU, or its CPU cores) and what it was computed from."""
 
     config: dict[str, Any]
     n_classes: int
@@ -114,47 +149,81 @@ class TrialEstimate:
 
     @property
     def gpu_hours(self) -> float:
+        """Hours the trial runs (GPU-hours on a GPU; on a CPU, multiply by its cores for core-hours)."""
         return self.seconds / 3600.0
 
 
 @dataclass
 class GridEstimate:
-    """GPU time of a set of trials on one assumed GPU model; one trial holds one GPU."""
+    """Time of a set of trials on one device model: one GPU per trial, or `cores` CPU cores per trial."""
 
-    gpu: GPU
+    device: GPU | CPU
     trials: list[TrialEstimate]
     assumptions: list[str] = field(default_factory=list)
+    cores: float = 1.0  # CPU cores per trial (sweep.cpus_per_trial); ignored for a GPU
+    resources: str = ""  # what the params ask for, said in the summary's first line
+    slots: tuple[int, ...] = (1, 8, 32)  # trials at a time (GPUs, or CPU trial slots) the summary gives wall times for
+
+    @property
+    def on_cpu(self) -> bool:
+        return isinstance(self.device, CPU)
+
+    @property
+    def unit(self) -> str:
+        return "CPU core-hours" if self.on_cpu else "GPU-hours"
+
+    @property
+    def hours(self) -> float:
+        """GPU-hours, or CPU core-hours (trial hours x cores per trial)."""
+        return sum(t.seconds for t in self.trials) / 3600.0 * (self.cores if self.on_cpu else 1.0)
 
     @property
     def gpu_hours(self) -> float:
-        return sum(t.gpu_hours for t in self.trials)
+        """GPU-hours of a GPU estimate (`hours`; for a CPU estimate, see `unit`)."""
+        return self.hours
 
-    def wall_hours(self, n_gpus: int) -> float:
-        """Wall time on `n_gpus` GPUs with one trial per GPU (greedy longest-first packing)."""
-        if n_gpus < 1:
-            raise ValueError("n_gpus must be >= 1")
-        loads = [0.0] * n_gpus
+    def wall_hours(self, slots: int) -> float:
+        """Wall time with `slots` trials at a time (GPUs, or CPU trial slots; greedy longest-first packing)."""
+        if slots < 1:
+            raise ValueError("slots must be >= 1")
+        loads = [0.0] * slots
         for seconds in sorted((t.seconds for t in self.trials), reverse=True):
             loads[loads.index(min(loads))] += seconds
         return max(loads) / 3600.0
 
     def by_dataset(self) -> dict[str, float]:
+        """`hours` per dataset."""
+        scale = self.cores if self.on_cpu else 1.0
         hours: dict[str, float] = {}
         for t in self.trials:
-            hours[t.config["dataset"]] = hours.get(t.config["dataset"], 0.0) + t.gpu_hours
+            hours[t.config["dataset"]] = hours.get(t.config["dataset"], 0.0) + t.seconds / 3600.0 * scale
         return hours
 
-    def summary(self, n_gpus: Sequence[int] = (1, 8, 32)) -> str:
-        """A few lines for a --dry-run printout."""
-        lines = [
-            f"cost model: {len(self.trials)} trials, {self.gpu_hours:.1f} GPU-hours on {self.gpu.name} "
-            "(one GPU per trial)",
-            "  wall time: " + ", ".join(f"{n} GPU{'s' if n > 1 else ''} {self.wall_hours(n):.1f} h" for n in n_gpus),
-        ]
-        for dataset, hours in sorted(self.by_dataset().items(), key=lambda kv: -kv[1]):
-            lines.append(f"  {dataset:<14} {hours:8.2f} GPU-h")
+    def summary(self, slots: Sequence[int] | None = None) -> str:
+        """A few lines for a --dry-run printout: the total and what it is for, wall times, datasets, assumptions."""
+        slots = self.slots if slots is None else slots
+        said = f"; {self.resources}" if self.resources else ""
+        if self.on_cpu:
+            head = (f"cost model: {len(self.trials)} trials, {self.hours:.3g} CPU core-hours ({self.cores:g} core(s) "
+                    f"per trial{said}) at the rate measured on {self.device.name}")
+            walls = [f"{n} trial{'s' if n > 1 else ''} at a time {_wall(self.wall_hours(n))}" for n in slots]
+        else:
+            head = f"cost model: {len(self.trials)} trials, {self.hours:.3g} GPU-hours on {self.device.name} (one GPU per trial{said})"
+            walls = [f"{n} GPU{'s' if n > 1 else ''} {_wall(self.wall_hours(n))}" for n in slots]
+        lines = [head, "  wall time: " + ", ".join(walls)]
+        by_dataset = sorted(self.by_dataset().items(), key=lambda kv: -kv[1])
+        width = max((len(d) for d, _ in by_dataset), default=0)
+        short = "core-h" if self.on_cpu else "GPU-h"
+        lines += [f"  {dataset:<{width}} {hours:9.3g} {short}" for dataset, hours in by_dataset]
         lines += [f"  assumption: {a}" for a in self.assumptions]
         return "\n".join(lines)
+
+
+def _wall(hours: float) -> str:
+    """'3.2 h', '14 min', '< 1 min'."""
+    if hours >= 1:
+        return f"{hours:.1f} h"
+    return f"{hours * 60:.0f} min" if hours * 60 >= 1 else "< 1 min"
 
 
 def _class_name_tokens(splits_dir: str | Path | None, dataset: str) -> tuple[int, int, float] | None:
@@ -177,7 +246,7 @@ def _class_name_tokens(splits_dir: str | Path | None, dataset: str) -> tuple[int
 def estimate_trial(
     config: dict[str, Any],
     arch: str,
-    gpu: GPU,
+    device: GPU | CPU,
     batch: int = 32,
     path: str | None = None,
     splits_dir: str | Path | None = None,
@@ -186,15 +255,17 @@ def estimate_trial(
     pack_tokens: bool | None = None,
     online: bool = False,
     loader_workers: int = 0,
+    cores: float = 1.0,
 ) -> TrialEstimate:
-    """GPU seconds of one trial configuration (keys as in the sweep: dataset, shots, n_ctx, csc, ...).
+    """Seconds of one trial configuration (keys as in the sweep: dataset, shots, n_ctx, csc, ...) on one GPU,
+    or on `cores` cores of a CPU (sweep.cpus_per_trial).
 
     `online` (features.views: online): our paths also encode every step's training images (a fresh crop
     of each image every epoch) with the image encoder, at the official path's utilisation, and a step
     takes at least the CPU time of decoding its images on `loader_workers` processes (0: in the trial's
     own process, before the GPU work).
 
-    `path` None picks what our engine runs on a GPU: the shared-prefix path for unified contexts where
+    `path` None picks what our engine runs on the device: the shared-prefix path for unified contexts where
     `shared_prefix` (train.shared_prefix) allows it (None: where the engine's own rule prefers it),
     the truncated path otherwise. `pack_tokens` (train.pack_tokens) likewise: None follows the engine's
     rule for running only each prompt's real tokens.
@@ -220,30 +291,37 @@ def estimate_trial(
     csc = bool(config.get("csc", False))
     position = str(config.get("class_token_position", "end"))
     layout = prompt_layout(n_ctx, name_tokens, csc, position, mean_name_tokens)
-    precision = str(config.get("precision") or "fp16")
+    device_type = "cpu" if isinstance(device, CPU) else "cuda"
+    precision = str(config.get("precision") or ("fp32" if device_type == "cpu" else "fp16"))
     if path is None:
         if shared_prefix is None:
-            shared_prefix = prefers_shared_prefix("cuda", precision, n_classes, layout.prefix)
+            shared_prefix = prefers_shared_prefix(device_type, precision, n_classes, layout.prefix)
         path = "shared" if layout.prefix > 0 and shared_prefix else "truncated"
-    packed = packs_tokens(n_classes, layout, path, precision) if pack_tokens is None else pack_tokens
+    packed = packs_tokens(n_classes, layout, path, precision, device_type) if pack_tokens is None else pack_tokens
     epochs = config.get("epochs") or default_epochs(dataset, shots)
     steps = int(epochs) * steps_per_epoch(shots * n_classes, batch)
     shape = tower_shape(arch)
     image = image_encoder_gflops(arch) if path == "official" else 0.0
     flops = step_flops(shape, n_classes, layout, path, batch, image, packed and path != "official").total
-    step_seconds = gpu.step_seconds(flops, path, precision)
+    if isinstance(device, CPU):
+        step_seconds = device.step_seconds(flops, cores, precision)
+    else:
+        step_seconds = device.step_seconds(flops, path, precision)
     if online and path != "official":
         # The engine encodes the crops in a forward of its own (train.image_dtype: the trial's precision).
         images = min(batch, shots * n_classes)
         image_flops = images * image_encoder_gflops(arch) * 1e9
-        step_seconds += online_image_seconds(gpu, image_flops, precision)
+        if isinstance(device, CPU):
+            step_seconds += image_flops / device.rate(device.image_gflops_per_core, cores, precision)
+        else:
+            step_seconds += online_image_seconds(device, image_flops, precision)
         decode_seconds = images * DECODE_SECONDS_PER_IMAGE
         if loader_workers > 0:
             step_seconds = max(step_seconds, decode_seconds / loader_workers)  # workers decode ahead
         else:
             step_seconds += decode_seconds
         flops += image_flops
-    seconds = steps * step_seconds + gpu.trial_overhead_s
+    seconds = steps * step_seconds + device.trial_overhead_s
     return TrialEstimate(dict(config), n_classes, steps, layout, path, flops, seconds)
 
 
@@ -253,30 +331,72 @@ def online_image_seconds(gpu: GPU, image_flops: float, precision: str = "fp16") 
     return image_flops / (peak * 1e12 * gpu.utilisation["official"])
 
 
-def _online_assumption(gpu: GPU, arch: str, batch: int, workers: int) -> str:
+def _online_assumption(device: GPU | CPU, arch: str, batch: int, workers: int) -> str:
     where = f"{workers} loader worker(s) per trial" if workers else "the trial's own process (0 loader workers)"
+    rate = (f"at {device.image_gflops_per_core:g} GFLOP/s per core" if isinstance(device, CPU)
+            else f"at {device.utilisation['official']:.0%} of its peak")
     return (
         f"features.views = online: every step also encodes its {batch} freshly cropped training images with the "
         f"{arch} image encoder ({image_encoder_gflops(arch):.1f} GFLOPs each; every training image once per epoch) "
-        f"in the trial's precision at {gpu.utilisation['official']:.0%} of its peak, after decoding and cropping "
-        f"them ({DECODE_SECONDS_PER_IMAGE * 1e3:g} ms of CPU per image) on {where} (features.online_workers, "
+        f"in the trial's precision {rate}, after decoding and cropping them "
+        f"({DECODE_SECONDS_PER_IMAGE * 1e3:g} ms of CPU per image) on {where} (features.online_workers, "
         "default sweep.cpus_per_trial - 1)"
     )
 
 
-def _assumptions(gpu: GPU, splits_dir: str | Path | None) -> list[str]:
-    return [
-        f"{gpu.name}: {gpu.peak_tflops:g} TFLOP/s fp16/bf16 dense peak ({gpu.peak_tflops_fp32:g} fp32), "
-        "utilisation " + ", ".join(f"{v:.0%} ({k})" for k, v in gpu.utilisation.items()),
-        "per-step floor " + ", ".join(f"{v * 1e3:g} ms ({k})" for k, v in gpu.launch_s.items())
-        + f" (CUDA-graphed ours, eager official), {gpu.trial_overhead_s:g} s per trial",
+def _assumptions(device: GPU | CPU, splits_dir: str | Path | None) -> list[str]:
+    if isinstance(device, CPU):
+        own = [
+            f"{device.name}: {device.text_gflops_per_core:g} GFLOP/s per core on CoOp's text path and "
+            f"{device.image_gflops_per_core:g} on the image encoder in fp32 (bf16 {device.bf16_slowdown:g}x slower: "
+            "emulated there), proportional to the trial's cores (its torch threads); another CPU differs "
+            "(bench/step.py measures one)",
+            f"per-step floor {device.step_floor_s * 1e3:g} ms, {device.trial_overhead_s:g} s per trial besides its "
+            "steps; Ray's start-up (10-15 s, bench/sweep.py) is not included",
+        ]
+    else:
+        own = [
+            f"{device.name}: {device.peak_tflops:g} TFLOP/s fp16/bf16 dense peak ({device.peak_tflops_fp32:g} fp32), "
+            "utilisation " + ", ".join(f"{v:.0%} ({k})" for k, v in device.utilisation.items()),
+            "per-step floor " + ", ".join(f"{v * 1e3:g} ms ({k})" for k, v in device.launch_s.items())
+            + f" (CUDA-graphed ours, eager official), {device.trial_overhead_s:g} s per trial",
+        ]
+    return own + [
         "class counts and name lengths from "
         + (f"{splits_dir}/<dataset>/test.json where prepared, else " if splits_dir else "")
         + f"CoOp's dataset statistics with class names of {ASSUMED_MEAN_NAME_TOKENS:g} tokens on average, "
         f"{ASSUMED_MAX_NAME_TOKENS} at most",
-        "packed steps (only real tokens) reach the utilisation fitted on padded ones",
+        "packed steps (only real tokens) reach the rate fitted on padded ones",
         "feature caching (the features stage: one pass over the images, views x train + test) is not included",
     ]
+
+
+def _estimate(params: Params, trials: Iterable[dict[str, Any]] | None, device: GPU | CPU, path: str | None,
+              cores: float = 1.0) -> GridEstimate:
+    """Every trial of `trials` (None: the params' grid or first num_samples) on `device` (`cores` per CPU trial)."""
+    from pipeline.sweep.cluster import online_workers
+
+    if trials is None:
+        from pipeline.sweep.space import build_space
+
+        configs = build_space(params).enumerate()
+        if params.sweep.search != "grid":
+            configs = configs[: params.sweep.num_samples]
+    else:
+        configs = list(trials)
+    splits_dir = params.data.splits_dir
+    online = params.features.views == ONLINE_VIEWS and path != "official"
+    workers = online_workers(params)
+    estimates = [
+        estimate_trial(c, params.backbone.arch, device, params.train.batch_size, path, splits_dir,
+                       shared_prefix=params.train.shared_prefix, pack_tokens=params.train.pack_tokens, online=online,
+                       loader_workers=workers, cores=cores)
+        for c in configs
+    ]
+    assumptions = _assumptions(device, splits_dir)
+    if online:
+        assumptions.insert(0, _online_assumption(device, params.backbone.arch, params.train.batch_size, workers))
+    return GridEstimate(device, estimates, assumptions, cores=cores)
 
 
 def estimate_gpu_hours(
@@ -292,30 +412,37 @@ def estimate_gpu_hours(
     too); "official" models the official CoOp code on the same trials. Call `.summary()` for a printout,
     `.gpu_hours` / `.wall_hours(n)` for numbers.
     """
-    from pipeline.sweep.cluster import online_workers
+    return _estimate(params, trials, GPUS[gpu] if isinstance(gpu, str) else gpu, path)
 
-    spec = GPUS[gpu] if isinstance(gpu, str) else gpu
-    if trials is None:
-        from pipeline.sweep.space import build_space
 
-        configs = build_space(params).enumerate()
-        if params.sweep.search != "grid":
-            configs = configs[: params.sweep.num_samples]
-    else:
-        configs = list(trials)
-    splits_dir = params.data.splits_dir
-    online = params.features.views == ONLINE_VIEWS and path != "official"
-    workers = online_workers(params)
-    estimates = [
-        estimate_trial(c, params.backbone.arch, spec, params.train.batch_size, path, splits_dir,
-                       shared_prefix=params.train.shared_prefix, pack_tokens=params.train.pack_tokens, online=online,
-                       loader_workers=workers)
-        for c in configs
-    ]
-    assumptions = _assumptions(spec, splits_dir)
-    if online:
-        assumptions.insert(0, _online_assumption(spec, params.backbone.arch, params.train.batch_size, workers))
-    return GridEstimate(spec, estimates, assumptions)
+def estimate_cpu_hours(params: Params, trials: Iterable[dict[str, Any]] | None = None, cpu: CPU = DEV_CPU,
+                       path: str | None = None) -> GridEstimate:
+    """CPU core-hours of a sweep whose trials run on sweep.cpus_per_trial cores each, at `cpu`'s measured rate
+    (arguments as `estimate_gpu_hours`; `.hours` in core-hours)."""
+    return _estimate(params, trials, cpu, path, cores=params.sweep.cpus_per_trial)
+
+
+def estimate_sweep(params: Params, trials: Iterable[dict[str, Any]] | None = None, gpu: str | GPU | None = None,
+                   path: str | None = None) -> GridEstimate:
+    """The cost of a sweep on the resources its params ask for, saying which: GPU-hours on an assumed `gpu`
+    (default H100) when sweep.gpus_per_trial > 0, else CPU core-hours at sweep.cpus_per_trial cores per trial.
+    A `gpu` given for a CPU sweep costs it on that GPU instead (and says the params ask for CPUs)."""
+    sweep = params.sweep
+    if sweep.gpus_per_trial > 0 or gpu is not None:
+        estimate = estimate_gpu_hours(params, trials, gpu or "H100", path)
+        if sweep.gpus_per_trial == 0:
+            estimate.resources = "the params ask for CPU trials (sweep.gpus_per_trial = 0)"
+        elif sweep.gpus_per_trial < 1:
+            estimate.resources = (f"sweep.gpus_per_trial = {sweep.gpus_per_trial:g}: trials share a GPU, each costed as "
+                                  "if it had one")
+        else:
+            estimate.resources = f"sweep.gpus_per_trial = {sweep.gpus_per_trial:g}"
+        estimate.slots = tuple(sorted({1, sweep.max_concurrent, 8, 32}))
+        return estimate
+    estimate = estimate_cpu_hours(params, trials, path=path)
+    estimate.resources = f"as the params ask: sweep.gpus_per_trial = 0, sweep.cpus_per_trial = {sweep.cpus_per_trial:g}"
+    estimate.slots = tuple(sorted({1, sweep.max_concurrent}))
+    return estimate
 
 
 def imagenet_16shot_estimate(gpu: str | GPU = "H100", arch: str = "RN50") -> dict[str, Any]:

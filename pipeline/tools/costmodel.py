@@ -1,10 +1,13 @@
-"""Cost model: GPU-hours of a params file's sweep (the --dry-run estimate) or of one 16-shot ImageNet trial.
+"""Cost model: a params file's sweep on the resources it asks for (as --dry-run), or one 16-shot ImageNet trial.
 
-Counts the FLOPs of every trial's CoOp steps (pipeline.engine.flops) and turns them into GPU time on an
-assumed GPU model (pipeline.sweep.estimate: peaks, utilisation and per-step floors fitted to H100 steps).
-`python bench/costmodel.py` times real steps on this machine's accelerator next to the model's FLOPs.
+Counts the FLOPs of every trial's CoOp steps (pipeline.engine.flops) and turns them into time on the device
+the params ask for: GPU-hours on an assumed GPU model when sweep.gpus_per_trial > 0 (pipeline.sweep.estimate:
+peaks, utilisation and per-step floors fitted to H100 steps), else CPU core-hours at sweep.cpus_per_trial
+cores per trial, at the rate measured on the development machine's CPU. `python bench/costmodel.py` times
+real steps on this machine's accelerator next to the model's FLOPs.
 
 examples:
+  python -m pipeline.tools.costmodel                                               # params.yaml, as it asks
   python -m pipeline.tools.costmodel --params configs/paper_rn50.yaml --gpu H100 --gpus 1 8 32
   python -m pipeline.tools.costmodel --params configs/paper_rn50.yaml --official  # the official code
   python -m pipeline.tools.costmodel --imagenet                                   # 16-shot ImageNet
@@ -29,12 +32,14 @@ if TYPE_CHECKING:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = cli.parser("python -m pipeline.tools.costmodel", __doc__)
-    parser.add_argument("--gpu", choices=sorted(GPUS), default="H100",
-                        help="assumed GPU model for the estimate (default: %(default)s)")
+    parser.add_argument("--gpu", choices=sorted(GPUS),
+                        help="cost the sweep on this GPU model, one per trial (default: what the params ask for: H100 "
+                        "when sweep.gpus_per_trial > 0, else CPU core-hours at sweep.cpus_per_trial; --imagenet: H100)")
     parser.add_argument("--official", action="store_true",
                         help="cost the grid as the official CoOp code would run it (77 tokens, image encoder)")
-    parser.add_argument("--gpus", type=int, nargs="+", default=[1, 8, 32], metavar="N",
-                        help="GPU counts to print wall times for (default: 1 8 32)")
+    parser.add_argument("--gpus", type=int, nargs="+", metavar="N",
+                        help="trials at a time (GPUs, or CPU trial slots) to print wall times for (default: 1, "
+                        "sweep.max_concurrent and, for GPUs, 8 and 32)")
     parser.add_argument("--imagenet", action="store_true",
                         help="print the 16-shot ImageNet trial estimate (ours vs official) as JSON instead")
     parser.add_argument("--arch", default="RN50", help="architecture for --imagenet (default: %(default)s)")
@@ -43,22 +48,24 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace, params: Params | None) -> int:
-    from pipeline.sweep.estimate import estimate_gpu_hours, imagenet_16shot_estimate
+    from pipeline.sweep.estimate import estimate_sweep, imagenet_16shot_estimate
 
     result: dict[str, Any]
     if args.imagenet:
         from pipeline.data.published import load_published
 
-        result = imagenet_16shot_estimate(args.gpu, args.arch)
+        result = imagenet_16shot_estimate(args.gpu or "H100", args.arch)
         # For reference: the time the CoOp authors give for one such run on one GPU (published.json).
         result["published_official_hours"] = load_published()["timing"]["imagenet_16shot_one_gpu_hours"]
         sys.stdout.write(json.dumps(result, indent=2) + "\n")
     else:
         assert params is not None  # cli.run loads --params
-        estimate = estimate_gpu_hours(params, gpu=args.gpu, path="official" if args.official else None)
-        sys.stdout.write(estimate.summary(args.gpus) + "\n")
-        result = {"gpu": asdict(estimate.gpu), "gpu_hours": estimate.gpu_hours,
-                  "wall_hours": {str(n): estimate.wall_hours(n) for n in args.gpus},
+        estimate = estimate_sweep(params, gpu=args.gpu, path="official" if args.official else None)
+        slots = args.gpus or estimate.slots
+        sys.stdout.write(estimate.summary(slots) + "\n")
+        result = {"device": asdict(estimate.device), "unit": estimate.unit, "hours": estimate.hours,
+                  "cores_per_trial": estimate.cores if estimate.on_cpu else None, "resources": estimate.resources,
+                  "wall_hours": {str(n): estimate.wall_hours(n) for n in slots},
                   "by_dataset": estimate.by_dataset(), "trials": len(estimate.trials)}
     if args.out:
         from pipeline.atomic import write_json_atomic
