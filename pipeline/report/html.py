@@ -56,7 +56,7 @@ figcaption{color:#555;font-size:12px}.empty{color:#777;font-style:italic}.note{c
 .warn{background:#fff4e5;border-left:4px solid #f0a030;padding:6px 10px}
 details{margin:10px 0}summary{cursor:pointer;color:#245;font-weight:600}
 """
-CI_TEXT = "95% CI = 1.96 × std / √n, as CoOp's parse_test_res.py --ci95 (population std, ddof=0)"
+CI_RULE = "1.96 × std / √n, as CoOp's parse_test_res.py --ci95 computes it (population std, ddof=0)"
 
 
 def mean_std_text(mean: float, std: float = math.nan, n: int = 0) -> str:
@@ -112,14 +112,14 @@ def figure_html(uri: str, alt: str, caption: str) -> str:
     return f'<figure><img src="{uri}" alt="{escape(alt)}"><figcaption>{escape(caption)}</figcaption></figure>'
 
 
-def selection_text(data: ReportData) -> str:
+def selection_text() -> str:
     """How the page picks the CoOp numbers it shows, stated once at the top of the results."""
     return ("<p><b>Selection:</b> per dataset × shots, the configuration with the best validation accuracy averaged "
             "over seeds (among those finished on the most seeds); test accuracy never selects. "
             f"<i>{escape(COOP_BEST_NAME)}</i> picks among all the sweep's configurations (listed under Selected "
             "configurations), each CoOp variant row among that variant's (e.g. learning rates). "
             "<b>Numbers:</b> test accuracy (%), mean ± std over seeds; below it the 95% confidence interval, "
-            f"{escape(CI_TEXT.removeprefix('95% CI = '))}.</p>")
+            f"{escape(CI_RULE)}.</p>")
 
 
 def paper_cell(point: AccuracyPoint | None, best: float) -> Any:
@@ -140,7 +140,7 @@ def paper_table(points: Sequence[AccuracyPoint], methods: Sequence[str], dataset
     average = average_points(chosen, datasets) if len(datasets) > 1 else []
     columns = [*datasets, "Average"] if average else list(datasets)
     cell_of = {(p.method, p.dataset): p for p in (*chosen, *average)}
-    best = {c: max((p.mean for (m, d), p in cell_of.items() if d == c and math.isfinite(p.mean)), default=math.nan)
+    best = {c: max((p.mean for (_, d), p in cell_of.items() if d == c and math.isfinite(p.mean)), default=math.nan)
             for c in columns}
     rows, classes = [], []
     for method in methods:
@@ -180,7 +180,7 @@ def section_shots(data: ReportData) -> str:
     probes = sorted({p.method for p in baselines if is_probe(p.method)})
     variants = sorted({p.method for p in coop})
     methods = [ZERO_SHOT, ENSEMBLE, *probes, *variants, *([COOP_BEST] if best else [])]
-    parts = [selection_text(data), f"<h3>{escape(shots_text(shots[-1]))} per class</h3>",
+    parts = [selection_text(), f"<h3>{escape(shots_text(shots[-1]))} per class</h3>",
              paper_table(all_points, methods, datasets, shots[-1])]
     if len(shots) > 1:
         others = "".join(f"<h3>{escape(shots_text(k))} per class</h3>" + paper_table(all_points, methods, datasets, k)
