@@ -248,6 +248,7 @@ async def _browse(url: str, profile: Path) -> Browsed:
 def browsed(page: Path, tmp_path_factory) -> Browsed:
     if CHROMIUM is None:
         pytest.skip("needs a headless Chromium (Debian: apt-get install chromium)")
+    pytest.importorskip("aiohttp")  # the DevTools protocol's websocket (mlflow depends on it)
     return asyncio.run(_browse(page.as_uri(), tmp_path_factory.mktemp("chromium")))
 
 
