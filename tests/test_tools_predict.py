@@ -13,6 +13,7 @@ from PIL import Image
 from pipeline.data.images import build_transforms
 from pipeline.engine.context import ContextMeta, save_context
 from pipeline.engine.prompt import CoOp, PromptConfig
+from pipeline.tools import predict as predict_module
 from pipeline.tools.predict import main as predict_main
 
 
@@ -53,30 +54,33 @@ def _context(tiny, tmp_path):
     return save_context(tmp_path / "c.safetensors", model.prompt_learner.ctx, context_meta(tiny, model))
 
 
-def test_predict_cli_reports_each_unreadable_image_and_classifies_the_rest(tiny, tmp_path, capsys, caplog):
+def test_predict_cli_reports_each_unreadable_image_and_classifies_the_rest(tiny, tmp_path, capsys, caplog,
+                                                                          monkeypatch):
     path = _context(tiny, tmp_path)
     good = [tmp_path / "a.png", tmp_path / "b.png"]
     Image.new("RGB", (40, 40), (200, 30, 30)).save(good[0])
     Image.new("RGB", (40, 40), (30, 30, 200)).save(good[1])
     broken, missing = tmp_path / "broken.jpg", tmp_path / "missing.png"
     broken.write_bytes(b"not an image")
-    files = [good[0], broken, missing, good[1]]
+    files = [broken, good[0], missing, good[1], broken]
 
+    monkeypatch.setattr(predict_module, "BATCH_SIZE", 2)  # batches of 2: one readable each, then none
     assert predict_main(["--context", str(path), "--json", *map(str, files)]) == 1
+    monkeypatch.undo()
     rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     assert [r["image"] for r in rows] == [str(f) for f in files]  # one row per image, in the order given
-    assert "top" in rows[0] and "top" in rows[3] and "top" not in rows[1] and "top" not in rows[2]
-    assert "broken.jpg" in rows[1]["error"] and "no such file" in rows[2]["error"]
+    assert ["top" in r for r in rows] == [False, True, False, True, False]
+    assert "broken.jpg" in rows[0]["error"] and "no such file" in rows[2]["error"] and "broken.jpg" in rows[4]["error"]
     errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
     assert any("broken.jpg" in m for m in errors) and any("missing.png" in m for m in errors)
     assert "split lists" not in caplog.text  # dataset advice means nothing to a user of predict
-    assert any("2 of 4 image(s) could not be read" in m for m in errors)
+    assert any("3 of 5 image(s) could not be read" in m for m in errors)
 
     # The readable images get the same answer as when they are classified alone.
     caplog.clear()
     assert predict_main(["--context", str(path), "--json", *map(str, good)]) == 0
     alone = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
-    assert [alone[0]["top"], alone[1]["top"]] == [rows[0]["top"], rows[3]["top"]]
+    assert [alone[0]["top"], alone[1]["top"]] == [rows[1]["top"], rows[3]["top"]]
     assert not [r for r in caplog.records if r.levelname == "ERROR"]
 
 

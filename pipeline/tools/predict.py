@@ -8,12 +8,16 @@ import logging
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from pipeline import cli
 
+if TYPE_CHECKING:
+    from PIL import Image
+
 log = logging.getLogger(__name__)
 
-BATCH_SIZE = 64  # images encoded at once: memory stays bounded however many files are given
+BATCH_SIZE = 64  # images decoded and encoded at once: memory stays bounded however many files are given
 
 
 def context_tensor_file(path: Path) -> Path:
@@ -28,6 +32,21 @@ def context_tensor_file(path: Path) -> Path:
     return path
 
 
+def _read_image(path: Path) -> tuple[Image.Image | None, str]:
+    """The image as RGB, or None and why it cannot be read (logged, naming the file)."""
+    from pipeline.data.images import ImageReadError, load_image
+
+    if not Path(path).is_file():
+        error = f"Cannot read image {path}: no such file."
+    else:
+        try:
+            return load_image(path, advice=""), ""
+        except ImageReadError as e:
+            error = str(e)
+    log.error("%s Skipped.", error)
+    return None, error
+
+
 def predict(context_file: Path, images: list[Path], pretrained: str | None = None, top_k: int = 3,
             device: str = "auto") -> list[dict]:
     """Top-k classes (name, probability, label) for each image under the saved context, in the order given.
@@ -38,39 +57,33 @@ def predict(context_file: Path, images: list[Path], pretrained: str | None = Non
     import torch
     import torch.nn.functional as F
 
-    from pipeline.data.images import ImageReadError, build_transforms, load_image
+    from pipeline.data.images import build_transforms
     from pipeline.engine.backbone import load_backbone, resolve_device
     from pipeline.engine.context import context_model, load_context
 
     ctx, meta = load_context(context_tensor_file(context_file))
-    rows: list[dict] = []
-    readable = []  # (row index, decoded image)
-    for index, path in enumerate(images):
-        rows.append({"image": str(path)})
-        if not Path(path).is_file():
-            rows[index]["error"] = f"Cannot read image {path}: no such file."
-        else:
-            try:
-                readable.append((index, load_image(path, advice="")))
-            except ImageReadError as error:
-                rows[index]["error"] = str(error)
-        if "error" in rows[index]:
-            log.error("%s Skipped.", rows[index]["error"])
-    if not readable:
-        return rows
-
-    backbone = load_backbone(meta.arch, pretrained if pretrained is not None else meta.pretrained,
-                             resolve_device(device))
-    model = context_model(backbone, ctx, meta)
-    _, test_transform = build_transforms(backbone.image_size, backbone.mean, backbone.std)
-    k = min(top_k, len(meta.classnames))
-    for start in range(0, len(readable), BATCH_SIZE):
-        chunk = readable[start : start + BATCH_SIZE]
-        batch = torch.stack([test_transform(image) for _, image in chunk])
+    rows: list[dict] = [{"image": str(path)} for path in images]
+    model = None  # loaded with the first readable image
+    for start in range(0, len(images), BATCH_SIZE):
+        decoded = []  # (row index, image) of this batch's readable images
+        for index in range(start, min(start + BATCH_SIZE, len(images))):
+            image, error = _read_image(images[index])
+            if image is None:
+                rows[index]["error"] = error
+            else:
+                decoded.append((index, image))
+        if not decoded:
+            continue
+        if model is None:
+            backbone = load_backbone(meta.arch, pretrained if pretrained is not None else meta.pretrained,
+                                     resolve_device(device))
+            model = context_model(backbone, ctx, meta)
+            _, test_transform = build_transforms(backbone.image_size, backbone.mean, backbone.std)
+        batch = torch.stack([test_transform(image) for _, image in decoded])
         with torch.no_grad():
             features = F.normalize(backbone.encode_images(batch), dim=-1)
-            top = model(features).softmax(dim=-1).topk(k, dim=-1)
-        for (index, _), idx, val in zip(chunk, top.indices.tolist(), top.values.tolist(), strict=True):
+            top = model(features).softmax(dim=-1).topk(min(top_k, len(meta.classnames)), dim=-1)
+        for (index, _), idx, val in zip(decoded, top.indices.tolist(), top.values.tolist(), strict=True):
             rows[index]["top"] = [(meta.classnames[i], round(p, 4), i) for i, p in zip(idx, val, strict=True)]
     return rows
 
