@@ -1,13 +1,16 @@
 """The learned-context artifact: the context tensor as safetensors plus JSON metadata beside it.
 
-`ctx.safetensors` holds one tensor, ``ctx`` ((M, D) unified or (C, M, D) class-specific);
-`ctx.json` says everything needed to rebuild the classifier: backbone, variant, class names, and
-where it came from (dataset, shots, seed, accuracies). Both files are written atomically.
+`ctx.safetensors` holds the tensor ``ctx`` ((M, D) unified or (C, M, D) class-specific), and for CoCoOp
+also its meta-network (``meta_net.linear1.weight``, ...); `ctx.json` says everything needed to rebuild
+the classifier: method and its hyperparameters, backbone, variant, class names, and where it came from
+(dataset, shots, seed, accuracies). Both files are written atomically. A KgCoOp context is used as a CoOp
+context (its loss alone differs); a CoCoOp file is read with `load_learned` and `methods.learned_model`.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,7 +24,13 @@ from pipeline.engine.backbone import Backbone
 from pipeline.engine.prompt import CoOp, PromptConfig
 from pipeline.errors import UserError
 
+log = logging.getLogger(__name__)
+
 FORMAT_VERSION = 1
+
+# The methods whose classifier is CoOp's with the saved context alone (KgCoOp differs only in its training
+# loss); the others (CoCoOp: context + meta-network) are rebuilt by pipeline/engine/methods.py::learned_model.
+CONTEXT_METHODS = ("coop", "kgcoop")
 
 
 class ContextFileError(UserError, ValueError):
@@ -45,6 +54,8 @@ class ContextMeta:
     test_acc: float | None = None
     extra: dict[str, Any] = field(default_factory=dict)
     format_version: int = FORMAT_VERSION
+    method: str = "coop"  # methods.METHODS; files written before methods existed are CoOp's
+    method_params: dict[str, Any] = field(default_factory=dict)  # methods.MethodConfig.hyperparameters()
 
     @property
     def prompt_config(self) -> PromptConfig:
@@ -55,16 +66,25 @@ def metadata_path(path: str | Path) -> Path:
     return Path(path).with_suffix(".json")
 
 
-def save_context(path: str | Path, ctx: torch.Tensor, meta: ContextMeta) -> Path:
-    """Write `path` (.safetensors) and its .json metadata; returns the tensor file's path."""
+def save_context(path: str | Path, ctx: torch.Tensor, meta: ContextMeta,
+                 method_tensors: dict[str, torch.Tensor] | None = None) -> Path:
+    """Write `path` (.safetensors) and its .json metadata; returns the tensor file's path.
+
+    `method_tensors`: what the method learned besides the context (CoCoOp's ``meta_net.*``).
+    """
     path = Path(path)
     if path.suffix != ".safetensors":
         raise ContextFileError(f"context files end in .safetensors, got {path}")
     expected_dims = 3 if meta.csc else 2
     if ctx.dim() != expected_dims or ctx.shape[-2] != meta.n_ctx:
         raise ContextFileError(f"context of shape {tuple(ctx.shape)} does not match n_ctx={meta.n_ctx}, csc={meta.csc}")
-    tensor = ctx.detach().to("cpu", torch.float32).contiguous()
-    atomic_write(path, lambda tmp: save_file({"ctx": tensor}, tmp))
+    extra = method_tensors or {}
+    if "ctx" in extra:
+        raise ContextFileError("method_tensors must not hold 'ctx': the context is passed as ctx")
+    if meta.method in CONTEXT_METHODS and extra:
+        raise ContextFileError(f"method {meta.method} learns a context alone, yet got tensors {sorted(extra)}")
+    tensors = {name: t.detach().to("cpu", torch.float32).contiguous() for name, t in {"ctx": ctx, **extra}.items()}
+    atomic_write(path, lambda tmp: save_file(tensors, tmp))
     text = json.dumps(asdict(meta), indent=2, sort_keys=True)
     atomic_write(metadata_path(path), lambda tmp: Path(tmp).write_text(text))
     return path
@@ -81,8 +101,16 @@ def load_metadata(path: str | Path) -> ContextMeta:
         raise ContextFileError(f"{meta_file} is not valid context metadata: {e}") from None
 
 
-def load_context(path: str | Path) -> tuple[torch.Tensor, ContextMeta]:
-    """Read a context and its metadata; errors name the file and what is wrong."""
+def save_learned(path: str | Path, learned: dict[str, torch.Tensor], meta: ContextMeta) -> Path:
+    """Write what a method learned (`TrainResult.learned`: ``ctx`` and the method's own tensors) and its metadata."""
+    if "ctx" not in learned:
+        raise ContextFileError(f"learned tensors {sorted(learned)} have no 'ctx'")
+    return save_context(path, learned["ctx"], meta, {k: t for k, t in learned.items() if k != "ctx"})
+
+
+def load_learned(path: str | Path) -> tuple[dict[str, torch.Tensor], ContextMeta]:
+    """Read every tensor of a context file (``ctx``; CoCoOp: and ``meta_net.*``) and its metadata; errors name
+    the file and what is wrong."""
     path = Path(path)
     if not path.is_file():
         raise ContextFileError(f"context file {path} does not exist (a context is a .safetensors + .json pair)")
@@ -91,24 +119,30 @@ def load_context(path: str | Path) -> tuple[torch.Tensor, ContextMeta]:
         tensors = load_file(str(path))
     except SafetensorError as e:
         raise ContextFileError(f"{path} is not a safetensors file ({e}); pass the context's .safetensors") from None
-    if set(tensors) != {"ctx"}:
-        raise ContextFileError(f"{path} should hold one tensor 'ctx', found {sorted(tensors)}")
+    if "ctx" not in tensors:
+        raise ContextFileError(f"{path} should hold the tensor 'ctx', found {sorted(tensors)}")
     ctx = tensors["ctx"]
     if ctx.dim() != (3 if meta.csc else 2) or ctx.shape[-2] != meta.n_ctx:
         raise ContextFileError(f"{path}: tensor shape {tuple(ctx.shape)} disagrees with its metadata")
     if meta.csc and ctx.shape[0] != len(meta.classnames):
         raise ContextFileError(f"{path}: {ctx.shape[0]} class contexts but {len(meta.classnames)} class names")
-    return ctx, meta
+    return tensors, meta
 
 
-def context_model(
-    backbone: Backbone,
-    ctx: torch.Tensor,
-    meta: ContextMeta,
-    classnames: list[str] | None = None,
-    precision: str = "fp32",
-) -> CoOp:
-    """A CoOp classifier with a saved context, checked against the backbone (and classes, if given)."""
+def load_context(path: str | Path) -> tuple[torch.Tensor, ContextMeta]:
+    """Read a context (CoOp's or KgCoOp's: the tensor ``ctx`` alone) and its metadata; errors name the file."""
+    tensors, meta = load_learned(path)
+    if set(tensors) != {"ctx"}:
+        raise ContextFileError(
+            f"{path} holds a {meta.method} model ({', '.join(sorted(tensors))}), not a context alone; read it with "
+            "pipeline.engine.context.load_learned and pipeline.engine.methods.learned_model")
+    return tensors["ctx"], meta
+
+
+def check_fits(backbone: Backbone, ctx: torch.Tensor, meta: ContextMeta, classnames: list[str] | None = None
+               ) -> list[str]:
+    """The class names a saved context is used with (`classnames`, else its own), checked against the backbone;
+    ContextFileError when they do not fit."""
     if meta.arch != backbone.arch:
         raise ContextFileError(
             f"context was learned on backbone {meta.arch!r} but the loaded backbone is {backbone.arch!r}; "
@@ -119,16 +153,28 @@ def context_model(
             f"context width {ctx.shape[-1]} does not match the text tower width {backbone.text_width}"
         )
     if meta.fingerprint != backbone.fingerprint:
-        import logging
-
-        logging.getLogger(__name__).warning(
-            "context was learned with weights %s; backbone has %s", meta.fingerprint, backbone.fingerprint
-        )
+        log.warning("context was learned with weights %s; backbone has %s", meta.fingerprint, backbone.fingerprint)
     names = meta.classnames if classnames is None else classnames
     if meta.csc and len(names) != ctx.shape[0]:
         raise ContextFileError(
             f"class-specific context has {ctx.shape[0]} classes but {len(names)} class names were given"
         )
+    return names
+
+
+def context_model(
+    backbone: Backbone,
+    ctx: torch.Tensor,
+    meta: ContextMeta,
+    classnames: list[str] | None = None,
+    precision: str = "fp32",
+) -> CoOp:
+    """A CoOp classifier with a saved context, checked against the backbone (and classes, if given)."""
+    if meta.method not in CONTEXT_METHODS:
+        raise ContextFileError(
+            f"a {meta.method} classifier is more than its context: build it with pipeline.engine.methods.learned_model"
+        )
+    names = check_fits(backbone, ctx, meta, classnames)
     model = CoOp(backbone, names, meta.prompt_config, precision)
     with torch.no_grad():
         model.prompt_learner.ctx.copy_(ctx.to(model.prompt_learner.ctx.device))

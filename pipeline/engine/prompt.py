@@ -200,6 +200,13 @@ class PromptLearner(nn.Module):
         from_ctx = torch.gather(ctx, 1, index) + self.pos_emb
         return torch.where(self.is_ctx.unsqueeze(-1), from_ctx, self.token_part)
 
+    def image_prompts(self, ctx: torch.Tensor) -> torch.Tensor:
+        """Prompts (B, C, L, D) for B unified contexts (B, M, D), e.g. one per image (CoCoOp)."""
+        if self.csc:
+            raise ValueError("per-image prompts need a unified context (csc: false)")
+        from_ctx = ctx[:, self.ctx_index] + self.pos_emb  # (B, C, L, D): context vector of each position
+        return torch.where(self.is_ctx.unsqueeze(-1), from_ctx, self.token_part)
+
 
 def native_cpu_bf16() -> bool:
     """Whether this CPU multiplies bf16 matrices in hardware (AVX-512 BF16 or AMX); else bf16 is emulated."""
@@ -264,7 +271,13 @@ def prefers_packing(device_type: str, precision: str, padded_tokens: int, real_t
 
 
 class CoOp(nn.Module):
-    """Prompt learner + frozen text tower; logits for (normalised) cached image features."""
+    """Prompt learner + frozen text tower; logits for (normalised) cached image features.
+
+    The methods built on it (pipeline/engine/methods.py) override the training hooks: `loss`,
+    `trained_parameters`, `learned_tensors`, `predict`.
+    """
+
+    graphable = True  # the text path's shapes never change, so a CUDA graph can replay it
 
     def __init__(
         self,
@@ -329,3 +342,24 @@ class CoOp(nn.Module):
     def forward(self, image_features: torch.Tensor) -> torch.Tensor:
         """Normalised image features (B, E) -> logits (B, C)."""
         return self.logit_scale * image_features @ self.text_features().t()
+
+    def loss(self, image_features: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The training objective on a batch: (loss, logits (B, C)); CoOp's is cross-entropy."""
+        logits = self(image_features)
+        return F.cross_entropy(logits.float(), labels), logits
+
+    def trained_parameters(self) -> list[nn.Parameter]:
+        """What the optimiser updates: the context."""
+        return [self.prompt_learner.ctx]
+
+    def learned_tensors(self) -> dict[str, torch.Tensor]:
+        """What a learned-context file holds (pipeline/engine/context.py): ``ctx``, fp32 on the CPU."""
+        return {"ctx": self.prompt_learner.ctx.detach().float().cpu()}
+
+    @torch.no_grad()
+    def predict(self, image_features: torch.Tensor, chunk: int = 4096) -> torch.Tensor:
+        """Predicted labels (N,) of normalised image features; the text features are computed once."""
+        text = self.text_features()
+        labels = [(image_features[start : start + chunk] @ text.t()).argmax(dim=-1)
+                  for start in range(0, len(image_features), chunk)]
+        return torch.cat(labels) if labels else torch.zeros(0, dtype=torch.long, device=image_features.device)

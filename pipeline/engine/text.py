@@ -7,7 +7,8 @@ Attention is causal and the feature is read at each prompt's EOS token, so:
 * tokens before the first class-dependent token (SOS and, for a unified context, the context words
   in front of the class name) have the same hidden states in every prompt: `forward_shared` computes
   them once, as a batch of one, and runs each class's own tokens against their cached keys and values
-  layer by layer (shared-prefix path, the same idea as a KV cache);
+  layer by layer (shared-prefix path, the same idea as a KV cache); with G prefixes (CoCoOp: one context
+  per image), each is shared by its own consecutive block of prompts;
 * tokens after a prompt's own EOS are padding: projections and MLPs run on the real tokens only
   (`Packing`), and in the last layer only on each prompt's EOS token, the one row that is read.
 
@@ -96,8 +97,9 @@ class _Layer(nn.Module):
 
         Without `packing`, N = B * T. With it, x holds only the `packing.index` positions of the (B * T)
         grid; the others (after each sequence's EOS) are zero during attention, which causality hides
-        from every real token. With `past` (keys/values of P earlier positions, batch 1), every token also
-        attends to them; `past_mask` is then the (T, P + T) boolean mask allowing all P and the causal T.
+        from every real token. With `past` (keys/values of P earlier positions of G sequences, G dividing
+        B), every token also attends to those of its group (sequences b * G // B); `past_mask` is then the
+        (T, P + T) boolean mask allowing all P and the causal T.
         With `keep` (row indices), only those rows are returned: the attention still reads every token,
         but the output projection and MLP run only where a result is used.
         """
@@ -111,8 +113,8 @@ class _Layer(nn.Module):
             a = F.scaled_dot_product_attention(q, k, v, is_causal=True)
         else:
             past_k, past_v = past
-            keys = torch.cat([past_k.expand(batch, -1, -1, -1), k], dim=2)
-            values = torch.cat([past_v.expand(batch, -1, -1, -1), v], dim=2)
+            keys = torch.cat([_per_sequence(past_k, batch), k], dim=2)
+            values = torch.cat([_per_sequence(past_v, batch), v], dim=2)
             a = F.scaled_dot_product_attention(q, keys, values, attn_mask=past_mask)
         a = a.transpose(1, 2).reshape(batch * tokens, width)
         if packing is not None:
@@ -123,6 +125,13 @@ class _Layer(nn.Module):
         m = self.act(F.linear(self._norm(self.ln_2, x), self.fc_w, self.fc_b))
         x = x + self.ls_2(F.linear(m, self.proj_w, self.proj_b))
         return x, (k, v)
+
+
+def _per_sequence(past: torch.Tensor, batch: int) -> torch.Tensor:
+    """Keys or values of G prefixes (G, H, P, D/H) -> (batch, H, P, D/H), each repeated for its group of
+    batch // G consecutive sequences (a view: the concatenation with the sequences' own copies them once)."""
+    groups = past.shape[0]
+    return past.unsqueeze(1).expand(groups, batch // groups, *past.shape[1:]).reshape(batch, *past.shape[1:])
 
 
 class TextTower(nn.Module):
@@ -147,15 +156,18 @@ class TextTower(nn.Module):
         return self._head(x)
 
     def forward_shared(self, prefix: torch.Tensor, suffix: torch.Tensor, lengths: Sequence[int]) -> torch.Tensor:
-        """Shared-prefix path. prefix (1, P, D) common to all prompts, suffix (C, S, D) the rest, lengths[c]
-        prompt c's suffix tokens up to its EOS -> features (C, E), fp32."""
-        past_len = prefix.shape[1]
-        prefix = prefix.to(self.dtype).reshape(past_len, -1)
+        """Shared-prefix path. prefix (G, P, D): G prefixes (1: common to all prompts), suffix (G * C, S, D)
+        the rest, prompts g * C .. g * C + C - 1 continuing prefix g, lengths[i] prompt i's suffix tokens up
+        to its EOS -> features (G * C, E), fp32."""
+        groups, past_len = prefix.shape[:2]
+        if suffix.shape[0] % groups:
+            raise ValueError(f"{suffix.shape[0]} prompts do not split into {groups} groups of one prefix each")
+        prefix = prefix.to(self.dtype).reshape(groups * past_len, -1)
         suffix, shape, packing, eos = self._flatten(suffix.to(self.dtype), lengths)
         mask = self._prefix_mask(past_len, shape[1], suffix.device)
         last = len(self.layers) - 1
         for i, layer in enumerate(self.layers):
-            prefix, past = layer(prefix, (1, past_len))
+            prefix, past = layer(prefix, (groups, past_len))
             suffix, _ = layer(suffix, shape, packing, past, mask, keep=eos if i == last else None)
         return self._head(suffix)
 

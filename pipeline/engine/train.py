@@ -1,5 +1,8 @@
 """CoOp training on frozen image features: CoOp's recipe (SGD, cosine schedule, constant warm-up).
 
+The same loop trains CoOp's successors (CoCoOp, KgCoOp: `methods.train_method`) through the model's hooks:
+its loss, its trained parameters, its prediction; `train_coop`'s `build` makes the method's model.
+
 The image encoder is frozen, so each image's features come from the cache; an epoch draws, for every
 training image, one of its V cached augmented views. Each step runs the text tower over all class
 prompts (the only real cost) and updates the context vectors alone. Online mode (features.views:
@@ -87,22 +90,22 @@ class TrainResult:
     def ctx(self) -> torch.Tensor:
         return self.model.prompt_learner.ctx.detach().float().cpu()
 
+    @property
+    def learned(self) -> dict[str, torch.Tensor]:
+        """Everything the model learned (``ctx``; CoCoOp: and ``meta_net.*``), for `context.save_learned`."""
+        return self.model.learned_tensors()
+
 
 class NonFiniteLossError(RuntimeError):
     """The loss became NaN or infinite; the trial cannot continue."""
 
 
 @torch.no_grad()
-def evaluate(model: CoOp, features: torch.Tensor, labels: torch.Tensor, chunk: int = 4096) -> float:
-    """Top-1 accuracy (%) of normalised features (N, E); text features are computed once."""
+def evaluate(model: CoOp, features: torch.Tensor, labels: torch.Tensor) -> float:
+    """Top-1 accuracy (%) of normalised features (N, E) (`model.predict`: CoOp computes text features once)."""
     if len(labels) == 0:
         return float("nan")
-    text = model.text_features()
-    correct = 0
-    for start in range(0, len(labels), chunk):
-        logits = features[start : start + chunk] @ text.t()
-        correct += int((logits.argmax(dim=-1) == labels[start : start + chunk]).sum())
-    return 100.0 * correct / len(labels)
+    return 100.0 * int((model.predict(features) == labels).sum()) / len(labels)
 
 
 def build_model(
@@ -114,19 +117,30 @@ def build_model(
 ) -> CoOp:
     """The CoOp model a training config runs: its precision and exact text path, CUDA-graphed where set."""
     model = CoOp(backbone, classnames, prompt_cfg, cfg.precision, cfg.shared_prefix, generator, cfg.pack_tokens)
-    if cfg.cuda_graph and backbone.device.type == "cuda" and cfg.precision != "amp":
+    return graph_model(model, cfg)
+
+
+def graph_model(model: CoOp, cfg: TrainConfig) -> CoOp:
+    """`model`, its text path replayed as a CUDA graph where the config sets it and the model allows."""
+    on_cuda = model.prompt_learner.ctx.device.type == "cuda"
+    if cfg.cuda_graph and on_cuda and cfg.precision != "amp" and model.graphable:
         model.capture_cuda_graph()
     return model
 
 
+# Builds the model train_coop trains: (backbone, class names, prompt config, train config, generator) -> model.
+ModelBuilder = Callable[[Backbone, list[str], PromptConfig, TrainConfig, torch.Generator], CoOp]
+
+
 class TrainStep:
-    """One step of CoOp's recipe on a batch of cached features: forward, backward, SGD update of the context."""
+    """One step of CoOp's recipe on a batch of cached features: forward, backward, SGD update of the context
+    (and whatever else the method trains: `model.trained_parameters()`)."""
 
     def __init__(self, model: CoOp, cfg: TrainConfig) -> None:
         self.model = model
         self.use_amp = cfg.precision == "amp"
         self.device_type = model.prompt_learner.ctx.device.type
-        self.optimizer = torch.optim.SGD([model.prompt_learner.ctx], lr=cfg.lr, momentum=cfg.momentum,
+        self.optimizer = torch.optim.SGD(model.trained_parameters(), lr=cfg.lr, momentum=cfg.momentum,
                                          weight_decay=cfg.weight_decay)
         # Loss scaling guards our fp16 (fp32 master context); the official fp16 runs plain SGD without it.
         self.scaler = torch.amp.GradScaler("cuda", enabled=cfg.precision in ("fp16", "amp"))
@@ -138,8 +152,7 @@ class TrainStep:
     def __call__(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Image features (B, E), labels (B,) -> (loss, logits (B, C)), after updating the context."""
         with torch.autocast(self.device_type, dtype=torch.float16, enabled=self.use_amp):
-            logits = self.model(x)
-            loss = F.cross_entropy(logits.float(), y)
+            loss, logits = self.model.loss(x, y)
         if not torch.isfinite(loss):
             raise NonFiniteLossError(f"loss became {loss.item()}")
         self.optimizer.zero_grad(set_to_none=True)
@@ -247,12 +260,14 @@ def train_coop(
     epochs: int | None = None,
     on_epoch: Callable[[EpochMetrics], None] | None = None,
     progress: bool = True,
+    build: ModelBuilder = build_model,
 ) -> TrainResult:
     """Train a CoOp context; returns the model, per-epoch curves and accuracies.
 
     Trains on the cached views of `data.train`, or, when `data.train_images` is set (online mode), on fresh
     crops of those images every epoch, seeded by `cfg.seed`. `epochs` defaults to `cfg.epochs`; one of them
-    must be set (CoOp's schedule: `default_epochs`).
+    must be set (CoOp's schedule: `default_epochs`). `build` makes the model (another method's: then the
+    loss curve is that method's whole objective, e.g. KgCoOp's cross-entropy + lambda * L_kg).
     """
     epochs = epochs if epochs is not None else cfg.epochs
     if epochs is None:
@@ -270,7 +285,7 @@ def train_coop(
 
     torch.manual_seed(cfg.seed)
     generator = torch.Generator().manual_seed(cfg.seed)
-    model = build_model(backbone, data.classnames, prompt_cfg, cfg, generator)
+    model = build(backbone, data.classnames, prompt_cfg, cfg, generator)
     train_step = TrainStep(model, cfg)
     tensors = _prepare(data, device)
     train_y = tensors["train_labels"]
@@ -288,7 +303,7 @@ def train_coop(
 
     result = TrainResult(model)
     start = time.perf_counter()
-    bar = tqdm(range(epochs), desc="CoOp epochs", disable=not progress, leave=False)
+    bar = tqdm(range(epochs), desc=f"{type(model).__name__} epochs", disable=not progress, leave=False)
     with closing(epoch_batches):
         for epoch in bar:
             lr = lr_at_epoch(epoch, cfg, epochs)
