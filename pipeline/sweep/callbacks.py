@@ -7,7 +7,7 @@ every callback resets its state in `setup` for the same reason.
 
 ProgressLog: one log line every `every_s` seconds (and one at the end) with the trials done, failed, running
 and waiting out of the sweep's total, the time elapsed and an ETA from the durations of the trials that ended
-in this session; it replaces Ray Tune's own per-trial tables on the console.
+in this session, scaled by each trial's optimizer steps; it replaces Ray Tune's own per-trial tables.
 
 RayResumeHint: on an interrupt Ray logs "Resume experiment with: Tuner.restore(...)", a Python call our users
 never make; the sweep's own warning names the command (`--resume NAME`), so Ray's line is dropped.
@@ -20,10 +20,12 @@ import logging
 import math
 import statistics
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
 from ray.tune import Callback
+
+from pipeline.sweep.space import trial_key
 
 if TYPE_CHECKING:
     from pipeline.sweep.results import ConfigSummary
@@ -86,18 +88,33 @@ def format_duration(seconds: float) -> str:
     return f"{seconds // 3600} h {seconds % 3600 // 60:02d} min"
 
 
-def eta_seconds(durations: Sequence[float], running_elapsed: Sequence[float], waiting: int,
-                concurrency: int) -> float | None:
-    """Seconds until the last trial ends, from the mean duration of the trials that ended; None before any did.
+def duration_model(ended: Sequence[tuple[float, float]]) -> Callable[[float], float] | None:
+    """A trial's expected seconds from its size (its optimizer steps), fitted on the (size, seconds) of the
+    trials that ended: least squares `a + b * size` (a fixed cost per trial plus a cost per step) when their
+    sizes differ and the fit is not negative anywhere, else their mean duration; None before any ended.
 
-    Work left = a mean trial per waiting trial + what a mean trial has left of each running one, shared by
-    `concurrency` slots; never less than what the running trial furthest from its end has left.
-    """
-    if not durations:
+    Trials of one sweep differ tenfold in steps (1 vs 16 shots, 50 vs 200 epochs), and grids run the small
+    ones first, so a plain mean would promise the end far too soon."""
+    if not ended:
         return None
-    mean = statistics.fmean(durations)
-    left_running = [max(mean - elapsed, 0.0) for elapsed in running_elapsed]
-    work = waiting * mean + sum(left_running)
+    sizes, seconds = [s for s, _ in ended], [t for _, t in ended]
+    mean = statistics.fmean(seconds)
+    if len(set(sizes)) > 1:
+        slope, intercept = statistics.linear_regression(sizes, seconds)
+        if slope > 0 and intercept >= 0:
+            return lambda size: intercept + slope * size
+    return lambda size: mean
+
+
+def eta_seconds(expected: Callable[[float], float] | None, running: Sequence[tuple[float, float]],
+                waiting: Sequence[float], concurrency: int) -> float | None:
+    """Seconds until the last trial ends: the expected seconds of the `waiting` trials' sizes plus what the
+    `running` trials ((size, seconds elapsed)) have left, shared by `concurrency` slots; never less than what
+    the running trial furthest from its end has left. None without a duration model."""
+    if expected is None:
+        return None
+    left_running = [max(expected(size) - elapsed, 0.0) for size, elapsed in running]
+    work = sum(expected(size) for size in waiting) + sum(left_running)
     return max(work / max(concurrency, 1), max(left_running, default=0.0))
 
 
@@ -122,23 +139,33 @@ def progress_line(name: str, total: int, done: int, failed: int, running: int, e
 
 
 class ProgressLog(Callback):
-    """Logs `progress_line` every `every_s` seconds while Tune runs, and once when it stops."""
+    """Logs `progress_line` every `every_s` seconds while Tune runs, and once when it stops.
 
-    def __init__(self, name: str, total: int, every_s: float = PROGRESS_EVERY_S) -> None:
-        self.name, self.total, self.every_s = name, total, every_s
+    `sizes`: each planned configuration's optimizer steps by trial key (grid/random: every trial; optuna:
+    its candidates), the size the ETA's duration model scales with; a trial of unknown size counts as the
+    planned configurations' mean size.
+    """
+
+    def __init__(self, name: str, total: int, every_s: float = PROGRESS_EVERY_S,
+                 sizes: dict[str, float] | None = None) -> None:
+        self.name, self.total, self.every_s, self.sizes = name, total, every_s, dict(sizes or {})
+        self.mean_size = statistics.fmean(self.sizes.values()) if self.sizes else 1.0
         self._reset()
 
     def _reset(self) -> None:
         now = time.monotonic()
         self.start, self.last_logged = now, now
         self.started: dict[str, float] = {}  # trial id -> when it started in this session
-        self.durations: list[float] = []  # of the trials that ended in this session
+        self.durations: list[tuple[float, float]] = []  # (size, seconds) of the trials that ended in this session
         # Trials that really ended: Tune's complete/error path, or already ended when a resumed session began
         # (on an interrupt Ray marks the trials it cut off TERMINATED too, so statuses alone cannot tell).
         self.ended: set[str] = set()
         self.failed: set[str] = set()
         self.ended_before: set[str] | None = None
         self.most_running = 0  # the concurrency the cluster really gave (max_concurrent or fewer)
+
+    def size(self, config: dict[str, Any] | None) -> float:
+        return self.sizes.get(_key(config), self.mean_size)
 
     def setup(self, **info: Any) -> None:
         self._reset()
@@ -162,7 +189,7 @@ class ProgressLog(Callback):
         self.ended.add(trial.trial_id)
         start = self.started.pop(trial.trial_id, None)
         if start is not None:
-            self.durations.append(time.monotonic() - start)
+            self.durations.append((self.size(trial.config), time.monotonic() - start))
 
     def on_step_end(self, iteration: int, trials: list, **info: Any) -> None:
         running = sum(t.status == "RUNNING" for t in trials)
@@ -176,13 +203,28 @@ class ProgressLog(Callback):
     def log(self, trials: Sequence[Any], final: bool = False) -> None:
         now = time.monotonic()
         self.last_logged = now
-        done = len(self.ended | (self.ended_before or set()))
-        running = [now - self.started[t.trial_id] for t in trials
+        done_ids = self.ended | (self.ended_before or set())
+        running = [(self.size(t.config), now - self.started[t.trial_id]) for t in trials
                    if t.status == "RUNNING" and t.trial_id in self.started]
         total = max(self.total, len(trials))
-        eta = eta_seconds(self.durations, running, max(total - done - len(running), 0), max(self.most_running, 1))
-        log.info("%s", progress_line(self.name, total, done, len(self.failed), 0 if final else len(running),
+        # Waiting: trials created but not started, and those Tune has not created yet: grid/random's remaining
+        # planned configurations, or as many mean-sized ones (optuna: `sizes` are its candidates).
+        waiting = [self.size(t.config) for t in trials if t.trial_id not in done_ids and t.status != "RUNNING"]
+        uncreated = max(total - len(trials), 0)
+        created = {_key(t.config) for t in trials}
+        planned = [size for key, size in self.sizes.items() if key not in created]
+        waiting += planned if len(planned) == uncreated else [self.mean_size] * uncreated
+        eta = eta_seconds(duration_model(self.durations), running, waiting, max(self.most_running, 1))
+        log.info("%s", progress_line(self.name, total, len(done_ids), len(self.failed), 0 if final else len(running),
                                      now - self.start, eta, final))
+
+
+def _key(config: dict[str, Any] | None) -> str:
+    """The trial key of a trial's config; '' for a config that is not a sweep configuration."""
+    try:
+        return trial_key(config) if config else ""
+    except KeyError:
+        return ""
 
 
 def mean_std_text(values: Sequence[float], std: bool = True) -> str:

@@ -18,7 +18,7 @@ from typing import Any
 
 from pipeline.params import Params
 from pipeline.sweep.cluster import check_ray_address, check_resources, init_ray, resolve_address
-from pipeline.sweep.plan import SweepError, SweepPlan, check_precision, plan_sweep
+from pipeline.sweep.plan import SweepError, SweepPlan, check_precision, feature_key, plan_sweep
 from pipeline.sweep.results import ResultFiles, TrialRecord, counts, summarize, write_results
 from pipeline.sweep.resume import SweepState, read_state, state_path, write_state
 from pipeline.sweep.space import CONFIG_KEYS, max_epochs, trial_key
@@ -222,6 +222,17 @@ def _parent_metrics(records: list[TrialRecord]) -> dict[str, float]:
     return {k: v for k, v in metrics.items() if math.isfinite(v)}
 
 
+def _trial_steps(plan: SweepPlan, inputs: Any, batch: int) -> dict[str, int]:
+    """Optimizer steps of each planned configuration (the progress line's ETA scales durations by them)."""
+    from pipeline.sweep.estimate import steps_per_epoch
+
+    steps = {}
+    for c in plan.configs:
+        train = inputs.features[feature_key(c["dataset"], c["shots"], c["seed"])].train_labels
+        steps[trial_key(c)] = int(c["epochs"]) * steps_per_epoch(len(train), batch)
+    return steps
+
+
 def _fit(params: Params, options: SweepOptions, plan: SweepPlan, inputs: Any, parent: SweepRun, name: str,
          experiment_path: Path, commit: str, resume: bool) -> SweepOutcome:
     import ray
@@ -290,7 +301,8 @@ def _fit(params: Params, options: SweepOptions, plan: SweepPlan, inputs: Any, pa
                 name=name,
                 storage_path=str(experiment_path.parent),
                 failure_config=tune.FailureConfig(max_failures=params.sweep.retries),
-                callbacks=[EndWatcher(name), ProgressLog(name, plan.num_samples, every_s)],
+                callbacks=[EndWatcher(name), ProgressLog(name, plan.num_samples, every_s,
+                                                         _trial_steps(plan, inputs, params.train.batch_size))],
                 verbose=1 if options.verbose >= 2 else 0,  # our progress line replaces Ray's per-trial tables
             ),
         )
