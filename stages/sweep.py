@@ -33,7 +33,9 @@ examples:
   python -m stages.sweep --dry-run                        # list the trials of params.yaml's grid
   python -m stages.sweep --search optuna --num-samples 8  # TPE over the same space
   python -m stages.sweep --address 10.0.0.1:6379 --tracking-uri http://10.0.0.1:5000
+  python -m stages.sweep --name rn50-grid                 # a name of your own (a new one each time)
   python -m stages.sweep --resume                         # continue the latest interrupted sweep
+  python -m pipeline.tools.sweeps                         # the sweeps so far: name, date, trials, state, best
 (`python -m pipeline.sweep` and `coop-sweep` are the same command.)
 
 exit status: 0 done (failed trials are listed in trials.csv), 2 bad configuration or unreachable cluster/tracking/features,
