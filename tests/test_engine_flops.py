@@ -87,6 +87,7 @@ def test_image_encoder_flops_and_the_official_step(tiny: Backbone) -> None:
         model.encode_image(torch.randn(1, 3, tiny.image_size, tiny.image_size))
     assert image_encoder_gflops("coop-tiny") * 1e9 == pytest.approx(counter.get_total_flops())
     assert image_encoder_gflops("RN50") == pytest.approx(12.2, abs=0.1)  # CLIP RN50 at 224 px, counted on meta
+    assert image_encoder_gflops("coop-tiny-rn") > 0  # BatchNorm in eval mode: one image is a valid batch
     # The official step runs (CPU, fp32 here) and trains its context.
     step, ctx = official_train_step(tiny, NAMES, 16, False, "end", batch=4)
     before = ctx.detach().clone()

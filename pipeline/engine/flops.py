@@ -72,7 +72,7 @@ def image_encoder_gflops(arch: str) -> float:
         warnings.simplefilter("ignore")
         logging.getLogger().disabled, was = True, logging.getLogger().disabled  # open_clip's "no weights" line
         try:
-            model = open_clip.create_model(arch, pretrained=None, device="meta")
+            model = open_clip.create_model(arch, pretrained=None, device="meta").eval()  # BatchNorm: eval
         finally:
             logging.getLogger().disabled = was
     size = model.visual.image_size
