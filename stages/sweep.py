@@ -4,7 +4,7 @@ Every trial trains one CoOp context (dataset x shots x seed x prompt variant x l
 cached CLIP features and logs to its own nested MLflow run. The search space comes from sweep.space in
 the params file; word initialisations (ctx_init) fix n_ctx and rule out CSC, so no trial is spent on an
 impossible or duplicate combination. Results: <sweep.results_dir>/trials.csv, summary.csv (mean +- std
-over seeds, best configuration per dataset x shots chosen on validation accuracy), metrics.json and
+over seeds, best configuration per dataset x shots chosen on validation accuracy), metrics/ (one file per dataset x shots) and
 plots.csv.
 """
 
