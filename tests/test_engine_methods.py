@@ -23,14 +23,16 @@ from pipeline.engine.context import (
 )
 from pipeline.engine.kgcoop import KgCoOp, anchor_template
 from pipeline.engine.methods import (
+    METHOD_HYPERPARAMETERS,
     METHODS,
+    OFFICIAL_RECIPES,
     MethodConfig,
     learned_model,
     saved_method,
     train_method,
     validate_method,
 )
-from pipeline.engine.prompt import CoOp, PromptConfig
+from pipeline.engine.prompt import CoOp, PromptConfig, resolve_n_ctx
 from pipeline.engine.train import TrainConfig, train_coop
 
 TEMPLATE = "a blurry photo of the {}."  # not the default: the test sees that the template given is the one used
@@ -352,6 +354,17 @@ def test_context_files_without_a_method_are_coop(tiny, tmp_path):
 
 def test_the_methods_a_context_alone_serves_are_methods():
     assert set(CONTEXT_METHODS) == set(METHODS) - {"cocoop"}
+
+
+@pytest.mark.parametrize("name", sorted(OFFICIAL_RECIPES))
+def test_official_recipes_are_valid_settings(name):
+    recipe = OFFICIAL_RECIPES[name]
+    method = MethodConfig(name, **{key: recipe[key] for key in METHOD_HYPERPARAMETERS[name]})
+    prompt = PromptConfig(ctx_init=recipe["ctx_init"])
+    validate_method(method, prompt)
+    assert resolve_n_ctx(prompt) == 4
+    assert TrainConfig(batch_size=recipe["batch_size"], epochs=recipe["epochs"]).lr == 0.002
+    assert method == MethodConfig(name)  # the defaults are the official values
 
 
 @pytest.mark.parametrize(("method", "prompt", "message"), [
