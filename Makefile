@@ -19,7 +19,8 @@ $(STAMP): pyproject.toml constraints.txt
 demo: $(STAMP)
 	dvc repro
 	dvc metrics show
-	@echo "Report: outputs/report/index.html   Runs: mlflow ui --backend-store-uri sqlite:///mlflow.db"
+	@echo "Report: outputs/report/index.html   Runs: mlflow ui --backend-store-uri sqlite:///mlflow.db, then"
+	@echo "  http://127.0.0.1:5000/#/experiments/1/runs?workflowType=machine_learning (MLflow 3 opens GenAI otherwise)"
 
 test: $(STAMP)
 	ruff check .
