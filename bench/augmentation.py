@@ -24,14 +24,7 @@ import torch
 
 from pipeline.atomic import write_text_atomic
 from pipeline.data.datasets import load_dataset
-from pipeline.data.fewshot import (
-    eval_list_path,
-    make_eval_list,
-    make_fewshot_split,
-    split_path,
-    write_eval_list,
-    write_fewshot_split,
-)
+from pipeline.data.fewshot import split_path, write_dataset_splits
 from pipeline.data.synthetic.tasks import get_task, write_world
 from pipeline.engine.backbone import load_backbone
 from pipeline.engine.prompt import PromptConfig
@@ -66,11 +59,8 @@ def main() -> None:
         root = Path(tmp)
         write_world(root / "data", [get_task(name) for name in tasks])
         for name in tasks:
-            splits = load_dataset(name, root / "data")
-            write_eval_list(make_eval_list(splits), eval_list_path(root / "splits", name))
-            for seed in args.seeds:
-                split = make_fewshot_split(splits, args.shots, seed, repeat=params.data.fewshot_repeat)
-                write_fewshot_split(split, split_path(root / "splits", name, args.shots, seed))
+            write_dataset_splits(load_dataset(name, root / "data"), root / "splits", [args.shots], args.seeds,
+                                 params.data.fewshot_repeat)
         for mode in MODES:
             features = override(params, features={"views": mode}).features
             config = FeatureConfig.from_params(backbone, features)

@@ -66,30 +66,18 @@ def run(args: argparse.Namespace, params: Params) -> None:
     from pathlib import Path
 
     from pipeline.data.datasets import load_dataset
-    from pipeline.data.fewshot import (
-        eval_list_path,
-        make_eval_list,
-        make_fewshot_split,
-        split_path,
-        write_eval_list,
-        write_fewshot_split,
-    )
+    from pipeline.data.fewshot import eval_list_path, write_dataset_splits
 
     data = with_flags(params, args).data
     out = Path(data.splits_dir)
     for dataset in data.datasets:
         splits = load_dataset(dataset, Path(data.root), check_files=not args.no_check_files)
-        test_list = eval_list_path(out, splits.name)
-        write_eval_list(make_eval_list(splits), test_list)
+        written = write_dataset_splits(splits, out, data.shots, data.seeds, data.fewshot_repeat)
         if splits.test_only:
-            log.info("%s is test-only: wrote only %s", splits.name, test_list)
-            continue
-        for k in data.shots:
-            for seed in data.seeds:
-                split = make_fewshot_split(splits, k, seed, data.fewshot_repeat)
-                write_fewshot_split(split, split_path(out, splits.name, k, seed))
-                log.info("%s: %d-shot seed %d -> %d train / %d val images", splits.name, k, seed,
-                         len(split.train), len(split.val))
+            log.info("%s is test-only: wrote only %s", splits.name, eval_list_path(out, splits.name))
+        for k, seed, split in written:
+            log.info("%s: %d-shot seed %d -> %d train / %d val images", splits.name, k, seed,
+                     len(split.train), len(split.val))
 
 
 def main(argv: Sequence[str] | None = None) -> int:

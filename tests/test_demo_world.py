@@ -16,14 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from pipeline.data.datasets import load_dataset
-from pipeline.data.fewshot import (
-    eval_list_path,
-    make_eval_list,
-    make_fewshot_split,
-    split_path,
-    write_eval_list,
-    write_fewshot_split,
-)
+from pipeline.data.fewshot import eval_list_path, split_path, write_dataset_splits
 from pipeline.data.synthetic.tasks import get_task, write_world
 from pipeline.engine.backbone import Backbone, load_backbone
 from pipeline.engine.inputs import FewShotFeatures
@@ -67,11 +60,8 @@ def features(tmp_path_factory, demo: Params, world_clip: Backbone) -> dict[str, 
     out: dict[str, dict] = {}
     for name in tasks:
         splits = load_dataset(name, root / "data")
-        write_eval_list(make_eval_list(splits), eval_list_path(root / "splits", name))
         shots, seeds = ((), ()) if splits.test_only else (SHOTS, SEEDS)
-        for k in shots:
-            for seed in seeds:
-                write_fewshot_split(make_fewshot_split(splits, k, seed), split_path(root / "splits", name, k, seed))
+        write_dataset_splits(splits, root / "splits", shots, seeds, demo.data.fewshot_repeat)
         build_dataset_features(root / "cache", root / "data", root / "splits", name, shots, seeds, world_clip,
                                views=demo.features.views, progress=False)
         out[name] = {"eval": load_eval_features(root / "cache", eval_list_path(root / "splits", name), config)}

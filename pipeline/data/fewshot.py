@@ -176,6 +176,21 @@ def write_eval_list(test: EvalList, path: Path | str) -> None:
     _write_compact_json(test.to_json(), Path(path))
 
 
+def write_dataset_splits(splits: DatasetSplits, splits_dir: Path | str, shots: Sequence[int], seeds: Sequence[int],
+                         repeat: bool = False) -> list[tuple[int, int, FewShotSplit]]:
+    """What the prepare stage writes for one dataset: its test list and, unless it is test-only, the K-shot split
+    of every shots x seed. Returns the few-shot splits written, as (shots, seed, split)."""
+    write_eval_list(make_eval_list(splits), eval_list_path(splits_dir, splits.name))
+    written = []
+    if not splits.test_only:
+        for k in shots:
+            for seed in seeds:
+                split = make_fewshot_split(splits, k, seed, repeat)
+                write_fewshot_split(split, split_path(splits_dir, splits.name, k, seed))
+                written.append((k, seed, split))
+    return written
+
+
 def _load_json(path: Path, what: str) -> dict[str, Any]:
     if not path.is_file():
         raise FileNotFoundError(

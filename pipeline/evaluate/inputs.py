@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 from pipeline.data.datasets import dataset_folder
-from pipeline.data.fewshot import eval_list_path, read_eval_list
+from pipeline.data.fewshot import eval_list_path
+from pipeline.data.fewshot import is_test_only as recorded_test_only
 from pipeline.errors import UserError
 from pipeline.features.cache import (
     FeatureCache,
@@ -34,7 +35,6 @@ def open_cache(params: Params, dataset: str, config: FeatureConfig) -> FeatureCa
 def is_test_only(params: Params, dataset: str) -> bool:
     """True for datasets without few-shot splits (ImageNet variants), as the prepare stage's list says."""
     path = eval_list_path(params.data.splits_dir, dataset_folder(dataset))
-    try:
-        return read_eval_list(path).test_only
-    except FileNotFoundError:
-        raise StageError(f"{path} is missing; run `dvc repro prepare` (python -m stages.prepare).") from None
+    if not path.exists():
+        raise StageError(f"{path} is missing; run `dvc repro prepare` (python -m stages.prepare).")
+    return recorded_test_only(params.data.splits_dir, dataset)
