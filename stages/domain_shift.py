@@ -1,9 +1,10 @@
-"""CoOp contexts learned on a source dataset, evaluated on its shifted test sets (DVC stage `domain_shift`).
+"""Prompts learned on a source dataset (CoOp, CoCoOp, KgCoOp), evaluated on its shifted sets (DVC stage `domain_shift`).
 
 The source is domain_shift.source (default ImageNet), the shifted sets those of domain_shift.targets (default
 ImageNet-V2, -Sketch, -A and -R) that data.datasets lists. For every FINISHED source trial of the sweep at
-the largest shot count (or --shots), its learned context on the source's test set and on each shifted set,
-beside zero-shot CLIP (hand-crafted prompt and prompt ensemble) on each. Rows go to
+the largest shot count (or --shots) that learned all its classes (protocol fewshot or xd, not base2new), its
+learned model on the source's test set and on each shifted set, beside zero-shot CLIP (hand-crafted prompt
+and prompt ensemble) on each. Rows go to
 <report.baselines_dir>/domain_shift.csv (empty when data.datasets has no source, as in the demo); one
 MLflow run "domain-shift" with the CSV and per-target means.
 """

@@ -1,5 +1,6 @@
 """The domain-shift stage's library: the source and targets from params, variant classes matched by ImageNet
-label or else by name, and a run on the generated world's source task and its shifted sets.
+label or else by name, and a run on the generated world's source task and its shifted sets (CoOp, CoCoOp and
+KgCoOp models; base-to-new trials are no sources).
 
 ImageNet transfer is checked end to end in test_paper_grid.py and on CLIP's real class list in
 test_classnames.py; an empty table without the source (and the report's line for it) in test_report_html.py.
@@ -30,7 +31,10 @@ from pipeline.data.fewshot import (
 )
 from pipeline.data.synthetic.tasks import SHAPE_CLASSES, SOURCE, get_task, write_world
 from pipeline.engine.backbone import Backbone
-from pipeline.engine.context import ContextMeta, context_model, save_context
+from pipeline.engine.cocoop import CoCoOp
+from pipeline.engine.context import ContextMeta, save_learned
+from pipeline.engine.methods import METHODS, learned_model
+from pipeline.engine.prompt import PromptConfig
 from pipeline.evaluate.domain_shift import (
     COLUMNS,
     name_rows,
@@ -38,8 +42,10 @@ from pipeline.evaluate.domain_shift import (
     shift_targets,
     subset_rows,
     target_rows,
+    trial_protocol,
 )
 from pipeline.evaluate.inputs import StageError, open_cache
+from pipeline.evaluate.methods import LEARNED_METHOD_NAMES, learned_method_name
 from pipeline.features.assemble import load_eval_features
 from pipeline.features.build import build_dataset_features
 from pipeline.features.cache import FeatureConfig
@@ -69,6 +75,18 @@ def test_unmatched_variants_are_refused_naming_the_classes() -> None:
         subset_rows([5, 3, 9, 1], variant([1, 4]))
     with pytest.raises(StageError, match="ImageNetA has no ImageNet label map"):
         subset_rows([5, 3, 9, 1], variant(None))
+
+
+def test_learned_rows_name_every_engine_method_as_the_papers_do() -> None:
+    assert set(LEARNED_METHOD_NAMES) == set(METHODS)
+    assert [learned_method_name(m) for m in ("coop", "cocoop", "kgcoop")] == ["CoOp", "CoCoOp", "KgCoOp"]
+    with pytest.raises(ValueError, match="unknown method 'maple'"):
+        learned_method_name("maple")
+
+
+def test_trials_of_sweeps_without_a_protocol_column_are_few_shot() -> None:
+    assert trial_protocol({"trial_key": "k"}) == "fewshot" and trial_protocol({"protocol": ""}) == "fewshot"
+    assert trial_protocol({"protocol": "base2new"}) == "base2new"
 
 
 def test_a_missing_sweep_says_to_run_it_first(tmp_path: Path) -> None:
@@ -146,26 +164,41 @@ def world_params(root: Path) -> Params:
     })
 
 
-def write_trials(params: Params, backbone: Backbone, classnames: list[str]) -> dict[str, torch.Tensor]:
-    """A finished sweep: trials.csv with a unified and a class-specific 2-shot context, saved where the sweep
-    puts them."""
+# The trials write_trials saves: key -> (method, csc, protocol). A base2new trial learned the base half of the
+# classes: no domain-shift source (if it were used, its classes would not match the source's and the run fail).
+TRIALS = {"unified": ("coop", False, ""), "csc": ("coop", True, "fewshot"), "cocoop": ("cocoop", False, "xd"),
+          "kgcoop": ("kgcoop", False, "fewshot"), "cocoop-b2n": ("cocoop", False, "base2new")}
+
+
+def write_trials(params: Params, backbone: Backbone, classnames: list[str]) -> dict[str, dict[str, torch.Tensor]]:
+    """A finished sweep: trials.csv with 2-shot models of TRIALS (random contexts and meta-networks), saved
+    where the sweep puts them; returns each trial's tensors."""
     results = Path(params.sweep.results_dir)
     generator = torch.Generator().manual_seed(0)
-    contexts, rows = {}, []
-    for key, csc in (("unified", False), ("csc", True)):
-        shape = (len(classnames), 4, backbone.text_width) if csc else (4, backbone.text_width)
-        ctx = torch.randn(shape, generator=generator)
-        meta = ContextMeta(backbone.arch, None, backbone.fingerprint, 4, "end", csc, "", classnames, SOURCE.name, 2, 1)
-        save_context(results / "contexts" / key / "ctx.safetensors", ctx, meta)
-        contexts[key] = ctx
+    learned, rows = {}, []
+    for key, (method, csc, protocol) in TRIALS.items():
+        names = classnames[: (len(classnames) + 1) // 2] if protocol == "base2new" else classnames
+        shape = (len(names), 4, backbone.text_width) if csc else (4, backbone.text_width)
+        tensors = {"ctx": torch.randn(shape, generator=generator)}
+        params_of_method = {}
+        if method == "cocoop":
+            model = CoCoOp(backbone, names, PromptConfig(n_ctx=4), generator=generator, meta_reduction=4)
+            tensors = model.learned_tensors()
+            params_of_method = {"meta_reduction": 4}
+        elif method == "kgcoop":
+            params_of_method = {"kg_weight": 8.0}
+        meta = ContextMeta(backbone.arch, None, backbone.fingerprint, 4, "end", csc, "", names, SOURCE.name, 2, 1,
+                           method=method, method_params=params_of_method)
+        save_learned(results / "contexts" / key / "ctx.safetensors", tensors, meta)
+        learned[key] = tensors
         rows.append({"trial_key": key, "dataset": SOURCE.name, "state": "FINISHED", "shots": 2, "seed": 1,
                      "n_ctx": 4, "ctx_init": "", "csc": csc, "class_token_position": "end", "config": key,
-                     "mlflow_run_id": ""})
+                     "mlflow_run_id": "", "protocol": protocol})
     with (results / "trials.csv").open("w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
-    return contexts
+    return learned
 
 
 @pytest.mark.slow  # an MLflow run
@@ -183,34 +216,39 @@ def test_world_contexts_are_evaluated_on_the_shifted_sets(tmp_path: Path, tiny: 
             write_fewshot_split(make_fewshot_split(splits, 2, 1), split_path(tmp_path / "splits", name, 2, 1))
         build_dataset_features(tmp_path / "cache", tmp_path / "data", tmp_path / "splits", name, [2], [1], tiny,
                                views=1, progress=False)
-    contexts = write_trials(params, tiny, SOURCE.classnames)
+    learned = write_trials(params, tiny, SOURCE.classnames)
 
     rows = run_domain_shift(params, tmp_path / "out", progress=False)
 
     targets = [SOURCE.name, "WorldSketchV2", "WorldSketchBackgrounds", SUBSET]  # Pastel is not in data.datasets
+    sources = [key for key, (_, _, protocol) in TRIALS.items() if protocol != "base2new"]
     with (tmp_path / "out" / "domain_shift.csv").open(newline="") as f:
         table = list(csv.DictReader(f))
-    assert list(table[0]) == COLUMNS and len(table) == len(rows) == 2 * len(targets) + 2 * len(targets)
+    assert list(table[0]) == COLUMNS and len(table) == len(rows) == 2 * len(targets) + len(sources) * len(targets)
     assert {r["source"] for r in table} == {SOURCE.name}
     assert {(r["method"], r["target"]) for r in table} == {
-        (m, t) for m in ("zero-shot", "zero-shot-ensemble", "CoOp") for t in targets}
+        (m, t) for m in ("zero-shot", "zero-shot-ensemble", "CoOp", "CoCoOp", "KgCoOp") for t in targets}
+    assert sorted({r["trial_key"] for r in table if r["trial_key"]}) == sorted(sources)
     config = FeatureConfig.from_params(tiny, params.features)
     source_rows = list(range(len(SOURCE.classnames)))
-    for r in (r for r in table if r["method"] == "CoOp"):
-        # The reference: the context's classifier over all of the source's classes, read at the columns of
-        # the target's classes (the subset's, by name: cross, star, diamond, triangle -> rows 5, 4, 3, 2).
+    for r in (r for r in table if r["trial_key"]):
+        # The reference: the saved model over all of the source's classes, its logits read at the columns of
+        # the target's classes (the subset's, by name: cross, star, diamond, triangle -> rows 5, 4, 3, 2);
+        # CoCoOp's logits per image, from that image's own prompts.
+        method, csc, protocol = TRIALS[r["trial_key"]]
         evaluation = read_eval_list(eval_list_path(params.data.splits_dir, r["target"]))
         columns = [SOURCE.classnames.index(name) for name in evaluation.classnames]
         assert columns == (source_rows if r["target"] != SUBSET else [5, 4, 3, 2])
-        csc = r["trial_key"] == "csc"
-        meta = ContextMeta(tiny.arch, None, tiny.fingerprint, 4, "end", csc, "", SOURCE.classnames)
-        with torch.no_grad():
-            text = context_model(tiny, contexts[r["trial_key"]], meta).text_features()
+        meta = ContextMeta(tiny.arch, None, tiny.fingerprint, 4, "end", csc, "", SOURCE.classnames, method=method,
+                           method_params={"meta_reduction": 4} if method == "cocoop" else {})
+        model = learned_model(tiny, learned[r["trial_key"]], meta)
         features = load_eval_features(params.features.dir, eval_list_path(params.data.splits_dir, r["target"]),
                                       config, cache=open_cache(params, r["target"], config))
-        logits = F.normalize(features.test, dim=-1) @ text[columns].t()
+        with torch.no_grad():
+            logits = model(F.normalize(features.test, dim=-1))[:, columns]
         expected = 100.0 * float((logits.argmax(-1) == features.test_labels).float().mean())
         assert float(r["test_acc"]) == pytest.approx(expected, abs=1e-3), r
+        assert r["method"] == LEARNED_METHOD_NAMES[method] and r["protocol"] == (protocol or "fewshot")
         assert (r["shots"], r["seed"], r["csc"]) == ("2", "1", str(csc))
     run = MlflowClient(params.tracking.uri).search_runs(
         [MlflowClient(params.tracking.uri).get_experiment_by_name("domain-shift-test").experiment_id])[0]

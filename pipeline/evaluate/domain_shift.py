@@ -1,19 +1,21 @@
-"""The domain-shift stage's library: contexts learned on a source dataset, evaluated on its shifted test sets.
+"""The domain-shift stage's library: prompts learned on a source dataset, evaluated on its shifted test sets.
 
-``domain_shift.source`` (ImageNet by default) is the dataset the contexts were learned on and
+``domain_shift.source`` (ImageNet by default) is the dataset the prompts were learned on and
 ``domain_shift.targets`` (by default ImageNet-V2, -Sketch, -A, -R) its shifted test sets; those of them that
 ``data.datasets`` lists are evaluated. For every finished source trial of the sweep at the largest shot count
-(16 in the paper; ``shots`` picks another), the learned context is evaluated on the source's test set and on
-each target, beside zero-shot CLIP (hand-crafted prompt, and the prompt ensemble) on each.
+(16 in the paper; ``shots`` picks another) that trained on all the source's classes (protocol fewshot or xd;
+base2new trials learned half of them), the learned model of its method (CoOp, CoCoOp, KgCoOp) is evaluated
+on the source's test set and on each target, beside zero-shot CLIP (hand-crafted prompt, and the prompt
+ensemble) on each.
 
 A target holds the source's classes or a subset of them. ImageNet-A and -R cover 200 of the 1000 classes:
 their ``imagenet_labels`` say which ImageNet class each of their classes is. A target without such a map
 (a shifted set of the synthetic world, a user's own) is matched by class name. Either way a class-specific
-context contributes exactly those classes' rows, and a unified context is run over the target's class names
-(the same classifier restricted to the subset).
+context contributes exactly those classes' rows, and a unified context (CoCoOp's always is) is run over the
+target's class names (the same classifier restricted to the subset).
 
-Writes ``<out>/domain_shift.csv`` (one row per method x context x target; atomically) and logs one MLflow
-run "domain-shift" with the CSV and per-target means.
+Writes ``<out>/domain_shift.csv`` (one row per method x trial x target; atomically) and logs one MLflow
+run "domain-shift" with the CSV and per-method, per-target means.
 """
 
 from __future__ import annotations
@@ -32,12 +34,14 @@ from tqdm import tqdm
 from pipeline.atomic import write_csv_atomic
 from pipeline.data.datasets import dataset_folder
 from pipeline.data.fewshot import EvalList, eval_list_path, read_eval_list
+from pipeline.data.protocols import FEWSHOT, XD
 from pipeline.engine.backbone import Backbone, load_params_backbone, resolve_device
-from pipeline.engine.context import ContextMeta, context_model, load_context
+from pipeline.engine.context import ContextMeta, load_learned
 from pipeline.engine.inputs import EvalFeatures
+from pipeline.engine.methods import learned_model
 from pipeline.engine.train import evaluate
 from pipeline.evaluate.inputs import StageError, open_cache
-from pipeline.evaluate.methods import COOP, ENSEMBLE, ZERO_SHOT
+from pipeline.evaluate.methods import ENSEMBLE, LEARNED_METHOD_NAMES, ZERO_SHOT, learned_method_name
 from pipeline.evaluate.zero_shot import ensemble_accuracy, zero_shot_accuracy
 from pipeline.features.assemble import load_eval_features
 from pipeline.features.cache import FeatureConfig
@@ -48,7 +52,9 @@ from pipeline.tracking import StageRun, backbone_label, resolve_tracking_uri, tr
 log = logging.getLogger(__name__)
 
 COLUMNS = ["method", "config", "n_ctx", "ctx_init", "csc", "class_token_position", "source", "target", "shots",
-           "seed", "test_acc", "trial_key", "backbone"]
+           "seed", "test_acc", "trial_key", "backbone", "protocol"]
+# The protocols whose trials learned every class of their dataset: domain-shift sources (base2new's learned half).
+SOURCE_PROTOCOLS = (FEWSHOT, XD)
 
 
 def subset_rows(source_labels: Sequence[int] | None, target: EvalList) -> list[int]:
@@ -110,12 +116,25 @@ def _normalized(features: EvalFeatures, device: torch.device) -> tuple[torch.Ten
     return F.normalize(features.test.to(device), dim=-1), features.test_labels.to(device)
 
 
+def learned_accuracy(backbone: Backbone, tensors: dict[str, torch.Tensor], meta: ContextMeta, rows: list[int],
+                     target: EvalFeatures) -> float:
+    """Test accuracy (%) on `target` of a saved model of any method (`context.load_learned`'s tensors and
+    metadata) restricted to the source rows `rows`: a CSC context keeps those rows; a unified one (and CoCoOp's
+    meta-network, which is the same for every class) is used as it is over the target's class names."""
+    ctx, sub_meta = restrict(tensors["ctx"], meta, rows, target.classnames)
+    model = learned_model(backbone, {**tensors, "ctx": ctx}, sub_meta)
+    return evaluate(model, *_normalized(target, backbone.device))
+
+
 def context_accuracy(backbone: Backbone, ctx: torch.Tensor, meta: ContextMeta, rows: list[int],
                      target: EvalFeatures) -> float:
-    """Test accuracy (%) on `target` of a learned context restricted to the source rows `rows`."""
-    sub, sub_meta = restrict(ctx, meta, rows, target.classnames)
-    model = context_model(backbone, sub, sub_meta)
-    return evaluate(model, *_normalized(target, backbone.device))
+    """Test accuracy (%) on `target` of a learned context (CoOp's, KgCoOp's) restricted to the source rows `rows`."""
+    return learned_accuracy(backbone, {"ctx": ctx}, meta, rows, target)
+
+
+def trial_protocol(trial: dict[str, str]) -> str:
+    """A trials.csv row's protocol; sweeps from before protocols were recorded ran few-shot trials."""
+    return trial.get("protocol") or FEWSHOT
 
 
 def shift_targets(params: Params) -> list[str]:
@@ -143,8 +162,13 @@ def run_domain_shift(params: Params, out_dir: Path, shots: int | None = None, tr
         raise StageError(f"{trials_path} is missing; run the sweep first (dvc repro sweep)")
     source = dataset_folder(params.domain_shift.source)
     targets = shift_targets(params)
-    trials = [r for r in read_csv_rows(trials_path)
-              if dataset_folder(r["dataset"]) == source and r["state"] == "FINISHED"]
+    finished = [r for r in read_csv_rows(trials_path)
+                if dataset_folder(r["dataset"]) == source and r["state"] == "FINISHED"]
+    trials = [r for r in finished if trial_protocol(r) in SOURCE_PROTOCOLS]
+    if len(trials) < len(finished):
+        log.info("domain shift: %d %s trial(s) of protocol %s skipped (they learned the base half of the classes)",
+                 len(finished) - len(trials), source,
+                 ", ".join(sorted({trial_protocol(r) for r in finished} - set(SOURCE_PROTOCOLS))))
     why_not = ""
     if source not in [dataset_folder(d) for d in params.data.datasets]:
         why_not = f"data.datasets has no {source} (domain_shift.source)"
@@ -152,7 +176,8 @@ def run_domain_shift(params: Params, out_dir: Path, shots: int | None = None, tr
         why_not = (f"data.datasets lists none of domain_shift.targets "
                    f"({', '.join(params.domain_shift.targets)})")
     elif not trials:
-        why_not = f"{trials_path} has no FINISHED {source} trial"
+        why_not = (f"{trials_path} has no FINISHED {source} trial of protocol {' or '.join(SOURCE_PROTOCOLS)}"
+                   if finished else f"{trials_path} has no FINISHED {source} trial")
     if why_not:
         # Not an error: a pipeline without the source (the demo) has no domain-shift experiment to run.
         log.warning("domain shift: nothing to evaluate (%s); writing an empty table", why_not)
@@ -183,30 +208,32 @@ def run_domain_shift(params: Params, out_dir: Path, shots: int | None = None, tr
             for name, target in evaluations.items():
                 out.append(_row(method, None, source, name, 0, 0, accuracy(backbone, target), label))
         with tempfile.TemporaryDirectory(prefix="coop-domain-shift-") as tmp:
-            for trial in tqdm(trials, desc=f"{source} contexts", disable=not progress):
+            for trial in tqdm(trials, desc=f"{source} models", disable=not progress):
                 folder = trial_artifacts(trial, results_dir, Path(tmp), uri, names=("ctx.safetensors", "ctx.json"))
                 if folder is None:
-                    log.warning("trial %s: no learned context found; skipped", trial["trial_key"])
+                    log.warning("trial %s: no learned model found; skipped", trial["trial_key"])
                     continue
-                ctx, meta = load_context(folder / "ctx.safetensors")
+                tensors, meta = load_learned(folder / "ctx.safetensors")
                 if meta.classnames != source_list.classnames:
-                    raise StageError(f"trial {trial['trial_key']}: its context's classes differ from the {source} "
+                    raise StageError(f"trial {trial['trial_key']}: its model's classes differ from the {source} "
                                      "test list; rerun prepare/sweep with the same data")
+                method = learned_method_name(meta.method)
                 for name, target in evaluations.items():
-                    acc = context_accuracy(backbone, ctx, meta, rows_of[name], target)
-                    out.append(_row("CoOp", trial, source, name, chosen, int(trial["seed"]), acc, label))
+                    acc = learned_accuracy(backbone, tensors, meta, rows_of[name], target)
+                    out.append(_row(method, trial, source, name, chosen, int(trial["seed"]), acc, label))
         path = out_dir / "domain_shift.csv"
         write_csv_atomic(path, COLUMNS, out)
         means = {}
-        for name in evaluations:
-            values = [float(r["test_acc"]) for r in out if r["method"] == COOP and r["target"] == name]
-            if values:
-                means[f"coop_mean_test_acc.{name}"] = sum(values) / len(values)
+        for method_id, method in LEARNED_METHOD_NAMES.items():
+            for name in evaluations:
+                values = [float(r["test_acc"]) for r in out if r["method"] == method and r["target"] == name]
+                if values:
+                    means[f"{method_id}_mean_test_acc.{name}"] = sum(values) / len(values)
         run.finish("FINISHED", [path], means)
     except BaseException:
         run.finish("FAILED")
         raise
-    log.info("domain shift: %d rows (%d contexts x %d targets + zero-shot) -> %s", len(out), len(trials),
+    log.info("domain shift: %d rows (%d models x %d targets + zero-shot) -> %s", len(out), len(trials),
              len(evaluations), out_dir / "domain_shift.csv")
     return out
 
@@ -219,4 +246,5 @@ def _row(method: str, trial: dict[str, str] | None, source: str, target: str, sh
                   "class_token_position": trial["class_token_position"]}
     return {"method": method, "config": trial.get("config", "") if trial else "", **config, "source": source,
             "target": target, "shots": shots, "seed": seed, "test_acc": csv_number(acc),
-            "trial_key": trial["trial_key"] if trial else "", "backbone": backbone}
+            "trial_key": trial["trial_key"] if trial else "", "backbone": backbone,
+            "protocol": trial_protocol(trial) if trial else ""}
