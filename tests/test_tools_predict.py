@@ -1,18 +1,23 @@
-"""The predict tool: classifies image files with a saved context as the model does, skips and names bad images."""
+"""The predict tool: classifies image files with a saved context or CoCoOp model as the model does, skips and names
+bad images."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import CLASSNAMES
+from conftest import CLASSNAMES, separable_problem
 from PIL import Image
 
 from pipeline.data.images import build_transforms
-from pipeline.engine.context import ContextMeta, save_context
+from pipeline.engine import cocoop
+from pipeline.engine.context import ContextMeta, save_context, save_learned
+from pipeline.engine.methods import MethodConfig, train_method
 from pipeline.engine.prompt import CoOp, PromptConfig
+from pipeline.engine.train import TrainConfig
 from pipeline.tools import predict as predict_module
 from pipeline.tools.predict import main as predict_main
 
@@ -47,6 +52,43 @@ def test_predict_cli_classifies_images_like_the_model(tiny, tmp_path, capsys):
         assert row["top"][0][0] == classnames[best]
         assert row["top"][0][1] == pytest.approx(float(probs[best]), abs=1e-4)
         assert len(row["top"]) == 2
+
+
+def colour_images(tiny, tmp_path):
+    """Three single-colour image files and their test-time tensors."""
+    _, test_transform = build_transforms(tiny.image_size, tiny.mean, tiny.std)
+    files = []
+    for name, rgb in {"red": (250, 10, 10), "green": (10, 250, 10), "blue": (10, 10, 250)}.items():
+        files.append(tmp_path / f"{name}.png")
+        Image.new("RGB", (40, 40), rgb).save(files[-1])
+    return files, torch.stack([test_transform(Image.open(f).convert("RGB")) for f in files])
+
+
+def test_predict_cli_classifies_with_a_trained_cocoop_model_as_the_model_does(tiny, tmp_path, capsys, monkeypatch):
+    classnames = ["red", "green", "blue"]
+    method = MethodConfig("cocoop", meta_reduction=8)
+    cfg = TrainConfig(lr=0.02, batch_size=1, warmup_epochs=0, seed=1)
+    trained = train_method(tiny, separable_problem(tiny, classnames, shots=2, views=1), PromptConfig(n_ctx=4), cfg,
+                           method, epochs=1, progress=False)
+    meta = dataclasses.replace(context_meta(tiny, trained.model, classnames), method="cocoop",
+                               method_params=method.hyperparameters())
+    path = save_learned(tmp_path / "cocoop.safetensors", trained.learned, meta)
+    files, images = colour_images(tiny, tmp_path)
+    with torch.no_grad():
+        features = F.normalize(tiny.encode_images(images), dim=-1)
+        expected = trained.model(features).softmax(-1)
+        context_alone = CoOp(tiny, classnames, PromptConfig(n_ctx=4))
+        context_alone.prompt_learner.ctx.copy_(trained.ctx)
+        without_meta_net = context_alone(features).softmax(-1)
+    assert not torch.allclose(expected, without_meta_net, atol=1e-3)  # the meta-network matters here
+
+    monkeypatch.setattr(cocoop, "EVAL_PROMPTS", len(classnames))  # one image per pass: the chunks join up
+    assert predict_main(["--context", str(path), "--json", "--top-k", "3", *map(str, files)]) == 0
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [r["image"] for r in rows] == [str(f) for f in files]
+    for row, probs in zip(rows, expected, strict=True):
+        assert [name for name, _, _ in row["top"]] == [classnames[i] for i in probs.argsort(descending=True)]
+        assert [p for _, p, _ in row["top"]] == pytest.approx(sorted(probs.tolist(), reverse=True), abs=1e-4)
 
 
 def _context(tiny, tmp_path):

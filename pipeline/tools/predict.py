@@ -1,4 +1,4 @@
-"""Classify image files with a saved CoOp context: `python -m pipeline.tools.predict --context FILE IMAGE`."""
+"""Classify image files with a saved CoOp/CoCoOp/KgCoOp model: `python -m pipeline.tools.predict --context FILE IMAGE`."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING
 from pipeline import cli
 
 if TYPE_CHECKING:
+    import torch
     from PIL import Image
 
 log = logging.getLogger(__name__)
@@ -47,9 +48,20 @@ def _read_image(path: Path) -> tuple[Image.Image | None, str]:
     return None, error
 
 
+def class_logits(model: torch.nn.Module, features: torch.Tensor) -> torch.Tensor:
+    """Logits (N, C) of normalised image features; CoCoOp's (a prompt per image and class) in chunks of images."""
+    import torch
+
+    from pipeline.engine.cocoop import EVAL_PROMPTS, CoCoOp
+
+    images = max(1, EVAL_PROMPTS // model.prompt_learner.n_cls) if isinstance(model, CoCoOp) else len(features)
+    return torch.cat([model(features[start : start + images]) for start in range(0, len(features), images)])
+
+
 def predict(context_file: Path, images: list[Path], pretrained: str | None = None, top_k: int = 3,
             device: str = "auto") -> list[dict]:
-    """Top-k classes (name, probability, label) for each image under the saved context, in the order given.
+    """Top-k classes (name, probability, label) for each image under the saved model, in the order given: a
+    context (CoOp, KgCoOp) or CoCoOp's context and meta-network (`context.save_learned`'s files).
 
     An image that is missing or cannot be decoded is logged (naming the file) and gets an "error" entry
     instead of "top"; the other images are still classified. The label (index in the context's class
@@ -59,9 +71,10 @@ def predict(context_file: Path, images: list[Path], pretrained: str | None = Non
 
     from pipeline.data.images import build_transforms
     from pipeline.engine.backbone import load_backbone, resolve_device
-    from pipeline.engine.context import context_model, load_context
+    from pipeline.engine.context import load_learned
+    from pipeline.engine.methods import learned_model
 
-    ctx, meta = load_context(context_tensor_file(context_file))
+    tensors, meta = load_learned(context_tensor_file(context_file))
     rows: list[dict] = [{"image": str(path)} for path in images]
     model = None  # loaded with the first readable image
     for start in range(0, len(images), BATCH_SIZE):
@@ -77,12 +90,12 @@ def predict(context_file: Path, images: list[Path], pretrained: str | None = Non
         if model is None:
             backbone = load_backbone(meta.arch, pretrained if pretrained is not None else meta.pretrained,
                                      resolve_device(device))
-            model = context_model(backbone, ctx, meta)
+            model = learned_model(backbone, tensors, meta)
             _, test_transform = build_transforms(backbone.image_size, backbone.mean, backbone.std)
         batch = torch.stack([test_transform(image) for _, image in decoded])
         with torch.no_grad():
             features = F.normalize(backbone.encode_images(batch), dim=-1)
-            top = model(features).softmax(dim=-1).topk(min(top_k, len(meta.classnames)), dim=-1)
+            top = class_logits(model, features).softmax(dim=-1).topk(min(top_k, len(meta.classnames)), dim=-1)
         for (index, _), idx, val in zip(decoded, top.indices.tolist(), top.values.tolist(), strict=True):
             rows[index]["top"] = [(meta.classnames[i], round(p, 4), i) for i, p in zip(idx, val, strict=True)]
     return rows
@@ -91,8 +104,8 @@ def predict(context_file: Path, images: list[Path], pretrained: str | None = Non
 def build_parser() -> argparse.ArgumentParser:
     parser = cli.parser("python -m pipeline.tools.predict", __doc__, params=False)
     parser.add_argument("--context", type=Path, required=True,
-                        help="learned context: its .safetensors file or the .json metadata beside it (both must "
-                        "be there)")
+                        help="learned model (CoOp, CoCoOp or KgCoOp): its .safetensors file or the .json metadata "
+                        "beside it (both must be there)")
     parser.add_argument("images", nargs="+", type=Path, help="image files to classify")
     parser.add_argument("--pretrained", default=None,
                         help="override the weights recorded in the context (a local checkpoint file or tag)")
