@@ -89,7 +89,8 @@ class TrainParams:
 class SweepParams:
     # Keys sweep.space may hold; dataset/shots/seed default to data.*, the rest to train.* / CoOp's defaults.
     SPACE_KEYS: ClassVar[tuple[str, ...]] = (
-        "dataset", "shots", "seed", "n_ctx", "ctx_init", "csc", "class_token_position", "lr", "epochs", "precision",
+        "dataset", "protocol", "shots", "seed", "method", "n_ctx", "ctx_init", "csc", "class_token_position", "lr",
+        "epochs", "batch_size", "precision", "kg_weight", "meta_reduction",
     )
 
     search: str = "grid"  # one of SEARCHES
@@ -145,6 +146,13 @@ class DomainShiftParams:
 
 
 @dataclass(frozen=True)
+class TransferParams:
+    # Cross-dataset transfer (sweep.space.protocol: xd): a context learned on a trial's dataset is evaluated on
+    # the test sets of `targets` with their class names; null: every other trainable dataset of data.datasets.
+    targets: list[str] | None = None
+
+
+@dataclass(frozen=True)
 class PretrainParams:
     """Pretraining a small CLIP on the synthetic world (pipeline/pretrain.py, stage `pretrain`)."""
 
@@ -177,6 +185,7 @@ class Params:
     report: ReportParams = field(default_factory=ReportParams)
     baselines: BaselineParams = field(default_factory=BaselineParams)
     domain_shift: DomainShiftParams = field(default_factory=DomainShiftParams)
+    transfer: TransferParams = field(default_factory=TransferParams)
     pretrain: PretrainParams = field(default_factory=PretrainParams)
 
     def to_dict(self) -> dict[str, Any]:
@@ -296,6 +305,10 @@ def _validate(p: Params) -> None:
     if not shift.source.strip() or any(not t.strip() for t in shift.targets):
         raise ParamsError(f"domain_shift.source and domain_shift.targets must name datasets, got source "
                           f"{shift.source!r} and targets {shift.targets}")
+    targets = p.transfer.targets
+    if targets is not None and (not targets or any(not t.strip() for t in targets) or len(set(targets)) != len(targets)):
+        raise ParamsError(f"transfer.targets must be null (every other dataset of data.datasets) or a list of "
+                          f"distinct dataset names, got {targets}")
     if shift.source in shift.targets or len(set(shift.targets)) != len(shift.targets):
         raise ParamsError(f"domain_shift.targets must be distinct datasets other than the source "
                           f"{shift.source!r}, got {shift.targets}")

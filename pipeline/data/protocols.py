@@ -1,4 +1,4 @@
-"""Class splits of the evaluation protocols beyond few-shot: base-to-new generalisation (CoCoOp's rule)."""
+"""The evaluation protocols (few-shot, base-to-new, cross-dataset) and base-to-new's class split (CoCoOp's rule)."""
 
 from __future__ import annotations
 
@@ -9,6 +9,12 @@ from collections.abc import Sequence
 from pipeline.data.datasets import DatasetError, DatasetSplits, Item
 
 SUBSAMPLES = ("all", "base", "new")
+
+# The sweep's evaluation protocols (sweep.space.protocol): few-shot on all classes; base-to-new
+# generalisation (train on the base half, test on base and on new); cross-dataset transfer (train on all
+# classes, test on other datasets too: transfer.targets).
+FEWSHOT, BASE2NEW, XD = "fewshot", "base2new", "xd"
+PROTOCOLS = (FEWSHOT, BASE2NEW, XD)
 
 
 def base_new_labels(labels: Sequence[int]) -> tuple[list[int], list[int]]:

@@ -1,7 +1,9 @@
-"""The engine's inputs: a few-shot split's or a test set's cached features, and online mode's training images."""
+"""The engine's inputs: a few-shot split's or a test set's cached features, online mode's training images, and
+base-to-new's class split of them."""
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -9,6 +11,7 @@ import torch
 
 from pipeline.data.datasets import DEFAULT_TEMPLATE
 from pipeline.data.images import OnlineCrops
+from pipeline.data.protocols import base_new_labels
 
 
 @dataclass(frozen=True)
@@ -84,3 +87,33 @@ class EvalFeatures:
     test_labels: torch.Tensor  # (Nt,) int64, in this dataset's label space
     template: str = DEFAULT_TEMPLATE
     imagenet_labels: list[int] | None = None  # this dataset's label -> ImageNet (1000-class) label
+
+
+def _keep_classes(features: torch.Tensor, labels: torch.Tensor, kept: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The rows of `kept` classes, relabelled 0.. in `kept`'s order."""
+    relabel = torch.full((int(labels.max()) + 1 if len(labels) else 0,), -1, dtype=torch.long)
+    relabel[kept] = torch.arange(len(kept))
+    mask = torch.isin(labels, torch.tensor(kept, dtype=labels.dtype))
+    return features[mask], relabel[labels[mask]]
+
+
+def split_base_new(data: FewShotFeatures) -> tuple[FewShotFeatures, EvalFeatures]:
+    """Base-to-new generalisation on features, as the official `subsample_classes` on a few-shot split: the
+    base classes' train/val/test to learn on (relabelled 0..), and the new classes' test set with their names.
+
+    The classes are split by `data.protocols.base_new_labels` over the class list (every class has shots in
+    a few-shot split, so this equals the official split over the training labels)."""
+    base, new = base_new_labels(range(len(data.classnames)))
+    train, train_labels = _keep_classes(data.train, data.train_labels, base)
+    val, val_labels = _keep_classes(data.val, data.val_labels, base)
+    test, test_labels = _keep_classes(data.test, data.test_labels, base)
+    images = data.train_images
+    if images is not None:
+        mask = torch.isin(data.train_labels, torch.tensor(base)).tolist()
+        images = dataclasses.replace(images, paths=tuple(p for p, keep in zip(images.paths, mask, strict=True) if keep))
+    base_data = dataclasses.replace(
+        data, classnames=[data.classnames[i] for i in base], train=train, train_labels=train_labels, val=val,
+        val_labels=val_labels, test=test, test_labels=test_labels, train_images=images)
+    new_test, new_labels = _keep_classes(data.test, data.test_labels, new)
+    new_data = EvalFeatures(data.dataset, [data.classnames[i] for i in new], new_test, new_labels, data.template)
+    return base_data, new_data

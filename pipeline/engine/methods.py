@@ -17,7 +17,7 @@ from pipeline.data.datasets import DEFAULT_TEMPLATE
 from pipeline.engine.backbone import Backbone
 from pipeline.engine.cocoop import CoCoOp
 from pipeline.engine.context import CONTEXT_METHODS, ContextFileError, ContextMeta, check_fits
-from pipeline.engine.inputs import FewShotFeatures
+from pipeline.engine.inputs import EvalFeatures, FewShotFeatures
 from pipeline.engine.kgcoop import KgCoOp, anchor_template
 from pipeline.engine.prompt import CoOp, PromptConfig
 from pipeline.engine.train import (
@@ -25,6 +25,7 @@ from pipeline.engine.train import (
     ModelBuilder,
     TrainConfig,
     TrainResult,
+    evaluate,
     graph_model,
     train_coop,
 )
@@ -153,6 +154,15 @@ def learned_model(backbone: Backbone, tensors: dict[str, torch.Tensor], meta: Co
         raise ContextFileError(f"the saved {meta.method} model does not fit this backbone and its metadata: {e}") from None
     model.requires_grad_(False)
     return model
+
+
+def learned_accuracy(backbone: Backbone, tensors: dict[str, torch.Tensor], meta: ContextMeta,
+                     target: EvalFeatures) -> float:
+    """Test accuracy (%) on `target`, with its class names, of what a method learned (base-to-new's new classes,
+    a transfer target); a class-specific context must have the target's classes."""
+    model = learned_model(backbone, tensors, meta, target.classnames)
+    features = torch.nn.functional.normalize(target.test.to(backbone.device), dim=-1)
+    return evaluate(model, features, target.test_labels.to(backbone.device))
 
 
 def load_learned_tensors(model: CoOp, tensors: dict[str, torch.Tensor]) -> None:

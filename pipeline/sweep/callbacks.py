@@ -238,13 +238,20 @@ def mean_std_text(values: Sequence[float], std: bool = True) -> str:
 
 
 def best_table(summaries: Sequence[ConfigSummary]) -> str:
-    """The best configuration of each dataset x shots (chosen on mean validation accuracy), as a text table."""
-    best = sorted((s for s in summaries if s.best), key=lambda s: (s.dataset, s.shots))
+    """The best configuration of each dataset x shots (x protocol; chosen on mean validation accuracy), as a text
+    table; base-to-new rows add the new classes' accuracy and H."""
+    best = sorted((s for s in summaries if s.best), key=lambda s: (s.dataset, s.protocol, s.shots))
     if not best:
         return "no configuration finished: no best configuration to show"
-    rows = [("dataset", "shots", "configuration (best by val)", "seeds", "val acc", "test acc (mean ± std)")]
-    rows += [(s.dataset, str(s.shots), s.label, str(len(s.seeds)), mean_std_text(s.val, std=False),
-              mean_std_text(s.test)) for s in best]
+    protocols = any(s.protocol != "fewshot" for s in best)
+    rows = [("dataset" + (" [protocol]" if protocols else ""), "shots", "configuration (best by val)", "seeds",
+             "val acc", "test acc (mean ± std)")]
+    for s in best:
+        test = mean_std_text(s.test)
+        if s.new:
+            test = f"base {test}, new {mean_std_text(s.new)}, H {s.h_of_means:.2f}"
+        where = s.dataset + (f" [{s.protocol}]" if protocols else "")
+        rows.append((where, str(s.shots), s.label, str(len(s.seeds)), mean_std_text(s.val, std=False), test))
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     right = {1, 3, 4, 5}  # numbers align right
     lines = ["  ".join(cell.rjust(widths[i]) if i in right else cell.ljust(widths[i]) for i, cell in enumerate(row))

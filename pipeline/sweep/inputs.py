@@ -1,4 +1,5 @@
-"""Load, in the driver, the cached few-shot features of every (dataset, shots, seed) a sweep will train on.
+"""Load, in the driver, the cached few-shot features of every (dataset, shots, seed) a sweep will train on,
+and the test features of its cross-dataset transfer targets; check each protocol can run on them.
 
 The features then travel to the trials through Ray's object store, so workers need neither the data nor
 the cache on their disks; except in online mode (features.views: online), where each trial crops and
@@ -11,17 +12,18 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from tqdm import tqdm
 
 from pipeline.data.datasets import DatasetError, dataset_folder
-from pipeline.data.fewshot import split_path
+from pipeline.data.fewshot import eval_list_path, is_test_only, split_path
+from pipeline.data.protocols import BASE2NEW, XD
 from pipeline.engine.backbone import Backbone, WeightsUnavailableError, load_params_backbone
-from pipeline.engine.inputs import FewShotFeatures
+from pipeline.engine.inputs import EvalFeatures, FewShotFeatures
 from pipeline.errors import UserError
-from pipeline.features.assemble import load_fewshot_features
+from pipeline.features.assemble import load_eval_features, load_fewshot_features
 from pipeline.features.cache import (
     FeatureCache,
     FeatureCacheError,
@@ -31,7 +33,7 @@ from pipeline.features.cache import (
 )
 from pipeline.params import Params
 from pipeline.sweep.cluster import online_workers
-from pipeline.sweep.plan import feature_key
+from pipeline.sweep.plan import SweepPlan, feature_key
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +47,7 @@ class SweepInputs:
     backbone: Backbone
     features: dict[str, FewShotFeatures]  # feature_key(dataset, shots, seed) -> features
     cache_fingerprints: dict[str, str]  # dataset -> fingerprint of its feature cache manifest
+    targets: dict[str, EvalFeatures] = field(default_factory=dict)  # transfer target -> its test features
 
 
 def cache_fingerprint(cache: FeatureCache) -> str:
@@ -64,8 +67,54 @@ def _fix_hint(params: Params, dataset: str, shots: list[int], seeds: list[int]) 
     )
 
 
-def load_inputs(params: Params, triples: list[tuple[str, int, int]]) -> SweepInputs:
-    """Features for every (dataset, shots, seed); MissingInputsError names the dvc stage to run.
+def transfer_targets(params: Params, plan: SweepPlan) -> list[str]:
+    """The datasets xd trials are tested on: transfer.targets, or every other trainable dataset of data.datasets;
+    none unless the plan has an xd trial."""
+    if XD not in {c["protocol"] for c in plan.configs}:
+        return []
+    if params.transfer.targets is not None:
+        return list(params.transfer.targets)
+    return [d for d in params.data.datasets if not is_test_only(params.data.splits_dir, d)]
+
+
+def check_protocols(plan: SweepPlan, inputs: SweepInputs) -> None:
+    """MissingInputsError before any trial runs when a protocol cannot run on the loaded data."""
+    for c in plan.configs:
+        data = inputs.features[feature_key(c["dataset"], c["shots"], c["seed"])]
+        if c["protocol"] == BASE2NEW and len(data.classnames) < 2:
+            raise MissingInputsError(
+                f"protocol base2new splits a dataset's classes into base and new halves, but {c['dataset']} has "
+                f"{len(data.classnames)} class: drop it from sweep.space.dataset for base2new, or the protocol")
+        if c["protocol"] == XD and not set(inputs.targets) - {c["dataset"]}:
+            raise MissingInputsError(
+                f"protocol xd tests {c['dataset']}'s context on other datasets, but there are none: list target "
+                "datasets in transfer.targets (or more datasets in data.datasets)")
+
+
+def load_targets(params: Params, backbone: Backbone, names: list[str]) -> dict[str, EvalFeatures]:
+    """Test features of each transfer target; MissingInputsError names the stage that makes them."""
+    config = FeatureConfig.from_params(backbone, params.features)
+    targets = {}
+    for name in names:
+        folder = dataset_folder(name)
+        try:
+            cache = open_feature_cache(
+                feature_cache_dir(params.features.dir, folder, backbone.arch, backbone.pretrained), config)
+            targets[name] = load_eval_features(params.features.dir, eval_list_path(params.data.splits_dir, folder),
+                                               config, cache=cache)
+        except (FeatureCacheError, DatasetError, FileNotFoundError) as error:
+            raise MissingInputsError(
+                f"transfer target {name!r} (transfer.targets) has no test features: {error}\n"
+                "Add it to data.datasets and run `dvc repro features`, or directly:\n"
+                f"  python -m stages.prepare --params params.yaml --dataset {name}\n"
+                f"  python -m stages.features --params params.yaml --dataset {name}"
+            ) from None
+    return targets
+
+
+def load_inputs(params: Params, triples: list[tuple[str, int, int]], targets: list[str] | None = None) -> SweepInputs:
+    """Features for every (dataset, shots, seed), and test features of the transfer `targets`;
+    MissingInputsError names the dvc stage to run.
 
     In online mode each carries its split's `TrainImages` (under data.root, made absolute) for the trial.
     """
@@ -112,5 +161,5 @@ def load_inputs(params: Params, triples: list[tuple[str, int, int]]) -> SweepInp
                 raise MissingInputsError(str(error)) from None
     total = sum(f.train.numel() + f.val.numel() + f.test.numel() for f in features.values()) * 4
     log.info("loaded %d feature sets (%.1f MiB) for %d dataset(s)", len(features), total / 2**20, len(by_dataset))
-    return SweepInputs(backbone, features, fingerprints)
+    return SweepInputs(backbone, features, fingerprints, load_targets(params, backbone, targets or []))
 

@@ -1,14 +1,17 @@
-"""The sweep's search space: CoOp's conditional hyperparameters, as a deduplicated grid, a random draw or an Optuna space.
+"""The sweep's search space: the methods' conditional hyperparameters, as a deduplicated grid, a random draw or an Optuna space.
 
 CoOp's prompt variants are not a plain product: a word initialisation (``ctx_init``) fixes the context
 length to the words' token count and always learns one unified context, so with word init ``n_ctx`` and
-``csc`` are not free. Every configuration is therefore canonicalised (word init: ``n_ctx`` := token count,
-``csc`` must be false; ``epochs`` null := the per-shot default) and the sweep never spends a trial on an
-impossible or duplicate combination:
+``csc`` are not free. The methods add their own conditions: CoCoOp and KgCoOp learn a unified context,
+cross-dataset transfer (``protocol: xd``) needs one (a class-specific context has no rows for another
+dataset's classes), and each method's own hyperparameter (KgCoOp's ``kg_weight``, CoCoOp's
+``meta_reduction``) exists only for it. Every configuration is therefore canonicalised (word init:
+``n_ctx`` := token count; ``epochs``/``batch_size`` null := the method's default; a hyperparameter of
+another method := null) and the sweep never spends a trial on an impossible or duplicate combination:
 
 * grid: the product of all value lists, canonicalised, impossible ones dropped, duplicates removed;
 * random: a seeded draw without replacement from that same list;
-* optuna: a define-by-run space that asks for ``n_ctx``/``csc`` only under random initialisation
+* optuna: a define-by-run space that asks for a key only where it applies
   (duplicates suggested by TPE are caught by `pipeline.sweep.searchers.UniqueSearcher`).
 """
 
@@ -23,6 +26,8 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from pipeline.data.fewshot import is_test_only
+from pipeline.data.protocols import FEWSHOT, PROTOCOLS, XD
+from pipeline.engine.methods import COCOOP, COOP, KGCOOP, METHODS, OFFICIAL_RECIPES, MethodConfig
 from pipeline.engine.prompt import POSITIONS, PromptConfig, resolve_n_ctx
 from pipeline.engine.train import default_epochs
 from pipeline.errors import UserError
@@ -31,10 +36,16 @@ from pipeline.params import PRECISIONS, SEARCHES, Params, SweepParams
 if TYPE_CHECKING:
     import optuna
 
-DATA_KEYS = ("dataset", "shots", "seed")
-HYPER_KEYS = ("n_ctx", "ctx_init", "csc", "class_token_position", "lr", "epochs", "precision")
+DATA_KEYS = ("dataset", "protocol", "shots", "seed")
+HYPER_KEYS = ("method", "n_ctx", "ctx_init", "csc", "class_token_position", "lr", "epochs", "batch_size", "precision",
+              "kg_weight", "meta_reduction")
 CONFIG_KEYS = DATA_KEYS + HYPER_KEYS  # every trial config holds exactly these keys
 assert set(CONFIG_KEYS) == set(SweepParams.SPACE_KEYS)
+# Keys added after sweeps were first recorded, with the value every earlier trial had: a trial key leaves a
+# key out at that value, so a CoOp few-shot trial keeps the key (and MLflow run, for --resume) it always had.
+LATER_KEYS = {"protocol": FEWSHOT, "method": COOP, "batch_size": None, "kg_weight": None, "meta_reduction": None}
+# Each method's own hyperparameter (engine.methods.METHOD_HYPERPARAMETERS), null for the other methods.
+OWN_KEYS = {"kg_weight": KGCOOP, "meta_reduction": COCOOP}
 
 
 class SpaceError(UserError, ValueError):
@@ -85,12 +96,42 @@ def _check_value(key: str, value: Any) -> Any:
         if value not in PRECISIONS:
             raise SpaceError(f"{where}: expected one of {', '.join(PRECISIONS)}, got {value!r}")
         return value
+    if key == "protocol":
+        if value not in PROTOCOLS:
+            raise SpaceError(f"{where}: expected one of {', '.join(PROTOCOLS)}, got {value!r}")
+        return value
+    if key == "method":
+        if value not in METHODS:
+            raise SpaceError(f"{where}: unknown method {value!r}; expected one of {', '.join(METHODS)}")
+        return value
+    if key == "batch_size":
+        if value is None:
+            return None
+        if not is_int or value < 1:
+            raise SpaceError(f"{where}: expected integers >= 1 or null (train.batch_size; CoCoOp's and "
+                             f"KgCoOp's official batch sizes for those methods), got {value!r}")
+        return value
+    if key == "kg_weight":
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not (math.isfinite(value) and value >= 0):
+            raise SpaceError(f"{where}: expected finite numbers >= 0 (KgCoOp's scripts use 8.0), got {value!r}")
+        return float(value)
+    if key == "meta_reduction":
+        if not is_int or value < 1:
+            raise SpaceError(f"{where}: expected integers >= 1 (CoCoOp's is 16), got {value!r}")
+        return value
     raise SpaceError(f"unknown key 'sweep.space.{key}'; allowed: {', '.join(sorted(CONFIG_KEYS))}")
+
+
+def complete(config: dict[str, Any]) -> dict[str, Any]:
+    """A configuration with every CONFIG_KEY: one recorded before a key existed (a resumed sweep's) gets the
+    value all its trials had (LATER_KEYS)."""
+    return {k: config[k] if k in config else LATER_KEYS[k] for k in CONFIG_KEYS}
 
 
 def trial_key(config: dict[str, Any]) -> str:
     """Deterministic id of a canonical configuration: the same trial gets the same key in every process."""
-    canonical = {k: config[k] for k in CONFIG_KEYS}
+    config = complete(config)
+    canonical = {k: config[k] for k in CONFIG_KEYS if k not in LATER_KEYS or config[k] != LATER_KEYS[k]}
     text = json.dumps(canonical, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
@@ -103,10 +144,31 @@ def config_label(config: dict[str, Any], epochs: bool = True) -> str:
     """
     init = f"init='{config['ctx_init']}'" if config["ctx_init"] else f"n_ctx={config['n_ctx']}"
     parts = [init, "csc" if config["csc"] else "unified", config["class_token_position"], f"lr={config['lr']:g}"]
+    method = config.get("method", COOP)
+    if method == KGCOOP:
+        parts.insert(0, f"kgcoop(λ={config['kg_weight']:g})")
+    elif method == COCOOP:
+        parts.insert(0, f"cocoop(r={config['meta_reduction']})")
     if epochs:
         parts.append(f"ep={config['epochs']}")
+    if config.get("batch_size") is not None:
+        parts.append(f"bs={config['batch_size']}")
     parts.append(config["precision"])
     return " ".join(parts)
+
+
+def impossible(config: dict[str, Any]) -> str:
+    """Why a combination cannot be trained ("" if it can): the conditions in the module docstring."""
+    if not config["csc"]:
+        return ""
+    if config["ctx_init"]:
+        return "a word initialisation (ctx_init) learns one unified context (CoOp initialises only that from words)"
+    if config["method"] != COOP:
+        return f"method {config['method']} learns one context for all classes"
+    if config["protocol"] == XD:
+        return "cross-dataset transfer (protocol xd) needs a unified context: a class-specific one has no rows " \
+               "for another dataset's classes"
+    return ""
 
 
 @dataclass(frozen=True)
@@ -117,14 +179,22 @@ class SearchSpace:
     train_epochs: int | None = None  # train.epochs: what epochs=null means before CoOp's per-shot default
 
     def canonical(self, raw: dict[str, Any]) -> dict[str, Any] | None:
-        """The configuration a combination really trains, or None when it is impossible."""
+        """The configuration a combination really trains, or None when it is impossible (`impossible` says why)."""
+        if impossible(raw):
+            return None
         config = {k: raw[k] for k in CONFIG_KEYS}
+        method = config["method"]
         if config["ctx_init"]:
-            if config["csc"]:
-                return None  # CoOp initialises only a unified context from words
             config["n_ctx"] = resolve_n_ctx(PromptConfig(n_ctx=1, ctx_init=config["ctx_init"]))
+        recipe = OFFICIAL_RECIPES.get(method, {})
         if config["epochs"] is None:
-            config["epochs"] = self.train_epochs or default_epochs(config["dataset"], config["shots"])
+            config["epochs"] = self.train_epochs or recipe.get("epochs") or default_epochs(config["dataset"],
+                                                                                           config["shots"])
+        if config["batch_size"] is None:
+            config["batch_size"] = recipe.get("batch_size")  # CoOp's null: train.batch_size, as before methods
+        for key, owner in OWN_KEYS.items():
+            if method != owner:
+                config[key] = None
         return config
 
     def enumerate(self) -> list[dict[str, Any]]:
@@ -176,19 +246,26 @@ class OptunaSpace:
 
     def __call__(self, trial: optuna.Trial) -> dict[str, Any]:
         values = self.space.values
-        word_init_ok = False in values["csc"]
-        inits = tuple(v for v in values["ctx_init"] if not v or word_init_ok)
-        raw = {k: self._pick(trial, k, values[k]) for k in DATA_KEYS}
-        raw["ctx_init"] = self._pick(trial, "ctx_init", inits)
+        # Only a unified context fits word init, CoCoOp, KgCoOp and transfer: offer those only if csc may be false.
+        unified_ok = False in values["csc"]
+        raw = {k: self._pick(trial, k, values[k]) for k in ("dataset", "shots", "seed")}
+        raw["protocol"] = self._pick(trial, "protocol", tuple(p for p in values["protocol"] if p != XD or unified_ok))
+        raw["method"] = self._pick(trial, "method", tuple(m for m in values["method"] if m == COOP or unified_ok))
+        raw["ctx_init"] = self._pick(trial, "ctx_init", tuple(v for v in values["ctx_init"] if not v or unified_ok))
         if raw["ctx_init"]:
-            raw["n_ctx"], raw["csc"] = values["n_ctx"][0], False  # canonical() replaces n_ctx
+            raw["n_ctx"] = values["n_ctx"][0]  # canonical() replaces it by the words' token count
         else:
             raw["n_ctx"] = self._pick(trial, "n_ctx", values["n_ctx"])
+        if raw["ctx_init"] or raw["method"] != COOP or raw["protocol"] == XD:
+            raw["csc"] = False
+        else:
             raw["csc"] = self._pick(trial, "csc", values["csc"])
-        for key in ("class_token_position", "lr", "epochs", "precision"):
+        for key in ("class_token_position", "lr", "epochs", "batch_size", "precision"):
             raw[key] = self._pick(trial, key, values[key])
+        for key, owner in OWN_KEYS.items():  # asked only of the method it belongs to
+            raw[key] = self._pick(trial, key, values[key]) if raw["method"] == owner else None
         config = self.space.canonical(raw)
-        assert config is not None  # inits excludes word init when csc cannot be false
+        assert config is not None  # the choices above exclude every impossible combination
         return config
 
 
@@ -210,6 +287,11 @@ def build_space(params: Params) -> SearchSpace:
         "lr": [params.train.lr],
         "epochs": [params.train.epochs],
         "precision": [params.train.precision],
+        "protocol": [FEWSHOT],
+        "method": [COOP],
+        "batch_size": [None],
+        "kg_weight": [MethodConfig().kg_weight],
+        "meta_reduction": [MethodConfig().meta_reduction],
     }
     values: dict[str, tuple[Any, ...]] = {}
     for key in CONFIG_KEYS:
@@ -220,13 +302,29 @@ def build_space(params: Params) -> SearchSpace:
         checked = [_check_value(key, v) for v in given]
         values[key] = tuple(dict.fromkeys(checked))  # drop repeats, keep order
     space = SearchSpace(values, params.train.epochs)
-    if not space.enumerate():
+    check_possible(space)
+    return space
+
+
+def check_possible(space: SearchSpace) -> None:
+    """SpaceError when the space, or a listed method or protocol, would get no trial: all its combinations are
+    impossible. (A word initialisation that csc: true rules out for some settings is only dropped there.)"""
+    configs = space.enumerate()
+    for key in ("protocol", "method"):
+        for value in space.values[key]:
+            if any(c[key] == value for c in configs):
+                continue
+            raws = (dict(zip(space.values, combo, strict=True)) for combo in itertools.product(*space.values.values()))
+            why = next(impossible(raw) for raw in raws if raw[key] == value)
+            raise SpaceError(
+                f"sweep.space.{key}: {value!r} has no valid combination in sweep.space: {why}, yet sweep.space.csc "
+                "is [true]; add false to sweep.space.csc (or drop that value)")
+    if not configs:
         raise SpaceError(
             "sweep.space has no valid combination: a word initialisation (ctx_init) cannot be combined with "
             "csc: true (CoOp initialises only a unified context from words); add false to sweep.space.csc "
             'or "" to sweep.space.ctx_init'
         )
-    return space
 
 
 def check_searchable(space: SearchSpace, search: str) -> None:

@@ -1,5 +1,9 @@
-"""One sweep trial, run by Ray Tune in a worker process: train a CoOp context and track it in MLflow.
+"""One sweep trial, run by Ray Tune in a worker process: train a method's prompt under a protocol, track it in MLflow.
 
+The trial trains its method (CoOp, CoCoOp, KgCoOp) under its protocol: few-shot on all classes; base-to-new
+(trains on the base half of the classes: val and test accuracy are the base classes', `new_acc` the new
+classes' test accuracy with their names, `h_acc` their harmonic mean); cross-dataset transfer (trains as
+few-shot, then `transfer` holds the test accuracy on every transfer target with its class names).
 The trial gets its few-shot features from Ray's object store (no shared filesystem needed), loads the
 (seeded) backbone once per worker process, and logs straight to the tracking URI into its own child run.
 In online mode (features.views: online) it also reads the training images, cropped afresh every epoch,
@@ -25,22 +29,26 @@ import ray
 import torch
 from ray import tune
 
+from pipeline.data.protocols import BASE2NEW, XD
 from pipeline.engine.backbone import Backbone, load_backbone, resolve_device
-from pipeline.engine.context import ContextMeta, save_context
-from pipeline.engine.inputs import FewShotFeatures
+from pipeline.engine.context import ContextMeta, save_learned
+from pipeline.engine.inputs import EvalFeatures, FewShotFeatures, split_base_new
 from pipeline.engine.interpret import format_entry, nearest_word_entries
+from pipeline.engine.methods import METHOD_HYPERPARAMETERS, MethodConfig, learned_accuracy, train_method
 from pipeline.engine.prompt import PromptConfig, resolve_n_ctx
-from pipeline.engine.train import EpochMetrics, TrainConfig, TrainResult, train_coop
+from pipeline.engine.train import EpochMetrics, TrainConfig, TrainResult
 from pipeline.params import FeatureParams, TrainParams
 from pipeline.sweep.plan import feature_key
-from pipeline.sweep.space import config_label, trial_key
+from pipeline.sweep.space import complete, config_label, trial_key
 from pipeline.tracking import GPU_TAG, NODE_TAG, RAY_TRIAL_TAG, SWEEP_TAG, TrialRun, backbone_label
 
 log = logging.getLogger(__name__)
 
 
-# TrainConfig fields each trial takes from its own configuration; every other one comes from train.* in params.
+# TrainConfig fields each trial takes from its own configuration; every other one comes from train.* in params
+# (and train.batch_size unless the configuration's batch_size is set).
 TRIAL_TRAIN_KEYS = ("lr", "epochs", "precision", "seed")
+TRANSFER_METRIC = "xd_acc."  # MLflow metric prefix of a transfer target's test accuracy
 
 
 @dataclass(frozen=True)
@@ -74,9 +82,23 @@ def shared_train_settings(train: TrainParams) -> dict[str, Any]:
 
 
 def train_config(train: TrainParams, config: dict[str, Any]) -> TrainConfig:
-    """The trial's TrainConfig: train.* from params, with the lr, epochs, precision and seed of its configuration."""
-    return TrainConfig(**shared_train_settings(train), lr=config["lr"], epochs=int(config["epochs"]),
-                       precision=config["precision"], seed=config["seed"])
+    """The trial's TrainConfig: train.* from params, with the lr, epochs, precision, seed and (unless null)
+    batch size of its configuration."""
+    cfg = TrainConfig(**shared_train_settings(train), lr=config["lr"], epochs=int(config["epochs"]),
+                      precision=config["precision"], seed=config["seed"])
+    batch = config.get("batch_size")
+    return cfg if batch is None else dataclasses.replace(cfg, batch_size=int(batch))
+
+
+def method_config(config: dict[str, Any]) -> MethodConfig:
+    """The trial's method with its own hyperparameters (the configuration holds null for the others')."""
+    method = config.get("method", "coop")
+    return MethodConfig(method, **{k: config[k] for k in METHOD_HYPERPARAMETERS[method]})
+
+
+def harmonic_mean(base: float, new: float) -> float:
+    """Base-to-new's H: 2 b n / (b + n), 0 when both are 0."""
+    return 2 * base * new / (base + new) if base + new > 0 else 0.0
 
 
 def run_name(config: dict[str, Any]) -> str:
@@ -86,8 +108,9 @@ def run_name(config: dict[str, Any]) -> str:
 def trial_params(config: dict[str, Any], settings: TrialSettings) -> dict[str, Any]:
     """Every setting that determines the trial's result, as logged to MLflow."""
     return {
-        **config,
+        **{k: v for k, v in config.items() if v is not None},  # null: a key of another method, or a default below
         "n_ctx_effective": resolve_n_ctx(PromptConfig(config["n_ctx"], config["ctx_init"])),
+        "batch_size_effective": config.get("batch_size") or settings.train.batch_size,
         **{f"train.{k}": v for k, v in sorted(shared_train_settings(settings.train).items())},
         **{f"features.{k}": v for k, v in sorted(settings.feature_settings.items())},
         "backbone.arch": settings.arch,
@@ -110,6 +133,8 @@ def trial_tags(config: dict[str, Any], settings: TrialSettings, key: str, trial_
         "dataset": config["dataset"],
         "shots": config["shots"],
         "seed": config["seed"],
+        "method": config.get("method", "coop"),
+        "protocol": config.get("protocol", "fewshot"),
         "config": config_label(config),
     }
 
@@ -133,11 +158,16 @@ def _backbone(arch: str, pretrained: str | None, device: str) -> Backbone:
         return load_backbone(arch, pretrained, device=device)
 
 
-def write_artifacts(folder: Path, config: dict[str, Any], settings: TrialSettings, backbone: Backbone,
-                    data: FewShotFeatures, result: TrainResult, train_cfg: TrainConfig, key: str) -> None:
-    """ctx.safetensors + ctx.json (the learned context), its nearest words, and the resolved config."""
-    prompt = PromptConfig(config["n_ctx"], config["ctx_init"], config["csc"], config["class_token_position"])
-    meta = ContextMeta(
+def trial_prompt(config: dict[str, Any]) -> PromptConfig:
+    return PromptConfig(config["n_ctx"], config["ctx_init"], config["csc"], config["class_token_position"])
+
+
+def learned_meta(config: dict[str, Any], settings: TrialSettings, backbone: Backbone, data: FewShotFeatures,
+                 result: TrainResult, key: str) -> ContextMeta:
+    """ctx.json's metadata: what rebuilds the classifier (method, prompt, backbone, classes) and its origin."""
+    prompt = trial_prompt(config)
+    method = method_config(config)
+    return ContextMeta(
         arch=settings.arch,
         pretrained=settings.pretrained,
         fingerprint=backbone.fingerprint,
@@ -151,10 +181,21 @@ def write_artifacts(folder: Path, config: dict[str, Any], settings: TrialSetting
         seed=config["seed"],
         val_acc=result.val_acc,
         test_acc=result.test_acc,
-        extra={"trial_key": key, "sweep": settings.sweep_name, "lr": config["lr"], "epochs": config["epochs"]},
+        extra={"trial_key": key, "sweep": settings.sweep_name, "lr": config["lr"], "epochs": config["epochs"],
+               "protocol": config.get("protocol", "fewshot")},
+        method=method.name,
+        method_params=method.hyperparameters(),
     )
+
+
+def write_artifacts(folder: Path, config: dict[str, Any], settings: TrialSettings, backbone: Backbone,
+                    data: FewShotFeatures, result: TrainResult, meta: ContextMeta, train_cfg: TrainConfig,
+                    key: str, evaluations: dict[str, Any]) -> None:
+    """ctx.safetensors + ctx.json (what the method learned), the context's nearest words, the resolved config
+    and (base-to-new, transfer) the further evaluations."""
+    prompt = meta.prompt_config
+    save_learned(folder / "ctx.safetensors", result.learned, meta)
     ctx = result.ctx
-    save_context(folder / "ctx.safetensors", ctx, meta)
 
     # CSC rows are named by label and class name: ImageNet has two classes called 'missile'.
     entries = nearest_word_entries(ctx, backbone, data.classnames, k=settings.nearest_words)
@@ -168,6 +209,8 @@ def write_artifacts(folder: Path, config: dict[str, Any], settings: TrialSetting
         "trial_key": key,
         "sweep": settings.sweep_name,
         "config": config,
+        "method": {"name": meta.method, **meta.method_params},
+        "evaluations": evaluations,
         "prompt": asdict(prompt) | {"n_ctx_effective": meta.n_ctx},
         "train": train_cfg.to_dict(),
         "backbone": {"arch": settings.arch, "pretrained": settings.pretrained, "fingerprint": backbone.fingerprint},
@@ -185,9 +228,41 @@ def _close(run: TrialRun, status: str, reason: str = "") -> None:
         log.error("could not mark MLflow run %s %s: %s", run.run_id, status, error)
 
 
-def run_trial(config: dict[str, Any], settings: TrialSettings, features: dict[str, ray.ObjectRef]) -> None:
-    """Ray Tune function trainable; `settings` and `features` arrive through tune.with_parameters."""
-    config = dict(config)
+def evaluate_protocol(config: dict[str, Any], backbone: Backbone, result: TrainResult, meta: ContextMeta,
+                      new_classes: EvalFeatures | None, targets: dict[str, EvalFeatures]) -> dict[str, Any]:
+    """The protocol's further test accuracies: base-to-new's new_acc and h_acc, transfer's per-target accuracy."""
+    out: dict[str, Any] = {}
+    protocol = config.get("protocol", "fewshot")
+    if protocol == BASE2NEW and new_classes is not None:
+        out["new_acc"] = learned_accuracy(backbone, result.learned, meta, new_classes)
+        out["h_acc"] = harmonic_mean(result.test_acc, out["new_acc"])
+    elif protocol == XD:
+        out["transfer"] = {name: learned_accuracy(backbone, result.learned, meta, target)
+                           for name, target in targets.items() if name != config["dataset"]}
+    return out
+
+
+def protocol_metrics(evaluations: dict[str, Any]) -> dict[str, float]:
+    """`evaluate_protocol`'s results as flat MLflow metrics (transfer: ``xd_acc.<target>``)."""
+    flat = {k: v for k, v in evaluations.items() if k != "transfer"}
+    flat.update({f"{TRANSFER_METRIC}{name}": acc for name, acc in evaluations.get("transfer", {}).items()})
+    return flat
+
+
+def stored_evaluations(metrics: dict[str, float]) -> dict[str, Any]:
+    """`protocol_metrics` read back from a finished MLflow run (a resumed sweep reuses them)."""
+    out: dict[str, Any] = {k: metrics[k] for k in ("new_acc", "h_acc") if k in metrics}
+    transfer = {k.removeprefix(TRANSFER_METRIC): v for k, v in metrics.items() if k.startswith(TRANSFER_METRIC)}
+    if transfer:
+        out["transfer"] = transfer
+    return out
+
+
+def run_trial(config: dict[str, Any], settings: TrialSettings, features: dict[str, ray.ObjectRef],
+              targets: dict[str, ray.ObjectRef] | None = None) -> None:
+    """Ray Tune function trainable; `settings`, `features` and the transfer `targets`' test features arrive
+    through tune.with_parameters."""
+    config = complete(config)
     key = trial_key(config)
     torch.set_num_threads(max(1, int(settings.cpus_per_trial)))
     trial_id = tune.get_context().get_trial_id() or ""
@@ -207,7 +282,7 @@ def run_trial(config: dict[str, Any], settings: TrialSettings, features: dict[st
         metrics = finished.data.metrics
         tune.report({"epoch": config["epochs"], "val_acc": metrics.get("val_acc", float("nan")),
                      "test_acc": metrics.get("test_acc", float("nan")),
-                     "train_seconds": metrics.get("train_seconds", 0.0),
+                     "train_seconds": metrics.get("train_seconds", 0.0), **stored_evaluations(metrics),
                      "trial_key": key, "mlflow_run_id": finished.info.run_id, "reused_run": 1})
         return
     assert run is not None
@@ -215,6 +290,11 @@ def run_trial(config: dict[str, Any], settings: TrialSettings, features: dict[st
     last_epoch = 0
     try:
         data: FewShotFeatures = ray.get(features[feature_key(config["dataset"], config["shots"], config["seed"])])
+        new_classes = None
+        if config.get("protocol") == BASE2NEW:
+            data, new_classes = split_base_new(data)
+        transfer = {name: ray.get(ref) for name, ref in (targets or {}).items()
+                    if config.get("protocol") == XD and name != config["dataset"]}
         backbone = _backbone(settings.arch, settings.pretrained, trial_device(settings.train.device))
         if backbone.fingerprint != settings.backbone_fingerprint:
             raise RuntimeError(
@@ -222,7 +302,6 @@ def run_trial(config: dict[str, Any], settings: TrialSettings, features: dict[st
                 f"({settings.backbone_fingerprint}) that encoded the features; give every node the same "
                 f"{settings.arch} / {settings.pretrained} weights"
             )
-        prompt = PromptConfig(config["n_ctx"], config["ctx_init"], config["csc"], config["class_token_position"])
         train_cfg = train_config(settings.train, config)
 
         def on_epoch(m: EpochMetrics) -> None:
@@ -234,16 +313,19 @@ def run_trial(config: dict[str, Any], settings: TrialSettings, features: dict[st
                 tune.report({"epoch": m.epoch, "loss": m.loss, "train_acc": m.train_acc, "lr": m.lr,
                              "val_acc": m.val_acc, "trial_key": key, "mlflow_run_id": run.run_id})
 
-        result = train_coop(backbone, data, prompt, train_cfg, epochs, on_epoch=on_epoch, progress=False)
+        result = train_method(backbone, data, trial_prompt(config), train_cfg, method_config(config), epochs,
+                              on_epoch=on_epoch, progress=False)
+        meta = learned_meta(config, settings, backbone, data, result, key)
+        evaluations = evaluate_protocol(config, backbone, result, meta, new_classes, transfer)
         with tempfile.TemporaryDirectory(prefix="coop-trial-") as tmp:
-            write_artifacts(Path(tmp), config, settings, backbone, data, result, train_cfg, key)
+            write_artifacts(Path(tmp), config, settings, backbone, data, result, meta, train_cfg, key, evaluations)
             run.log_artifacts(Path(tmp))
-        run.log_metrics({"test_acc": result.test_acc, "train_seconds": result.train_seconds}, step=epochs,
-                        flush=True)
+        run.log_metrics({"test_acc": result.test_acc, "train_seconds": result.train_seconds,
+                         **protocol_metrics(evaluations)}, step=epochs, flush=True)
         last = result.epochs[-1]
         final = {"epoch": epochs, "loss": last.loss, "train_acc": last.train_acc, "lr": last.lr,
                  "val_acc": result.val_acc, "test_acc": result.test_acc, "train_seconds": result.train_seconds,
-                 "trial_key": key, "mlflow_run_id": run.run_id}
+                 **evaluations, "trial_key": key, "mlflow_run_id": run.run_id}
         run.close("FINISHED")
     except Exception as error:
         _close(run, "FAILED", f"{type(error).__name__}: {error}")

@@ -16,12 +16,13 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+from pipeline.data.protocols import BASE2NEW, FEWSHOT
 from pipeline.params import Params
 from pipeline.sweep.cluster import check_ray_address, check_resources, init_ray, resolve_address
 from pipeline.sweep.plan import SweepError, SweepPlan, check_precision, feature_key, plan_sweep
 from pipeline.sweep.results import ResultFiles, TrialRecord, counts, summarize, write_results
 from pipeline.sweep.resume import SweepState, read_state, state_path, write_state
-from pipeline.sweep.space import CONFIG_KEYS, max_epochs, trial_key
+from pipeline.sweep.space import complete, max_epochs, trial_key
 from pipeline.tracking import (
     NODE_TAG,
     REASON_TAG,
@@ -91,9 +92,10 @@ def run_sweep(params: Params, options: SweepOptions) -> SweepOutcome:
     if address:
         check_ray_address(address)
 
-    from pipeline.sweep.inputs import load_inputs
+    from pipeline.sweep.inputs import check_protocols, load_inputs, transfer_targets
 
-    inputs = load_inputs(params, plan.triples)
+    inputs = load_inputs(params, plan.triples, transfer_targets(params, plan))
+    check_protocols(plan, inputs)
 
     commit = git_commit()
     if state is None:
@@ -169,7 +171,7 @@ def _records(results: Any, children: dict[str, Any], plan: SweepPlan, ended: set
     records = []
     for index, result in enumerate(results):
         trial = trials[index] if index < len(trials) else None
-        config = {k: result.config[k] for k in CONFIG_KEYS}
+        config = complete(result.config)
         key = trial_key(config)
         metrics = result.metrics or {}
         trial_id = trial.trial_id if trial is not None else str(metrics.get("trial_id", ""))
@@ -187,9 +189,12 @@ def _records(results: Any, children: dict[str, Any], plan: SweepPlan, ended: set
         reason = run.data.tags.get(REASON_TAG, "") if run is not None else ""
         if not reason and result.error is not None:
             reason = f"{type(result.error).__name__}: {str(result.error).strip().splitlines()[-1][:300]}"
+        finished = state == "FINISHED"
         records.append(TrialRecord(
             config=config, trial_id=trial_id, trial_key=key, state=state,
-            val_acc=metrics.get("val_acc"), test_acc=test if state == "FINISHED" else None,
+            val_acc=metrics.get("val_acc"), test_acc=test if finished else None,
+            new_acc=metrics.get("new_acc") if finished else None, h_acc=metrics.get("h_acc") if finished else None,
+            transfer=dict(metrics.get("transfer") or {}) if finished else {},
             train_seconds=metrics.get("train_seconds"),
             last_epoch=metrics.get("epoch"),
             node_ip=(run.data.tags.get(NODE_TAG, "") if run is not None else "") or str(metrics.get("node_ip", "")),
@@ -217,8 +222,12 @@ def _parent_metrics(records: list[TrialRecord]) -> dict[str, float]:
     metrics: dict[str, float] = {f"trials_{k}": v for k, v in counts(records).items()}
     for s in summarize(records):
         if s.best:
-            metrics[f"best_val_acc.{s.dataset}.{s.shots}shot"] = s.val_mean
-            metrics[f"best_test_acc.{s.dataset}.{s.shots}shot"] = s.test_mean
+            setting = f"{s.dataset}.{s.shots}shot" + ("" if s.protocol == FEWSHOT else f".{s.protocol}")
+            metrics[f"best_val_acc.{setting}"] = s.val_mean
+            metrics[f"best_test_acc.{setting}"] = s.test_mean
+            if s.protocol == BASE2NEW:
+                metrics[f"best_new_acc.{setting}"] = s.new_mean
+                metrics[f"best_h_acc.{setting}"] = s.h_of_means
     return {k: v for k, v in metrics.items() if math.isfinite(v)}
 
 
@@ -229,7 +238,7 @@ def _trial_steps(plan: SweepPlan, inputs: Any, batch: int) -> dict[str, int]:
     steps = {}
     for c in plan.configs:
         train = inputs.features[feature_key(c["dataset"], c["shots"], c["seed"])].train_labels
-        steps[trial_key(c)] = int(c["epochs"]) * steps_per_epoch(len(train), batch)
+        steps[trial_key(c)] = int(c["epochs"]) * steps_per_epoch(len(train), c.get("batch_size") or batch)
     return steps
 
 
@@ -259,6 +268,7 @@ def _fit(params: Params, options: SweepOptions, plan: SweepPlan, inputs: Any, pa
 
     check_resources(params)
     refs = {k: ray.put(v) for k, v in inputs.features.items()}
+    target_refs = {k: ray.put(v) for k, v in inputs.targets.items()}
     settings = TrialSettings(
         sweep_name=name,
         arch=params.backbone.arch,
@@ -276,7 +286,7 @@ def _fit(params: Params, options: SweepOptions, plan: SweepPlan, inputs: Any, pa
         cpus_per_trial=params.sweep.cpus_per_trial,
     )
     trainable = tune.with_resources(
-        tune.with_parameters(run_trial, settings=settings, features=refs),
+        tune.with_parameters(run_trial, settings=settings, features=refs, targets=target_refs),
         {"cpu": params.sweep.cpus_per_trial, "gpu": params.sweep.gpus_per_trial},
     )
     every_s = PROGRESS_EVERY_S if options.progress_every_s is None else options.progress_every_s
@@ -324,7 +334,8 @@ def _fit(params: Params, options: SweepOptions, plan: SweepPlan, inputs: Any, pa
             run_name=run_name(record.config),
             params=trial_params(record.config, settings),
             tags={"sweep.name": name, "ray.trial_id": record.trial_id, "dataset": record.config["dataset"],
-                  "shots": record.config["shots"], "seed": record.config["seed"], "git_commit": commit},
+                  "shots": record.config["shots"], "seed": record.config["seed"], "git_commit": commit,
+                  "method": record.config["method"], "protocol": record.config["protocol"]},
         )
     parent.settle(outcomes)
     children = {r.data.tags.get("sweep.trial_key"): r for r in parent.children()}
