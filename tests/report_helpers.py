@@ -106,9 +106,11 @@ def sections(html: str) -> dict[str, str]:
 
 
 def trial_row(dataset: str, shots: int, seed: int, val: float, test: float, **hyper: Any) -> dict[str, Any]:
-    """A FINISHED trials.csv row of the paper's variant (M=16, end, unified) unless `hyper` says otherwise."""
-    config = {"dataset": dataset, "shots": shots, "seed": seed, "n_ctx": 16, "ctx_init": "", "csc": False,
-              "class_token_position": "end", "lr": 0.002, "epochs": 10, "precision": "fp32", **hyper}
+    """A FINISHED few-shot trials.csv row of CoOp's paper variant (M=16, end, unified) unless `hyper` says
+    otherwise (`protocol`, `method` and the methods' keys too)."""
+    config = {"dataset": dataset, "protocol": "fewshot", "shots": shots, "seed": seed, "method": "coop", "n_ctx": 16,
+              "ctx_init": "", "csc": False, "class_token_position": "end", "lr": 0.002, "epochs": 10,
+              "batch_size": None, "precision": "fp32", "kg_weight": None, "meta_reduction": None, **hyper}
     return {**config, "trial_id": f"t{seed}", "trial_key": trial_key(config), "state": "FINISHED",
             "config": config_label(config), "val_acc": val, "test_acc": test, "train_seconds": 1.0,
             "node_ip": "127.0.0.1", "mlflow_run_id": "", "reason": ""}
@@ -218,3 +220,65 @@ def build_demo_report_workspace(root: Path) -> dict[str, Any]:
     (storage / "latest.json").write_text(json.dumps({"name": "grid-demo"}))
     (storage / "grid-demo.sweep.json").write_text(json.dumps({"name": "grid-demo", "search": "grid"}))
     return {"root": root, "params": params, "rows": rows}
+
+
+# trials.csv as the sweep writes it since methods and protocols are sweep dimensions (the sweep's contract with the
+# report), and as it was before them: the report reads both.
+TRIAL_COLUMNS_V2 = ["trial_id", "trial_key", "state", "dataset", "protocol", "shots", "seed", "method", "n_ctx",
+                    "ctx_init", "csc", "class_token_position", "lr", "epochs", "batch_size", "precision", "kg_weight",
+                    "meta_reduction", "config", "last_epoch", "val_acc", "test_acc", "new_acc", "h_acc",
+                    "train_seconds", "node_ip", "mlflow_run_id", "reason"]
+TRIAL_COLUMNS_V1 = ["trial_id", "trial_key", "state", "dataset", "shots", "seed", "n_ctx", "ctx_init", "csc",
+                    "class_token_position", "lr", "epochs", "precision", "config", "last_epoch", "val_acc", "test_acc",
+                    "train_seconds", "node_ip", "mlflow_run_id", "reason"]
+TRANSFER_COLUMNS = ["trial_key", "dataset", "shots", "seed", "method", "config", "target", "test_acc"]
+PROTOCOL_DATASETS = ["Caltech101", "DTD"]  # both in the published base-to-new table
+# Two configurations per method: the first wins on val, the second would win on test (the report must not pick it).
+PROTOCOL_CONFIGS = {"coop": [{"lr": 0.002}, {"lr": 0.02}],
+                    "cocoop": [{"meta_reduction": 16, "ctx_init": "a photo of a", "n_ctx": 4, "batch_size": 1},
+                               {"meta_reduction": 8, "ctx_init": "a photo of a", "n_ctx": 4, "batch_size": 1}]}
+
+
+def protocol_label(config: dict[str, Any]) -> str:
+    """trials.csv's `config` as the contract writes it: CoOp's label unchanged, other methods prefixed."""
+    init = f"init='{config['ctx_init']}'" if config["ctx_init"] else f"n_ctx={config['n_ctx']}"
+    parts = [init, "csc" if config["csc"] else "unified", config["class_token_position"], f"lr={config['lr']:g}",
+             f"ep={config['epochs']}"]
+    if config["method"] == "cocoop":
+        parts.insert(0, f"cocoop(r={config['meta_reduction']})")
+    if config["batch_size"] is not None:
+        parts.append(f"bs={config['batch_size']}")
+    return " ".join([*parts, config["precision"]])
+
+
+def build_protocols_workspace(root: Path) -> dict[str, Any]:
+    """trials.csv with base-to-new and cross-dataset rows of CoOp and CoCoOp (two configurations each) on Caltech101
+    and DTD, seeds 1 and 2, plus a few-shot CoOp row per dataset x seed, and the transfer.csv of the xd trials
+    (each source on the other dataset). Accuracies from a seeded generator, with the val winner worse on test.
+    Returns root, params, the trial rows and the transfer rows."""
+    rng = random.Random(14)
+    rows, transfer = [], []
+    for dataset in PROTOCOL_DATASETS:
+        for seed in (1, 2):
+            few = trial_row(dataset, 16, seed, val=70.0 + seed, test=60.0 + seed)
+            rows.append({**few, "config": protocol_label(few)})
+            for method, configs in PROTOCOL_CONFIGS.items():
+                for i, hyper in enumerate(configs):
+                    for protocol in ("base2new", "xd"):
+                        val = round(80 - 10 * i + rng.uniform(-2, 2), 2)
+                        test = round(70 + 10 * i + rng.uniform(-3, 3), 2)
+                        row = trial_row(dataset, 16, seed, val=val, test=test, protocol=protocol, method=method,
+                                        **hyper)
+                        name = f"{dataset}-{seed}-{method}-{i}-{protocol}"
+                        row = {**row, "config": protocol_label(row), "trial_id": name, "trial_key": name}
+                        if protocol == "base2new":
+                            new = round(50 + 5 * i + rng.uniform(-4, 4), 2)
+                            row.update(new_acc=new, h_acc=round(2 * test * new / (test + new), 4))
+                        else:
+                            target = next(d for d in PROTOCOL_DATASETS if d != dataset)
+                            transfer.append({**{k: row[k] for k in TRANSFER_COLUMNS if k in row}, "target": target,
+                                             "test_acc": round(40 + 5 * i + rng.uniform(-5, 5), 2)})
+                        rows.append(row)
+    write_csv(root / "out" / "sweep" / "trials.csv", TRIAL_COLUMNS_V2, rows)
+    write_csv(root / "out" / "sweep" / "transfer.csv", TRANSFER_COLUMNS, transfer)
+    return {"root": root, "params": params_for(root, PROTOCOL_DATASETS), "rows": rows, "transfer": transfer}

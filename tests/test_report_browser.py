@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from report_helpers import build_demo_report_workspace
+from report_helpers import build_demo_report_workspace, build_protocols_workspace
 
 from stages.report import main as report_main
 
@@ -40,17 +40,21 @@ def browser() -> Any:
         browser.close()
 
 
-@pytest.fixture(scope="module")
-def page_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The demo-shaped results (report_helpers) through the real command, as `dvc repro report` runs it."""
+def written_page(root: Path, build: Any) -> Path:
+    """A hand-made results folder (report_helpers) through the real command, as `dvc repro report` runs it."""
     import yaml
 
-    root = tmp_path_factory.mktemp("browser")
-    workspace = build_demo_report_workspace(root)
+    workspace = build(root)
     params_file = root / "params.yaml"
     params_file.write_text(yaml.safe_dump(workspace["params"].to_dict()))
     assert report_main(["--params", str(params_file), "--no-mlflow"]) == 0
     return Path(workspace["params"].report.dir) / "index.html"
+
+
+@pytest.fixture(scope="module")
+def page_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The demo-shaped results."""
+    return written_page(tmp_path_factory.mktemp("browser"), build_demo_report_workspace)
 
 
 def open_page(browser: Any, path: Path, width: int = 1280) -> tuple[Any, dict[str, list[str]]]:
@@ -114,5 +118,23 @@ def test_a_narrow_window_scrolls_tables_not_the_page(browser: Any, page_file: Pa
         assert page.evaluate("document.documentElement.scrollWidth - window.innerWidth") <= 0
         widths = page.evaluate("Array.from(document.images).map(i => i.getBoundingClientRect().width)")
         assert all(0 < w <= 700 for w in widths)  # figures shrink to the column
+    finally:
+        page.close()
+
+
+def test_base_to_new_and_transfer_sections_render(browser: Any, tmp_path: Path) -> None:
+    """A sweep with base-to-new and cross-dataset trials of two methods: the two sections, in order, without
+    errors, their tables inside the window (the wide published transfer table scrolls in its box)."""
+    path = written_page(tmp_path, build_protocols_workspace)
+    page, seen = open_page(browser, path)
+    try:
+        assert seen == {"console": [], "exceptions": [], "failed": [], "outside": []}
+        headings = page.eval_on_selector_all("h2", "hs => hs.map(h => h.id)")
+        assert headings == ["accuracy", "published", "base2new", "transfer", "domain", "words", "sweep"]
+        assert page.evaluate("document.documentElement.scrollWidth - window.innerWidth") <= 0
+        first = page.locator("#base2new ~ div.scroll table.b2n").first
+        assert first.locator("th").all_inner_texts() == ["dataset", "method", "selected configuration", "Base", "New",
+                                                         "H"]
+        assert "CI ±" in first.locator("tbody tr").first.locator("td").nth(3).inner_text()
     finally:
         page.close()

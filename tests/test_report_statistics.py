@@ -36,7 +36,8 @@ PHOTO = "a photo of a"
 def typed(dataset: str, shots: int, seed: int, val: float, test: float, search: str = "grid",
           **hyper: Any) -> dict[str, Any]:
     """A trial as the report holds it: a trials.csv row read back as strings, then typed."""
-    return typed_trial({k: str(v) for k, v in trial_row(dataset, shots, seed, val, test, **hyper).items()}, search)
+    row = trial_row(dataset, shots, seed, val, test, **hyper)
+    return typed_trial({k: "" if v is None else str(v) for k, v in row.items()}, search)  # as the CSV holds it
 
 
 def test_mean_std_is_over_finite_values_with_population_std() -> None:
@@ -141,6 +142,23 @@ def test_domain_shift_table_averages_the_shifted_sets_only() -> None:
     assert math.isnan(table.target_average["Zero-shot CLIP"])  # no ImageNetA result
 
 
+def test_domain_shift_rows_of_other_methods_and_protocols_stay_apart() -> None:
+    def row(method: str, protocol: str, acc: float, seed: int) -> dict[str, str]:
+        return {"method": method, "n_ctx": "4", "ctx_init": PHOTO, "csc": "False", "class_token_position": "end",
+                "source": "ImageNet", "target": "ImageNetV2", "shots": "16", "seed": str(seed), "test_acc": str(acc),
+                "protocol": protocol}
+
+    rows = [row("CoCoOp", "fewshot", 60, 1), row("CoCoOp", "fewshot", 62, 2), row("CoCoOp", "xd", 50, 1),
+            row("CoOp", "fewshot", 40, 1), row("KgCoOp", "", 45, 1)]  # no protocol: few-shot
+    table = domain_shift_table(rows)
+    assert table is not None and table.coop_shots == [16]
+    assert {name: by_target["ImageNetV2"] for name, by_target in table.accuracy.items()} == {
+        f"CoCoOp '{PHOTO}' (M=4), end, unified": (61, 1, 2),
+        f"CoCoOp '{PHOTO}' (M=4), end, unified (xd trials)": (50, 0, 1),
+        f"CoOp '{PHOTO}' (M=4), end, unified": (40, 0, 1),
+        f"KgCoOp '{PHOTO}' (M=4), end, unified": (45, 0, 1)}
+
+
 def demo_grid(shots: tuple[int, ...] = (1, 16), seeds: tuple[int, ...] = (1, 2)) -> list[dict[str, Any]]:
     """The demo's three configurations: M=16 unified, M=16 CSC, and M=4 from 'a photo of a' (unified only)."""
     out = []
@@ -235,3 +253,26 @@ def test_mirrored_hyperparameters_are_reported_once() -> None:
     assert independent_keys(trials, ["n_ctx", "ctx_init", "csc"]) == {"n_ctx": ["ctx_init"], "csc": []}
     importances, _ = param_importances(demo_grid(), ["n_ctx", "ctx_init", "csc"])
     assert set(importances) == {"context length M + initialisation", "class-specific context (CSC)"}
+
+
+def test_harmonic_mean_is_cocoops_h() -> None:
+    from pipeline.report.statistics import harmonic_mean
+
+    assert harmonic_mean(82.69, 63.22) == pytest.approx(71.656, abs=1e-3)  # CoCoOp's Table 1, CoOp's average
+    assert math.isnan(harmonic_mean(80.0, math.nan)) and math.isnan(harmonic_mean(0.0, 0.0))
+
+
+def test_transfer_average_needs_every_target() -> None:
+    from pipeline.report.statistics import transfer_table
+
+    trials = [typed("Caltech101", 16, seed, val=80.0, test=70.0 + seed, protocol="xd") for seed in (1, 2)]
+    rows = [{"trial_key": t["trial_key"], "dataset": "Caltech101", "target": target, "test_acc": str(acc + t["seed"])}
+            for t in trials for target, acc in (("DTD", 40.0), ("EuroSAT", 50.0))]
+    (row,), targets = transfer_table(trials, rows)
+    assert targets == {"Caltech101": ["DTD", "EuroSAT"]}
+    assert row.source_acc == (71.5, 0.5, 2) and row.targets["DTD"] == (41.5, 0.5, 2)
+    assert row.target_average == pytest.approx((41.5 + 51.5) / 2)
+    # EuroSAT evaluated only for a trial the selection did not pick: no EuroSAT cell, no average.
+    (row,), _ = transfer_table(trials, [r for r in rows if r["target"] == "DTD"] + [
+        {**rows[1], "trial_key": "another-trial"}])
+    assert "EuroSAT" not in row.targets and math.isnan(row.target_average)

@@ -1,4 +1,5 @@
-"""The report's inputs: trials.csv, baselines.csv, domain_shift.csv, the published numbers, the best contexts' words."""
+"""The report's inputs: trials.csv, transfer.csv, baselines.csv, domain_shift.csv, the published numbers, the best
+contexts' words."""
 
 from __future__ import annotations
 
@@ -8,8 +9,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from pipeline.data.protocols import FEWSHOT
 from pipeline.data.published import load_published
 from pipeline.params import Params
+from pipeline.report.labels import DEFAULT_METHOD, DEFAULT_PROTOCOL
 from pipeline.report.statistics import (
     AccuracyPoint,
     baseline_points,
@@ -17,6 +20,7 @@ from pipeline.report.statistics import (
     best_context_trials,
     coop_points,
     number_or_nan,
+    protocol_trials,
 )
 from pipeline.tables import read_csv_rows
 
@@ -26,11 +30,25 @@ LATEST_SWEEP_FILE = "latest.json"
 SWEEP_STATE_SUFFIX = ".sweep.json"
 
 
+TRANSFER_FILE = "transfer.csv"  # the sweep's cross-dataset results: a row per (xd trial, target)
+
+
+def optional_number(value: str | None, kind: type[int] | type[float]) -> int | float | None:
+    """An optional CSV cell (batch_size, kg_weight, meta_reduction) as `kind`; None when empty."""
+    return kind(value) if value not in (None, "") else None
+
+
 def typed_trial(row: dict[str, str], search: str = "") -> dict[str, Any]:
-    """A trials.csv row with numbers and booleans parsed; `search` (grid, random, optuna) unless the row has one."""
+    """A trials.csv row with numbers and booleans parsed; `search` (grid, random, optuna) unless the row has one.
+    Rows written before methods and protocols were sweep dimensions are CoOp's, few-shot."""
     return {**row, "shots": int(row["shots"]), "seed": int(row["seed"]), "n_ctx": int(row["n_ctx"]),
             "csc": row["csc"] == "True", "lr": number_or_nan(row["lr"]), "epochs": int(row["epochs"]),
             "val_acc": number_or_nan(row["val_acc"]), "test_acc": number_or_nan(row["test_acc"]),
+            "protocol": row.get("protocol") or DEFAULT_PROTOCOL, "method": row.get("method") or DEFAULT_METHOD,
+            "batch_size": optional_number(row.get("batch_size"), int),
+            "kg_weight": optional_number(row.get("kg_weight"), float),
+            "meta_reduction": optional_number(row.get("meta_reduction"), int),
+            "new_acc": number_or_nan(row.get("new_acc")), "h_acc": number_or_nan(row.get("h_acc")),
             "search": row.get("search") or search}
 
 
@@ -42,7 +60,7 @@ class ReportData:
     results_dir: Path
     baselines_dir: Path
     trial_rows: list[dict[str, str]]  # every trials.csv row, any state
-    finished_trials: list[dict[str, Any]]  # the FINISHED rows, typed
+    finished_trials: list[dict[str, Any]]  # the FINISHED rows, typed (every protocol)
     baseline_rows: list[dict[str, str]]
     domain_shift_rows: list[dict[str, str]]
     published: dict[str, Any]
@@ -52,14 +70,20 @@ class ReportData:
     # dataset -> its interpreted contexts: {"role", "trial", "k", "vectors"} (the best, then the best unified)
     context_words: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)  # warnings shown at the top of the page
+    transfer_rows: list[dict[str, str]] = field(default_factory=list)  # transfer.csv: xd trials on other datasets
+
+    @property
+    def fewshot_trials(self) -> list[dict[str, Any]]:
+        """The finished few-shot trials: what the per-dataset tables and the shots figure show."""
+        return protocol_trials(self.finished_trials, FEWSHOT)
 
     @property
     def coop_points(self) -> list[AccuracyPoint]:
-        return coop_points(self.finished_trials)
+        return coop_points(self.fewshot_trials)
 
     @property
     def best_points(self) -> list[AccuracyPoint]:
-        return best_config_points(self.finished_trials)
+        return best_config_points(self.fewshot_trials)
 
     @property
     def baseline_points(self) -> list[AccuracyPoint]:
@@ -123,8 +147,10 @@ def collect(params: Params, tracking_uri: str | None = None) -> ReportData:
     baseline_rows = read_csv_rows(baselines_path) if baselines_path.is_file() else []
     domain_shift_rows = read_csv_rows(domain_shift_path) if domain_shift_path.is_file() else []
     gap = "" if domain_shift_rows else domain_shift_gap(params, trial_rows, domain_shift_path)
+    transfer_path = results_dir / TRANSFER_FILE
+    transfer_rows = read_csv_rows(transfer_path) if transfer_path.is_file() else []
     data = ReportData(params, results_dir, baselines_dir, trial_rows, finished, baseline_rows, domain_shift_rows,
-                      load_published(), search, search_source, gap, notes=notes)
+                      load_published(), search, search_source, gap, notes=notes, transfer_rows=transfer_rows)
     data.context_words = best_context_words(data, tracking_uri)
     return data
 
@@ -138,7 +164,8 @@ def best_context_words(data: ReportData, tracking_uri: str | None) -> dict[str, 
     uri = resolve_tracking_uri(tracking_uri, data.params.tracking.uri)
     out: dict[str, list[dict[str, Any]]] = {}
     with tempfile.TemporaryDirectory(prefix="coop-report-") as tmp:
-        for dataset, choice in best_context_trials(data.finished_trials).items():
+        # The few-shot trials' contexts, as the papers interpret them; a sweep without any: the other protocols'.
+        for dataset, choice in best_context_trials(data.fewshot_trials or data.finished_trials).items():
             for role, trial in (("best", choice.best), ("best unified", choice.best_unified)):
                 if trial is None:
                     continue

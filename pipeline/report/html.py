@@ -11,14 +11,19 @@ from html import escape
 from statistics import fmean
 from typing import Any
 
-from pipeline.evaluate.methods import ENSEMBLE, ZERO_SHOT
-from pipeline.report.collect import ReportData
+from pipeline.data.protocols import BASE2NEW, XD
+from pipeline.data.published import base_to_new_rows, cross_dataset_rows
+from pipeline.evaluate.methods import ENSEMBLE, LEARNED_METHOD_NAMES, ZERO_SHOT
+from pipeline.report.collect import TRANSFER_FILE, ReportData
 from pipeline.report.figures import effects_figure, shots_figure
 from pipeline.report.labels import (
     COOP_BEST,
     COOP_BEST_NAME,
+    DEFAULT_METHOD,
+    PROTOCOL_NAMES,
     factor_name,
     is_probe,
+    learned_method_name,
     method_name,
     settings_text,
     shots_text,
@@ -26,14 +31,19 @@ from pipeline.report.labels import (
 )
 from pipeline.report.statistics import (
     AccuracyPoint,
+    BaseNewResult,
     MatchedEffect,
+    TransferRow,
     average_points,
+    base_to_new_averages,
+    base_to_new_results,
     ci95,
     domain_shift_table,
     importance_trials,
     matched_effects,
     mean_std,
     param_importances,
+    transfer_table,
     varied_hyperparameters,
 )
 
@@ -47,7 +57,7 @@ th{background:#f4f4f4;text-align:left}table.numbers td{text-align:right}table.nu
 table.numbers td:nth-child(2){text-align:left}table.meta th{display:none}table.meta td:first-child{font-weight:600}
 table.paper td{text-align:right;white-space:nowrap}table.paper td:first-child{text-align:left}
 table.paper td small{display:block;color:#888;font-size:10px}table.paper th{text-align:center}
-table.paper tr.selected td{background:#f7fbff}
+table.paper tr.selected td{background:#f7fbff}table.b2n td:nth-child(2),table.b2n td:nth-child(3){text-align:left}
 table.effects td:nth-child(3){text-align:left}table.effects td:nth-child(n+4){white-space:nowrap}
 table.words{font-size:11px}table.words td{padding:3px 4px}table.words td small{display:block;color:#888;
 font-size:9px}table.words td:nth-child(2){white-space:nowrap}p.caption{color:#555;font-size:12px;margin-top:-6px}
@@ -371,6 +381,152 @@ def section_sweep(data: ReportData) -> str:
     return "\n".join(parts)
 
 
+def method_order(method: str) -> tuple[int, str]:
+    """The learned methods in the papers' order (CoOp, CoCoOp, KgCoOp), unknown ids after them."""
+    known = list(LEARNED_METHOD_NAMES)
+    return (known.index(method), "") if method in known else (len(known), method)
+
+
+def backbone_text(arch: str, pretrained: str | None) -> str:
+    return f"{arch}/{pretrained or 'random weights'}"
+
+
+def published_note(data: ReportData, block: dict[str, Any]) -> str:
+    """Where a published table comes from, and why its numbers are reference points and not ours to beat."""
+    theirs = backbone_text(block["backbone"]["arch"], block["backbone"]["pretrained"])
+    ours = backbone_text(data.params.backbone.arch, data.params.backbone.pretrained)
+    text = (f"<p><b>Published</b>: {escape(block['source'])}; backbone {escape(theirs)}, {block['shots']} shots, the "
+            "papers' datasets.</p>")
+    if ours != theirs:
+        return text + (f'<p class="warn">Our backbone is {escape(ours)}, the published numbers are {escape(theirs)} '
+                       "on the papers' real datasets: they are reference points for the methods' ranking and the "
+                       "size of their gaps, not numbers comparable with ours.</p>")
+    return text + ('<p class="note">Same backbone as ours, but the datasets, splits and recipe may differ: reference '
+                   "points, not a reproduction target.</p>")
+
+
+def selected_cell(config: str, val: float, what: str) -> Any:
+    """The selected configuration and the seed-averaged val accuracy it was selected on."""
+    return ("html", f"{escape(config)}<br><small>{escape(what)} val {mean_std_text(val)}</small>")
+
+
+def h_cell(result: BaseNewResult) -> Any:
+    """H of the seed-mean base and new accuracies; below it, the trials' own H (mean ± std over seeds)."""
+    if not math.isfinite(result.h):
+        return "–"
+    mean, std, n = result.seed_h
+    below = f"<small>per seed {escape(mean_std_text(mean, std, n))}</small>" if n else ""
+    return ("html", f"{result.h:.2f}{below}")
+
+
+def base_to_new_table(results: Sequence[BaseNewResult], averages: Sequence[BaseNewResult],
+                      datasets: Sequence[str]) -> str:
+    """Rows: dataset x method (the selected configuration), then each method's average over the datasets."""
+    rows = []
+    for dataset in datasets:
+        for r in sorted((r for r in results if r.base.dataset == dataset), key=lambda r: method_order(r.base.method)):
+            rows.append([dataset, learned_method_name(r.base.method), selected_cell(r.base.config, r.base.val_mean,
+                                                                                    "base"),
+                         paper_cell(r.base, math.nan), paper_cell(r.new, math.nan), h_cell(r)])
+    for r in sorted(averages, key=lambda r: method_order(r.base.method)):
+        rows.append([f"Average ({len(datasets)} datasets)", learned_method_name(r.base.method), "",
+                     mean_std_text(r.base.mean), mean_std_text(r.new.mean), h_cell(r)])
+    return table_html(["dataset", "method", "selected configuration", "Base", "New", "H"], rows,
+                      "Test accuracy (%) on the base classes (Base) and on the new classes (New), mean ± std over "
+                      "seeds with the 95% CI below; H = 2·Base·New / (Base + New) of the seed means (as CoCoOp's "
+                      "Table 1), with each trial's own H below. Average: mean over the datasets of the per-dataset "
+                      "means, H of those averages.", "paper b2n")
+
+
+def published_base_to_new_table(data: ReportData, datasets: Sequence[str]) -> str:
+    """The published base-to-new rows of the sweep's datasets, then the papers' 11-dataset averages."""
+    published = base_to_new_rows(data.published)
+    rows = []
+    for dataset in datasets:
+        for p in published:
+            if dataset in p.datasets:
+                cell = p.datasets[dataset]
+                rows.append([dataset, f"{p.name} (published)", f"{cell.base:.2f}", f"{cell.new:.2f}", f"{cell.h:.2f}"])
+    count = max(len(p.datasets) for p in published)
+    for p in published:
+        rows.append([f"Average ({count} datasets)", f"{p.name} (published)", f"{p.average.base:.2f}",
+                     f"{p.average.new:.2f}", f"{p.average.h:.2f}"])
+    block = data.published["base_to_new"]
+    return table_html(["dataset", "method", "Base", "New", "H"], rows,
+                      "Published base-to-new results, as printed: "
+                      + "; ".join(f"{p.name}: {p.text}" + ("" if p.source == block["source"] else f" ({p.source})")
+                                  for p in published)
+                      + f". Where the numbers were read: {block['found_in']} {block['rounding']}", "numbers")
+
+
+def section_base_to_new(data: ReportData) -> str:
+    results = base_to_new_results(data.finished_trials)
+    if not results:
+        return empty_note("The sweep has base-to-new trials (protocol base2new) but none finished.")
+    block = data.published["base_to_new"]
+    parts = ["<p><b>Selection:</b> per method × dataset × shots, the base-to-new configuration with the best "
+             "validation accuracy on the base classes averaged over seeds (among those finished on the most seeds); "
+             "the new classes are never seen in training nor used to select. <b>Numbers:</b> test accuracy (%), "
+             f"mean ± std over seeds, 95% CI {escape(CI_RULE)}.</p>"]
+    for shots in sorted({r.base.shots for r in results}, reverse=True):
+        mine = [r for r in results if r.base.shots == shots]
+        datasets = sorted({r.base.dataset for r in mine})
+        averages = base_to_new_averages(mine, datasets) if len(datasets) > 1 else []
+        parts.append(f"<h3>{escape(shots_text(shots))} per class</h3>" + base_to_new_table(mine, averages, datasets))
+    datasets = sorted({r.base.dataset for r in results})
+    parts.append("<h3>Published (CoCoOp's and KgCoOp's Table 1)</h3>" + published_note(data, block)
+                 + published_base_to_new_table(data, datasets))
+    return "\n".join(parts)
+
+
+def transfer_source_table(rows: Sequence[TransferRow], source: str, targets: Sequence[str]) -> str:
+    """One source's transfer table: a row per method (and shot count), its source accuracy, each target, the
+    targets' average."""
+    several_shots = len({r.shots for r in rows}) > 1
+    body = []
+    for r in sorted(rows, key=lambda r: (method_order(r.method), r.shots)):
+        name = learned_method_name(r.method) + (f", {shots_text(r.shots)}" if several_shots else "")
+        cells = [seeds_cell(*r.targets[t]) if t in r.targets else "–" for t in targets]
+        body.append([("html", f"{escape(name)}<br><small>{escape(r.config)} · val {mean_std_text(r.val_mean)}"
+                              "</small>"), seeds_cell(*r.source_acc), *cells, mean_std_text(r.target_average)])
+    return table_html(["method (selected configuration)", f"{source} (source)", *targets, "average (targets)"], body,
+                      f"Contexts learned on {source} (all its classes), test accuracy (%) on {source}'s test set and "
+                      "on each target dataset, mean ± std over seeds (hover a number for the 95% CI); average: mean "
+                      "of the per-target means, shown only when every target has a result.", "numbers")
+
+
+def published_transfer_table(data: ReportData) -> str:
+    block = data.published["cross_dataset"]
+    published = cross_dataset_rows(data.published)
+    targets = list(published[0].targets)
+    rows = [[f"{p.name} (published)", f"{p.source_accuracy:.2f}", *[f"{p.targets[t]:.2f}" for t in targets],
+             f"{p.average:.2f}"] for p in published]
+    return table_html(["method", f"{block['source_dataset']} (source)", *targets, "average (targets)"], rows,
+                      f"Published cross-dataset transfer, as printed. {block['not_recorded']} Where the numbers "
+                      f"were read: {block['found_in']}", "numbers")
+
+
+def section_transfer(data: ReportData) -> str:
+    rows, targets = transfer_table(data.finished_trials, data.transfer_rows)
+    if not rows:
+        return empty_note("The sweep has cross-dataset trials (protocol xd) but none finished.")
+    parts = ["<p><b>Selection:</b> per method × source × shots, the cross-dataset configuration with the best "
+             "validation accuracy on the source averaged over seeds (among those finished on the most seeds); the "
+             "targets never select.</p>"]
+    for source in sorted({r.source for r in rows}):
+        mine = [r for r in rows if r.source == source]
+        parts.append(f"<h3>Source: {escape(source)}</h3>")
+        if source not in targets:
+            parts.append(empty_note(
+                f"{data.results_dir / TRANSFER_FILE} has no {source} rows (the sweep writes one per cross-dataset "
+                "trial and target: transfer.targets, null for every other dataset of data.datasets): only the "
+                "accuracy on the source is known."))
+        parts.append(transfer_source_table(mine, source, targets.get(source, [])))
+    parts.append("<h3>Published (CoCoOp's Table 2)</h3>" + published_note(data, data.published["cross_dataset"])
+                 + published_transfer_table(data))
+    return "\n".join(parts)
+
+
 def git_short_commit() -> str:
     """The short HEAD commit of the working directory's checkout, 'unknown' outside git."""
     try:
@@ -398,6 +554,17 @@ def header_html(data: ReportData) -> str:
         ["MLflow", f"{params.tracking.uri}, experiment {params.tracking.experiment}"],
         ["generated", f"{datetime.now(timezone.utc):%Y-%m-%d %H:%M UTC}, commit {git_short_commit()}"],
     ]
+    protocols: dict[str, int] = defaultdict(int)
+    methods: set[str] = set()
+    for r in data.trial_rows:
+        if r.get("protocol"):
+            protocols[r["protocol"]] += 1
+            methods.add(r.get("method") or DEFAULT_METHOD)
+    if protocols:  # trials.csv from a sweep with methods and protocols as dimensions
+        order = [p for p in PROTOCOL_NAMES if p in protocols] + sorted(set(protocols) - set(PROTOCOL_NAMES))
+        counts = ", ".join(f"{PROTOCOL_NAMES.get(p, p)} {protocols[p]}" for p in order)
+        names = ", ".join(learned_method_name(m) for m in sorted(methods, key=method_order))
+        rows.insert(4, ["protocols, methods", f"{counts} trials; {names}"])
     warn = ""
     if pretrained is None:
         warn = ('<p class="warn">This backbone has random weights: every accuracy here shows that the pipeline runs, '
@@ -407,10 +574,14 @@ def header_html(data: ReportData) -> str:
 
 
 def render(data: ReportData) -> str:
-    """The whole page: header, table of contents and the five sections."""
+    """The whole page: header, table of contents and the sections (base-to-new and cross-dataset transfer only
+    when the sweep has trials of those protocols)."""
+    protocols = {r.get("protocol") for r in data.trial_rows}
     sections = [
         ("accuracy", "Test accuracy per dataset and against shots", section_shots(data)),
         ("published", "Our 16-shot results next to the published ones", section_published(data)),
+        *([("base2new", "Base-to-new generalisation", section_base_to_new(data))] if BASE2NEW in protocols else []),
+        *([("transfer", "Cross-dataset transfer", section_transfer(data))] if XD in protocols else []),
         ("domain", "Domain generalisation", section_domain(data)),
         ("words", "Interpreting the learned contexts", section_words(data)),
         ("sweep", "The sweep: hyperparameters", section_sweep(data)),

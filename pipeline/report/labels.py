@@ -5,7 +5,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from pipeline.evaluate.methods import ENSEMBLE, PROBE, ZERO_SHOT
+from pipeline.data.protocols import BASE2NEW, FEWSHOT, XD
+from pipeline.evaluate.methods import ENSEMBLE, LEARNED_METHOD_NAMES, PROBE, ZERO_SHOT
 
 METHOD_NAMES = {ZERO_SHOT: "Zero-shot CLIP", ENSEMBLE: "Zero-shot CLIP (prompt ensemble)", PROBE: "Linear probe CLIP"}
 # The report's own series: per dataset x shots, the CoOp configuration with the best seed-averaged val accuracy.
@@ -16,7 +17,13 @@ COOP_BEST_NAME = "CoOp, best configuration by val"
 PROBE_PROTOCOL_NAMES = {"lpclip": "official lpclip protocol", "grid": "our C grid on augmented views"}
 HYPERPARAMETER_NAMES = {"n_ctx": "context length M", "ctx_init": "initialisation",
                         "csc": "class-specific context (CSC)", "class_token_position": "class token position",
-                        "lr": "learning rate", "epochs": "epochs", "precision": "precision"}
+                        "lr": "learning rate", "epochs": "epochs", "batch_size": "batch size",
+                        "precision": "precision", "kg_weight": "KgCoOp weight λ",
+                        "meta_reduction": "CoCoOp Meta-Net reduction r"}
+# What trials.csv rows written before methods and protocols were sweep dimensions were: CoOp, few-shot.
+DEFAULT_METHOD = "coop"
+DEFAULT_PROTOCOL = FEWSHOT
+PROTOCOL_NAMES = {FEWSHOT: "few-shot", BASE2NEW: "base-to-new", XD: "cross-dataset transfer"}
 
 
 def probe_method(protocol: str) -> str:
@@ -43,10 +50,17 @@ def shots_text(shots: int) -> str:
     return "0 shots (zero-shot)" if shots == 0 else f"{shots} shot" + ("" if shots == 1 else "s")
 
 
+def learned_method_name(method: str) -> str:
+    """The papers' name of a sweep method ('cocoop' -> 'CoCoOp'); an unknown id as it is."""
+    return LEARNED_METHOD_NAMES.get(method, method)
+
+
 def variant_label(row: dict[str, Any]) -> str:
-    """The CoOp variant of a trial as the paper names it: context length (or init words), position, CSC."""
+    """The prompt variant of a trial as the papers name it: method (CoOp when the row has none), context length
+    (or init words), position, CSC."""
     init = f"'{row['ctx_init']}' (M={row['n_ctx']})" if row["ctx_init"] else f"M={row['n_ctx']}"
-    return f"CoOp {init}, {row['class_token_position']}, {'CSC' if row['csc'] else 'unified'}"
+    method = learned_method_name(row.get("method") or DEFAULT_METHOD)
+    return f"{method} {init}, {row['class_token_position']}, {'CSC' if row['csc'] else 'unified'}"
 
 
 def value_name(key: str, value: Any) -> str:
@@ -73,6 +87,12 @@ def setting_text(key: str, value: Any) -> str:
         return f"{value} epochs"
     if key == "lr":
         return f"lr {value_name(key, value)}"
+    if key == "batch_size":
+        return f"batch size {value}" if value is not None else "batch size train.batch_size"
+    if key == "kg_weight":
+        return f"λ={value_name(key, value)}" if value is not None else "no λ"
+    if key == "meta_reduction":
+        return f"r={value}" if value is not None else "no Meta-Net"
     return value_name(key, value)
 
 

@@ -1,5 +1,5 @@
-"""The report's numbers: mean ± std and 95% CI over seeds, the val-selected configurations, matched hyperparameter
-comparisons."""
+"""The report's numbers: mean ± std and 95% CI over seeds, the val-selected configurations, base-to-new and
+cross-dataset results, matched hyperparameter comparisons."""
 
 from __future__ import annotations
 
@@ -12,11 +12,22 @@ from dataclasses import dataclass, field
 from statistics import fmean, pstdev
 from typing import Any, NamedTuple
 
-from pipeline.evaluate.methods import COOP, PROBE
-from pipeline.report.labels import COOP_BEST, HYPERPARAMETER_NAMES, METHOD_NAMES, probe_method, variant_label
+from pipeline.data.protocols import BASE2NEW, XD
+from pipeline.evaluate.methods import LEARNED_METHOD_NAMES, PROBE
+from pipeline.report.labels import (
+    COOP_BEST,
+    DEFAULT_METHOD,
+    DEFAULT_PROTOCOL,
+    HYPERPARAMETER_NAMES,
+    METHOD_NAMES,
+    probe_method,
+    variant_label,
+)
 
-# The hyperparameters whose effect the sweep section shows, where the sweep varied them.
-HYPERPARAMETERS = ("n_ctx", "ctx_init", "csc", "class_token_position", "lr", "epochs", "precision")
+# The hyperparameters whose effect the sweep section shows, where the sweep varied them (the methods' own ones
+# are null for the other methods).
+HYPERPARAMETERS = ("n_ctx", "ctx_init", "csc", "class_token_position", "lr", "epochs", "batch_size", "precision",
+                   "kg_weight", "meta_reduction")
 # Searches whose trials cover the space evenly enough for fANOVA (Optuna's TPE concentrates on good regions).
 COVERING_SEARCHES = ("grid", "random")
 
@@ -100,9 +111,9 @@ def coop_points(trials: Sequence[dict[str, Any]]) -> list[AccuracyPoint]:
 
 
 def best_config_points(trials: Sequence[dict[str, Any]]) -> list[AccuracyPoint]:
-    """Per dataset x shots, the one CoOp configuration (any variant) with the best seed-averaged val accuracy:
-    the series COOP_BEST, each point naming its configuration."""
-    best = best_by_val(trials, lambda t: (t["dataset"], t["shots"]))
+    """Per dataset x shots, the one CoOp configuration (any variant; other methods' trials are not CoOp's) with
+    the best seed-averaged val accuracy: the series COOP_BEST, each point naming its configuration."""
+    best = best_by_val([t for t in trials if t["method"] == DEFAULT_METHOD], lambda t: (t["dataset"], t["shots"]))
     return [selected_point(COOP_BEST, group) for _, group in sorted(best.items())]
 
 
@@ -161,22 +172,27 @@ class DomainShiftTable:
 
     source: str
     targets: list[str]  # every evaluated test set in file order, the source's included
-    coop_shots: list[int]
+    coop_shots: list[int]  # the learned methods' shot counts
     accuracy: dict[str, dict[str, tuple[float, float, int]]]  # method label -> target -> (mean, std, n)
     target_average: dict[str, float]  # method label -> mean over the shifted sets (NaN unless it has them all)
 
 
 def domain_shift_table(rows: Sequence[dict[str, str]]) -> DomainShiftTable | None:
-    """Mean ± std over seeds per method (CoOp rows by variant) and test set, in the file's order; None without rows."""
+    """Mean ± std over seeds per method (learned methods' rows by variant, and by protocol beyond few-shot) and test
+    set, in the file's order; None without rows."""
     if not rows:
         return None
     targets = list(dict.fromkeys(r["target"] for r in rows))
     source = rows[0]["source"]
+    method_ids = {name: method for method, name in LEARNED_METHOD_NAMES.items()}  # rows name methods as papers do
     groups: dict[str, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
     for r in rows:
-        name = METHOD_NAMES.get(r["method"], r["method"]) if r["method"] != COOP else variant_label(
-            {"n_ctx": int(r["n_ctx"]), "ctx_init": r["ctx_init"], "csc": r["csc"] == "True",
-             "class_token_position": r["class_token_position"]})
+        name = METHOD_NAMES.get(r["method"], r["method"])
+        if r["method"] in method_ids:
+            name = variant_label({"method": method_ids[r["method"]], "n_ctx": int(r["n_ctx"]), "ctx_init": r["ctx_init"],
+                                  "csc": r["csc"] == "True", "class_token_position": r["class_token_position"]})
+            if r.get("protocol") not in (None, "", DEFAULT_PROTOCOL):
+                name += f" ({r['protocol']} trials)"
         groups[name][r["target"]].append(number_or_nan(r["test_acc"]))
     shifted = [t for t in targets if t != source]
     accuracy = {name: {t: mean_std(values) for t, values in by_target.items()} for name, by_target in groups.items()}
@@ -184,16 +200,23 @@ def domain_shift_table(rows: Sequence[dict[str, str]]) -> DomainShiftTable | Non
     for name, by_target in accuracy.items():
         target_means = [by_target[t][0] for t in shifted if t in by_target]
         target_average[name] = fmean(target_means) if len(target_means) == len(shifted) and shifted else math.nan
-    coop_shots = sorted({int(r["shots"]) for r in rows if r["method"] == COOP})
+    coop_shots = sorted({int(r["shots"]) for r in rows if r["method"] in method_ids})
     return DomainShiftTable(source, targets, coop_shots, accuracy, target_average)
 
 
+def setting(trial: dict[str, Any]) -> tuple[str, str, str, int, int]:
+    """What hyperparameter comparisons hold fixed besides the hyperparameters: dataset, protocol, method, shots,
+    seed (methods differ in more than one setting, their own hyperparameter and recipe: the page compares them in
+    its per-dataset tables, not as a hyperparameter)."""
+    return trial["dataset"], trial["protocol"], trial["method"], trial["shots"], trial["seed"]
+
+
 def varied_hyperparameters(trials: Sequence[dict[str, Any]]) -> list[str]:
-    """The HYPERPARAMETERS that take more than one value within some dataset x shots x seed setting (the
-    epochs of CoOp's per-shot schedule change between shot counts only: not varied)."""
-    groups: dict[tuple[str, int, int], list[dict[str, Any]]] = defaultdict(list)
+    """The HYPERPARAMETERS that take more than one value within some dataset x protocol x method x shots x seed
+    setting (the epochs of CoOp's per-shot schedule change between shot counts only: not varied)."""
+    groups: dict[tuple[str, str, str, int, int], list[dict[str, Any]]] = defaultdict(list)
     for t in trials:
-        groups[(t["dataset"], t["shots"], t["seed"])].append(t)
+        groups[setting(t)].append(t)
     return [k for k in HYPERPARAMETERS if any(len({json.dumps(m[k]) for m in g}) > 1 for g in groups.values())]
 
 
@@ -218,7 +241,7 @@ def matched_effects(trials: Sequence[dict[str, Any]]) -> tuple[list[MatchedEffec
     """Every matched comparison the trials allow, and the varied hyperparameters that have none.
 
     Hyperparameters that mirror each other one to one (independent_keys) are one factor. Within each match
-    (dataset, shots, seed and all other hyperparameters equal) every value is compared with the match's
+    (dataset, protocol, method, shots, seed and all other hyperparameters equal) every value is compared with the match's
     smallest value (value_order: 4 before 16, unified before CSC); the pairs are pooled per value, reference
     and condition, so each difference is stated only for the settings it was measured in.
     """
@@ -231,7 +254,7 @@ def matched_effects(trials: Sequence[dict[str, Any]]) -> tuple[list[MatchedEffec
         shown = [k for k in varied if k not in keys]
         matches: dict[str, dict[str, list[dict[str, Any]]]] = defaultdict(lambda: defaultdict(list))
         for t in trials:
-            match = json.dumps([t["dataset"], t["shots"], t["seed"], *(t[k] for k in others)])
+            match = json.dumps([*setting(t), *(t[k] for k in others)])
             matches[match][json.dumps([t[k] for k in keys])].append(t)
         found = False
         for by_value in matches.values():
@@ -276,7 +299,7 @@ def importance_trials(trials: Sequence[dict[str, Any]]) -> tuple[list[dict[str, 
 
 def param_importances(trials: Sequence[dict[str, Any]], keys: Sequence[str]) -> tuple[dict[str, float] | None, str]:
     """fANOVA importances over an Optuna study rebuilt from the trials (objective: val acc minus its
-    dataset x shots x seed mean, so differences between datasets and shot counts do not count). A key that
+    dataset x protocol x method x shots x seed mean, so differences between those settings do not count). A key that
     mirrors another one to one is reported under the other's name as "a + b". (None, why) when not computed."""
     if not keys:
         return None, "the sweep varied no hyperparameter"
@@ -286,9 +309,9 @@ def param_importances(trials: Sequence[dict[str, Any]], keys: Sequence[str]) -> 
 
     twins = independent_keys(trials, keys)
     keys = list(twins)
-    groups: dict[tuple[str, int, int], list[float]] = defaultdict(list)
+    groups: dict[tuple[str, str, str, int, int], list[float]] = defaultdict(list)
     for t in trials:
-        groups[(t["dataset"], t["shots"], t["seed"])].append(t["val_acc"])
+        groups[setting(t)].append(t["val_acc"])
     means = {k: mean_std(v)[0] for k, v in groups.items()}
     choices = {k: sorted({optuna_choice(t[k]) for t in trials}, key=str) for k in keys}
     distributions = {k: CategoricalDistribution(v) for k, v in choices.items() if len(v) > 1}
@@ -297,7 +320,7 @@ def param_importances(trials: Sequence[dict[str, Any]], keys: Sequence[str]) -> 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     study = optuna.create_study(direction="maximize")
     for t in trials:
-        value = t["val_acc"] - means[(t["dataset"], t["shots"], t["seed"])]
+        value = t["val_acc"] - means[setting(t)]
         if not math.isfinite(value):
             continue
         study.add_trial(optuna.trial.create_trial(
@@ -335,3 +358,93 @@ def independent_keys(trials: Sequence[dict[str, Any]], keys: Sequence[str]) -> d
 def optuna_choice(value: Any) -> Any:
     """A hyperparameter value as an Optuna categorical choice (which takes only None, bool, int, float, str)."""
     return value if isinstance(value, (bool, int, float, str)) or value is None else str(value)
+
+
+def protocol_trials(trials: Sequence[dict[str, Any]], protocol: str) -> list[dict[str, Any]]:
+    """The trials of one evaluation protocol (few-shot, base-to-new, cross-dataset)."""
+    return [t for t in trials if t["protocol"] == protocol]
+
+
+def harmonic_mean(base: float, new: float) -> float:
+    """H = 2·base·new / (base + new), CoCoOp's trade-off between base and new accuracy; NaN without both."""
+    if not (math.isfinite(base) and math.isfinite(new)) or base + new <= 0:
+        return math.nan
+    return 2 * base * new / (base + new)
+
+
+@dataclass
+class BaseNewResult:
+    """One method's selected configuration under base-to-new at one dataset x shots (or their average over
+    datasets): test accuracy on the base and on the new classes, mean ± std over seeds."""
+
+    base: AccuracyPoint  # .method is the engine's method id; .val_mean the base classes' val accuracy
+    new: AccuracyPoint
+    seed_h: tuple[float, float, int] = (math.nan, math.nan, 0)  # each trial's own H (h_acc), mean ± std
+
+    @property
+    def h(self) -> float:
+        """H of the seed-mean base and new accuracies, as CoCoOp's Table 1 computes it from averages."""
+        return harmonic_mean(self.base.mean, self.new.mean)
+
+
+def base_to_new_results(trials: Sequence[dict[str, Any]]) -> list[BaseNewResult]:
+    """Per method x dataset x shots, the base-to-new configuration with the best seed-averaged val accuracy on
+    the base classes (most finished seeds first, as everywhere): its base and new test accuracy."""
+    best = best_by_val(protocol_trials(trials, BASE2NEW), lambda t: (t["method"], t["dataset"], t["shots"]))
+    out = []
+    for (method, dataset, shots), group in sorted(best.items()):
+        base = selected_point(method, group)
+        new = AccuracyPoint(method, dataset, shots, *mean_std(t["new_acc"] for t in group), base.config,
+                            base.trial_keys, base.val_mean)
+        out.append(BaseNewResult(base, new, mean_std(t["h_acc"] for t in group)))
+    return out
+
+
+def base_to_new_averages(results: Sequence[BaseNewResult], datasets: Sequence[str]) -> list[BaseNewResult]:
+    """Per method x shots with a result on every one of `datasets`: the mean over datasets of the base and of
+    the new means (H of those, as the papers' average rows)."""
+    bases = {(p.method, p.shots): p for p in average_points([r.base for r in results], datasets)}
+    news = {(p.method, p.shots): p for p in average_points([r.new for r in results], datasets)}
+    return [BaseNewResult(bases[key], news[key]) for key in sorted(bases.keys() & news.keys())]
+
+
+@dataclass
+class TransferRow:
+    """One method's selected cross-dataset configuration on one source at one shot count: its accuracy on the
+    source's test set and on each target (mean ± std over seeds)."""
+
+    method: str  # the engine's method id
+    source: str
+    shots: int
+    config: str
+    trial_keys: list[str]
+    val_mean: float
+    source_acc: tuple[float, float, int]
+    targets: dict[str, tuple[float, float, int]]  # target -> (mean, std, n); absent: no transfer.csv row
+    target_average: float  # mean of the per-target means; NaN unless every target of its source has one
+
+
+def transfer_table(trials: Sequence[dict[str, Any]], rows: Sequence[dict[str, str]]
+                   ) -> tuple[list[TransferRow], dict[str, list[str]]]:
+    """Per method x source x shots, the cross-dataset (xd) configuration with the best seed-averaged val accuracy
+    on the source, with its trials' transfer.csv accuracies per target; and each source's targets in file order."""
+    targets: dict[str, list[str]] = defaultdict(list)
+    by_trial: dict[str, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
+    for r in rows:
+        if r["target"] not in targets[r["dataset"]]:
+            targets[r["dataset"]].append(r["target"])
+        by_trial[r["trial_key"]][r["target"]].append(number_or_nan(r["test_acc"]))
+    best = best_by_val(protocol_trials(trials, XD), lambda t: (t["dataset"], t["shots"], t["method"]))
+    out = []
+    for (source, shots, method), group in sorted(best.items()):
+        point = selected_point(method, group)
+        accuracy = {}
+        for target in targets.get(source, []):
+            values = [v for t in group for v in by_trial[t["trial_key"]].get(target, [])]
+            if values:
+                accuracy[target] = mean_std(values)
+        means = [accuracy[t][0] for t in targets.get(source, []) if t in accuracy]
+        complete = bool(means) and len(means) == len(targets[source]) and all(map(math.isfinite, means))
+        out.append(TransferRow(method, source, shots, point.config, point.trial_keys, point.val_mean,
+                               (point.mean, point.std, point.n), accuracy, fmean(means) if complete else math.nan))
+    return out, {source: list(names) for source, names in targets.items()}
