@@ -1,7 +1,7 @@
 """DVC stage `report` (console script ``coop-report``): one self-contained HTML page from the results.
 
 Reads ``<sweep.results_dir>/trials.csv`` (FINISHED trials; learned contexts' nearest words from each
-trial's artifacts), ``baselines.csv`` and ``domain_shift.csv`` (in ``report.baselines_dir``) and the
+trial's artifacts) and ``transfer.csv`` (cross-dataset trials on their targets), ``baselines.csv`` and ``domain_shift.csv`` (in ``report.baselines_dir``) and the
 published numbers (``pipeline/data/published.json``), and writes ``<report.dir>/index.html`` atomically.
 Figures are inline PNGs (base64 ``data:`` URIs): the page needs no other file. Sections:
 
@@ -10,7 +10,10 @@ Figures are inline PNGs (base64 ``data:`` URIs): the page needs no other file. S
    largest shot count first, each number mean ± std over seeds with the 95% CI of CoOp's
    ``parse_test_res.py --ci95`` (1.96 x population std / sqrt(seeds)); the configuration selected per dataset x
    shots; accuracy against shots per dataset (and averaged, with several), the paper's main figure;
-2. our 16-shot CoOp (M=16, end, unified) and zero-shot results next to the published ones;
+2. our 16-shot CoOp (M=16, end, unified) and zero-shot results next to the published ones; when the sweep
+   has such trials, base-to-new generalisation (Base, New and H per method and dataset, the configuration
+   selected on the base classes' val accuracy) and cross-dataset transfer (source and targets), each beside
+   the published CoCoOp/KgCoOp tables (ViT-B/16: reference points, not comparable numbers);
 3. domain generalisation: the source's contexts (domain_shift.source, e.g. ImageNet) on its shifted test
    sets (e.g. ImageNet-V2/-Sketch/-A/-R), beside zero-shot CLIP; without results, what is missing;
 4. the nearest vocabulary words of each dataset's best learned context by val, and of its best unified one
