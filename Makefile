@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 export PATH := $(abspath $(VENV)/bin):$(PATH)
 export PYTHONUNBUFFERED := 1
 
-.PHONY: setup demo test test-fast lint bench
+.PHONY: setup demo demo-methods test test-fast lint bench
 
 setup: $(STAMP)
 
@@ -21,6 +21,12 @@ demo: $(STAMP)
 	dvc metrics show
 	@echo "Report: outputs/report/index.html   Runs: mlflow ui --backend-store-uri sqlite:///mlflow.db, then"
 	@echo "  http://127.0.0.1:5000/#/experiments/1/runs?workflowType=machine_learning (MLflow 3 opens GenAI otherwise)"
+
+# After `make demo`: CoOp, CoCoOp and KgCoOp under base-to-new and cross-dataset transfer on the same world.
+demo-methods: demo
+	python -m stages.sweep --params configs/world_methods.yaml
+	python -m stages.report --params configs/world_methods.yaml
+	@echo "Report: outputs/methods/report/index.html (base-to-new and cross-dataset tables)"
 
 test: $(STAMP)
 	ruff check .

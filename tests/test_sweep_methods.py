@@ -221,3 +221,25 @@ def test_transfer_rows_one_per_trial_and_target(tmp_path) -> None:
 def test_harmonic_mean() -> None:
     assert harmonic_mean(80, 60) == pytest.approx(68.5714, abs=1e-4)
     assert harmonic_mean(0, 0) == 0.0
+
+
+# ------------------------------------------------------------------------------------------ checks before trials
+
+
+def test_protocols_that_cannot_run_are_refused_before_any_trial() -> None:
+    from pipeline.sweep.inputs import MissingInputsError, SweepInputs, check_protocols
+    from pipeline.sweep.plan import feature_key, plan_sweep
+
+    def inputs(n_classes: int, targets: dict) -> SweepInputs:
+        labels = torch.arange(n_classes)
+        data = FewShotFeatures([f"c{i}" for i in range(n_classes)], torch.zeros(n_classes, 1, 2), labels,
+                               torch.zeros(n_classes, 2), labels, torch.zeros(n_classes, 2), labels)
+        return SweepInputs(None, {feature_key("FashionMNIST", 16, s): data for s in (1, 2)}, {}, targets)  # type: ignore[arg-type]
+
+    b2n = plan_sweep(make_params({"protocol": ["base2new"]}))
+    check_protocols(b2n, inputs(2, {}))
+    with pytest.raises(MissingInputsError, match="base2new .* FashionMNIST has 1 class"):
+        check_protocols(b2n, inputs(1, {}))
+    xd = plan_sweep(make_params({"protocol": ["xd"]}))
+    with pytest.raises(MissingInputsError, match="transfer.targets"):
+        check_protocols(xd, inputs(3, {"FashionMNIST": None}))  # only itself: nothing to transfer to
