@@ -160,3 +160,29 @@ def test_report_labels_linear_probe_numbers_with_their_protocol(report_workspace
     assert "81.50 ± 0.50" in table_rows["Linear probe CLIP (our C grid on augmented views)"]
     assert "40.00" in table_rows["Linear probe CLIP (protocol not recorded)"]
     assert "Linear probe CLIP</td>" not in numbers  # never unlabelled
+
+
+@pytest.mark.slow
+def test_zero_shot_rows_for_the_base_and_new_classes(stage_root: Path, tiny: Backbone) -> None:
+    """CoCoOp Table 1's CLIP row: zero-shot on the base half with base names, on the new half with new names."""
+    from pipeline.data.protocols import base_new_labels
+    from pipeline.evaluate.zero_shot import zero_shot_weights
+
+    params = stage_params(stage_root, ["lpclip"])
+    build_dataset_features(stage_root / "cache", stage_root / "data", stage_root / "splits", "mydata", [2], [1, 2],
+                           tiny, views=2, progress=False)
+    rows = run_baselines(params, stage_root / "out", methods=["zero-shot"], progress=False)
+    by_protocol = {r["protocol"]: float(r["test_acc"]) for r in rows}
+    assert set(by_protocol) == {"", "base", "new"}
+    # Reference: a classifier over each half's names alone, on that half's test images.
+    config = FeatureConfig.from_params(tiny, params.features)
+    data = load_fewshot_features(params.features.dir, split_path(stage_root / "splits", "mydata", 2, 1), config,
+                                 cache=open_cache(params, "mydata", config))
+    halves = dict(zip(("base", "new"), base_new_labels(range(len(data.classnames))), strict=True))
+    for half, labels in halves.items():
+        weights = zero_shot_weights(tiny, [data.classnames[i] for i in labels], (data.template,))
+        mask = torch.isin(data.test_labels, torch.tensor(labels))
+        logits = torch.nn.functional.normalize(data.test[mask].float(), dim=-1) @ weights.t()
+        truth = torch.tensor([labels.index(int(y)) for y in data.test_labels[mask]])
+        expected = 100.0 * float((logits.argmax(-1) == truth).float().mean())
+        assert by_protocol[half] == pytest.approx(expected, abs=1e-3)

@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 import pytest
 from report_helpers import (
+    BASELINE_COLUMNS,
     PROTOCOL_DATASETS,
     TRANSFER_COLUMNS,
     TRIAL_COLUMNS_V1,
@@ -219,3 +220,29 @@ def test_a_trials_csv_from_before_methods_and_protocols_still_renders(tmp_path: 
     parts = sections(html)
     assert list(parts) == ["accuracy", "published", "domain", "words", "sweep"]
     assert "61.50 ± 0.50" in parts["accuracy"] and "61.50 ± 0.50" in parts["published"]
+
+
+def test_zero_shot_clip_rows_come_from_the_baselines_base_and_new_halves(tmp_path: Path) -> None:
+    """CoCoOp Table 1's CLIP row (baselines.csv's zero-shot rows on each half) heads each dataset's base-to-new
+    rows, and zero-shot CLIP on every dataset heads each transfer table; neither leaks into the few-shot figure."""
+    workspace = build_protocols_workspace(tmp_path)
+    zero = {"Caltech101": {"": 86.0, "base": 90.0, "new": 80.0}, "DTD": {"": 44.0, "base": 50.0, "new": 40.0}}
+    rows = [{"method": "zero-shot", "protocol": half, "dataset": d, "shots": 0, "seed": 0, "val_acc": "",
+             "test_acc": acc} for d, halves in zero.items() for half, acc in halves.items()]
+    write_csv(tmp_path / "out" / "baselines" / "baselines.csv", ["method", "protocol", *BASELINE_COLUMNS[1:]], rows)
+    data = collect(workspace["params"])
+    assert {(p.dataset, p.mean) for p in data.baseline_points} == {("Caltech101", 86.0), ("DTD", 44.0)}
+    html = render(data)
+    b2n = table_with(sections(html)["base2new"], ["dataset", "method", "selected configuration"])
+    for dataset, halves in zero.items():
+        row = next(r for r in b2n if r[:2] == [dataset, "Zero-shot CLIP"])
+        assert row[3:] == [f"{halves['base']:.2f}", f"{halves['new']:.2f}",
+                           f"{harmonic(halves['base'], halves['new']):.2f}"]
+        assert b2n.index(row) < b2n.index(next(r for r in b2n if r[:2] == [dataset, "CoOp"]))  # CLIP first
+    average = next(r for r in b2n if r[:2] == ["Average (2 datasets)", "Zero-shot CLIP"])
+    assert average[3:5] == ["70.00", "60.00"]
+    for source in PROTOCOL_DATASETS:
+        (target,) = [d for d in PROTOCOL_DATASETS if d != source]
+        _, first, *_ = table_with(sections(html)["transfer"], ["method (selected configuration)", f"{source} (source)"])
+        assert first[0].startswith("Zero-shot CLIP")
+        assert first[1:] == [f"{zero[source]['']:.2f}", f"{zero[target]['']:.2f}", f"{zero[target]['']:.2f}"]

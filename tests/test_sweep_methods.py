@@ -14,12 +14,12 @@ import pytest
 import torch
 
 from pipeline.data.datasets import DatasetSplits, Item
-from pipeline.data.protocols import subsample_classes
+from pipeline.data.protocols import harmonic_mean, subsample_classes
 from pipeline.engine.inputs import FewShotFeatures, split_base_new
 from pipeline.params import Params, params_from_dict
 from pipeline.sweep.results import TrialRecord, summarize, transfer_rows, write_results
 from pipeline.sweep.space import SpaceError, build_space, config_label, trial_key
-from pipeline.sweep.trial import harmonic_mean, method_config, train_config
+from pipeline.sweep.trial import method_config, train_config
 
 WORDS = "a photo of a"
 METHODS = ["coop", "cocoop", "kgcoop"]
@@ -216,11 +216,6 @@ def test_transfer_rows_one_per_trial_and_target(tmp_path) -> None:
     assert {r["dataset"] for r in rows} == {"FashionMNIST"}
     files = write_results(tmp_path, records)
     assert files.transfer.read_text().count("\n") == 3
-
-
-def test_harmonic_mean() -> None:
-    assert harmonic_mean(80, 60) == pytest.approx(68.5714, abs=1e-4)
-    assert harmonic_mean(0, 0) == 0.0
 
 
 # ------------------------------------------------------------------------------------------ checks before trials

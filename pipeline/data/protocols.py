@@ -17,6 +17,13 @@ FEWSHOT, BASE2NEW, XD = "fewshot", "base2new", "xd"
 PROTOCOLS = (FEWSHOT, BASE2NEW, XD)
 
 
+def harmonic_mean(base: float, new: float) -> float:
+    """Base-to-new's H = 2·base·new / (base + new) (CoCoOp's trade-off); 0 when both are 0, NaN without both."""
+    if not (math.isfinite(base) and math.isfinite(new)):
+        return math.nan
+    return 2 * base * new / (base + new) if base + new > 0 else 0.0
+
+
 def base_new_labels(labels: Sequence[int]) -> tuple[list[int], list[int]]:
     """The official rule: the distinct labels sorted, the first ceil(n / 2) are base, the rest new."""
     distinct = sorted(set(labels))

@@ -11,7 +11,9 @@ For every trainable dataset in ``data.datasets`` (the ImageNet variants are test
   the training images' test-transform features, not normalised; seven coarse C values then eight halving
   steps in log10 C), and ``grid``, ours (every cached augmented view, normalised; 13 C values).
 
-Zero-shot methods do not depend on shots or seed: they get one row per dataset with ``shots = 0``. Rows
+Zero-shot methods do not depend on shots or seed: they get one row per dataset with ``shots = 0``; zero-shot
+CLIP also gets base-to-new's two rows (``protocol`` base / new: the base classes' test images with the base
+names, the new classes' with the new names; the CLIP row of CoCoOp's Table 1). Rows
 go to ``<out>/baselines.csv`` (columns like the sweep's trials.csv: method, protocol (linear probe only),
 dataset, shots, seed, val_acc, test_acc, ...), written atomically. MLflow: one parent run "baselines" in
 ``tracking.experiment`` and a child run per row.
@@ -32,9 +34,10 @@ from pipeline.atomic import write_csv_atomic
 from pipeline.data.datasets import DatasetError, dataset_folder
 from pipeline.data.fewshot import FewShotSplit, read_fewshot_split, split_path
 from pipeline.engine.backbone import load_params_backbone, resolve_device
+from pipeline.engine.inputs import split_base_new
 from pipeline.evaluate.inputs import StageError, is_test_only, open_cache
 from pipeline.evaluate.linear_probe import grid_linear_probe, lpclip_linear_probe
-from pipeline.evaluate.methods import ENSEMBLE, METHODS, PROBE, ZERO_SHOT
+from pipeline.evaluate.methods import BASE_CLASSES, ENSEMBLE, METHODS, NEW_CLASSES, PROBE, ZERO_SHOT
 from pipeline.evaluate.zero_shot import ensemble_accuracy, ensemble_templates, zero_shot_accuracy
 from pipeline.features.assemble import load_fewshot_features
 from pipeline.features.cache import FeatureCache, FeatureCacheError, FeatureConfig
@@ -96,6 +99,12 @@ def run_baselines(params: Params, out_dir: Path, methods: Sequence[str] = METHOD
                                          else (data.template,))
                             rows.append(_row(run, label, method, "", folder, 0, 0, None, test, None, 0,
                                              {"templates": " | ".join(templates)}))
+                        if ZERO_SHOT in methods and len(data.classnames) >= 2:
+                            base, new = split_base_new(data)
+                            for half, part in ((BASE_CLASSES, base), (NEW_CLASSES, new)):
+                                rows.append(_row(run, label, ZERO_SHOT, half, folder, 0, 0, None,
+                                                 zero_shot_accuracy(backbone, part), None, 0,
+                                                 {"templates": data.template, "classes": len(part.classnames)}))
                     for protocol in probe_protocols:
                         if protocol == "lpclip":
                             result = lpclip_linear_probe(data, plain_train_features(cache, split, dataset))
@@ -147,7 +156,8 @@ def _pairs(items: Any) -> str:
 
 def _row(run: StageRun, backbone: str, method: str, protocol: str, dataset: str, shots: int, seed: int,
          val: float | None, test: float, c: float | None, views: int, extra: dict[str, Any]) -> dict[str, Any]:
-    """One MLflow child run and its CSV row; `protocol` names the linear probe's protocol ("" otherwise)."""
+    """One MLflow child run and its CSV row; `protocol` names the linear probe's protocol, or zero-shot's class
+    half (base/new), or is ""."""
     name = f"{method}{f' ({protocol})' if protocol else ''} {dataset}" + (f" {shots}shot seed{seed}" if shots else "")
     run_params = {"method": method, "dataset": dataset, "shots": shots, "seed": seed,
                   "backbone": backbone, **({"protocol": protocol} if protocol else {}),

@@ -11,6 +11,9 @@ PROBE = "linear-probe"  # logistic regression on few-shot features, a row per ba
 LEARNED_METHOD_NAMES = {"coop": "CoOp", "cocoop": "CoCoOp", "kgcoop": "KgCoOp"}
 COOP = LEARNED_METHOD_NAMES["coop"]  # a learned CoOp context
 METHODS = (ZERO_SHOT, ENSEMBLE, PROBE)  # what the baselines stage runs (its --methods)
+# baselines.csv's `protocol` of zero-shot's base-to-new rows (the base, the new half of the classes; a linear
+# probe's row names its probe protocol there, other rows leave it empty)
+BASE_CLASSES, NEW_CLASSES = "base", "new"
 
 
 def learned_method_name(method: str) -> str:

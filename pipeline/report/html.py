@@ -20,6 +20,7 @@ from pipeline.report.labels import (
     COOP_BEST,
     COOP_BEST_NAME,
     DEFAULT_METHOD,
+    METHOD_NAMES,
     PROTOCOL_NAMES,
     factor_name,
     is_probe,
@@ -45,6 +46,7 @@ from pipeline.report.statistics import (
     param_importances,
     transfer_table,
     varied_hyperparameters,
+    zero_shot_base_new,
 )
 
 PAGE_CSS = """
@@ -419,17 +421,27 @@ def h_cell(result: BaseNewResult) -> Any:
     return ("html", f"{result.h:.2f}{below}")
 
 
+def base_new_method_name(method: str) -> str:
+    return METHOD_NAMES[ZERO_SHOT] if method == ZERO_SHOT else learned_method_name(method)
+
+
+def base_new_order(method: str) -> tuple[int, tuple[int, str]]:
+    return (0, (0, "")) if method == ZERO_SHOT else (1, method_order(method))  # CLIP first, as Table 1
+
+
 def base_to_new_table(results: Sequence[BaseNewResult], averages: Sequence[BaseNewResult],
                       datasets: Sequence[str]) -> str:
-    """Rows: dataset x method (the selected configuration), then each method's average over the datasets."""
+    """Rows: dataset x method (zero-shot CLIP, then each method's selected configuration), then each method's
+    average over the datasets."""
     rows = []
     for dataset in datasets:
-        for r in sorted((r for r in results if r.base.dataset == dataset), key=lambda r: method_order(r.base.method)):
-            rows.append([dataset, learned_method_name(r.base.method), selected_cell(r.base.config, r.base.val_mean,
-                                                                                    "base"),
+        for r in sorted((r for r in results if r.base.dataset == dataset), key=lambda r: base_new_order(r.base.method)):
+            selected = ("hand-crafted prompt" if r.base.method == ZERO_SHOT
+                        else selected_cell(r.base.config, r.base.val_mean, "base"))
+            rows.append([dataset, base_new_method_name(r.base.method), selected,
                          paper_cell(r.base, math.nan), paper_cell(r.new, math.nan), h_cell(r)])
-    for r in sorted(averages, key=lambda r: method_order(r.base.method)):
-        rows.append([f"Average ({len(datasets)} datasets)", learned_method_name(r.base.method), "",
+    for r in sorted(averages, key=lambda r: base_new_order(r.base.method)):
+        rows.append([f"Average ({len(datasets)} datasets)", base_new_method_name(r.base.method), "",
                      mean_std_text(r.base.mean), mean_std_text(r.new.mean), h_cell(r)])
     return table_html(["dataset", "method", "selected configuration", "Base", "New", "H"], rows,
                       "Test accuracy (%) on the base classes (Base) and on the new classes (New), mean ± std over "
@@ -471,6 +483,7 @@ def section_base_to_new(data: ReportData) -> str:
     for shots in sorted({r.base.shots for r in results}, reverse=True):
         mine = [r for r in results if r.base.shots == shots]
         datasets = sorted({r.base.dataset for r in mine})
+        mine += [r for r in zero_shot_base_new(data.baseline_rows, shots) if r.base.dataset in datasets]
         averages = base_to_new_averages(mine, datasets) if len(datasets) > 1 else []
         parts.append(f"<h3>{escape(shots_text(shots))} per class</h3>" + base_to_new_table(mine, averages, datasets))
     datasets = sorted({r.base.dataset for r in results})
@@ -479,11 +492,16 @@ def section_base_to_new(data: ReportData) -> str:
     return "\n".join(parts)
 
 
-def transfer_source_table(rows: Sequence[TransferRow], source: str, targets: Sequence[str]) -> str:
-    """One source's transfer table: a row per method (and shot count), its source accuracy, each target, the
-    targets' average."""
+def transfer_source_table(rows: Sequence[TransferRow], source: str, targets: Sequence[str],
+                          zero_shot: dict[str, float]) -> str:
+    """One source's transfer table: zero-shot CLIP on each dataset (`zero_shot`, where the baselines have it),
+    then a row per method (and shot count), its source accuracy, each target, the targets' average."""
     several_shots = len({r.shots for r in rows}) > 1
     body = []
+    if source in zero_shot and all(t in zero_shot for t in targets):
+        body.append([("html", f"{escape(METHOD_NAMES[ZERO_SHOT])}<br><small>hand-crafted prompt</small>"),
+                     f"{zero_shot[source]:.2f}", *[f"{zero_shot[t]:.2f}" for t in targets],
+                     mean_std_text(fmean(zero_shot[t] for t in targets)) if targets else "–"])
     for r in sorted(rows, key=lambda r: (method_order(r.method), r.shots)):
         name = learned_method_name(r.method) + (f", {shots_text(r.shots)}" if several_shots else "")
         cells = [seeds_cell(*r.targets[t]) if t in r.targets else "–" for t in targets]
@@ -513,6 +531,7 @@ def section_transfer(data: ReportData) -> str:
     parts = ["<p><b>Selection:</b> per method × source × shots, the cross-dataset configuration with the best "
              "validation accuracy on the source averaged over seeds (among those finished on the most seeds); the "
              "targets never select.</p>"]
+    zero_shot = {p.dataset: p.mean for p in data.baseline_points if p.method == ZERO_SHOT}
     for source in sorted({r.source for r in rows}):
         mine = [r for r in rows if r.source == source]
         parts.append(f"<h3>Source: {escape(source)}</h3>")
@@ -521,7 +540,7 @@ def section_transfer(data: ReportData) -> str:
                 f"{data.results_dir / TRANSFER_FILE} has no {source} rows (the sweep writes one per cross-dataset "
                 "trial and target: transfer.targets, null for every other dataset of data.datasets): only the "
                 "accuracy on the source is known."))
-        parts.append(transfer_source_table(mine, source, targets.get(source, [])))
+        parts.append(transfer_source_table(mine, source, targets.get(source, []), zero_shot))
     parts.append("<h3>Published (CoCoOp's Table 2)</h3>" + published_note(data, data.published["cross_dataset"])
                  + published_transfer_table(data))
     return "\n".join(parts)

@@ -12,8 +12,8 @@ from dataclasses import dataclass, field
 from statistics import fmean, pstdev
 from typing import Any, NamedTuple
 
-from pipeline.data.protocols import BASE2NEW, XD
-from pipeline.evaluate.methods import LEARNED_METHOD_NAMES, PROBE
+from pipeline.data.protocols import BASE2NEW, XD, harmonic_mean
+from pipeline.evaluate.methods import BASE_CLASSES, LEARNED_METHOD_NAMES, NEW_CLASSES, PROBE, ZERO_SHOT
 from pipeline.report.labels import (
     COOP_BEST,
     DEFAULT_METHOD,
@@ -118,9 +118,12 @@ def best_config_points(trials: Sequence[dict[str, Any]]) -> list[AccuracyPoint]:
 
 
 def baseline_points(rows: Sequence[dict[str, str]]) -> list[AccuracyPoint]:
-    """baselines.csv rows as points, one series per method (per protocol for the linear probe)."""
+    """baselines.csv rows as points, one series per method (per protocol for the linear probe); zero-shot's
+    base-to-new rows (on half the classes) are `zero_shot_base_new`'s."""
     groups: dict[tuple[str, str, int], list[float]] = defaultdict(list)
     for r in rows:
+        if r["method"] == ZERO_SHOT and r.get("protocol") in (BASE_CLASSES, NEW_CLASSES):
+            continue
         method = probe_method(r.get("protocol") or "") if r["method"] == PROBE else r["method"]
         groups[(method, r["dataset"], int(r["shots"]))].append(number_or_nan(r["test_acc"]))
     return [AccuracyPoint(method, dataset, shots, *mean_std(values)) for (method, dataset, shots), values in
@@ -365,13 +368,6 @@ def protocol_trials(trials: Sequence[dict[str, Any]], protocol: str) -> list[dic
     return [t for t in trials if t["protocol"] == protocol]
 
 
-def harmonic_mean(base: float, new: float) -> float:
-    """H = 2·base·new / (base + new), CoCoOp's trade-off between base and new accuracy; NaN without both."""
-    if not (math.isfinite(base) and math.isfinite(new)) or base + new <= 0:
-        return math.nan
-    return 2 * base * new / (base + new)
-
-
 @dataclass
 class BaseNewResult:
     """One method's selected configuration under base-to-new at one dataset x shots (or their average over
@@ -398,6 +394,18 @@ def base_to_new_results(trials: Sequence[dict[str, Any]]) -> list[BaseNewResult]
                             base.trial_keys, base.val_mean)
         out.append(BaseNewResult(base, new, mean_std(t["h_acc"] for t in group)))
     return out
+
+
+def zero_shot_base_new(rows: Sequence[dict[str, str]], shots: int) -> list[BaseNewResult]:
+    """Zero-shot CLIP's base-to-new row per dataset (baselines.csv's zero-shot rows on the base and new halves),
+    at `shots` for the table it joins (zero-shot uses no shots)."""
+    halves: dict[str, dict[str, float]] = defaultdict(dict)
+    for r in rows:
+        if r["method"] == ZERO_SHOT and r.get("protocol") in (BASE_CLASSES, NEW_CLASSES):
+            halves[r["dataset"]][r["protocol"]] = number_or_nan(r["test_acc"])
+    return [BaseNewResult(AccuracyPoint(ZERO_SHOT, dataset, shots, values[BASE_CLASSES], math.nan, 1),
+                          AccuracyPoint(ZERO_SHOT, dataset, shots, values[NEW_CLASSES], math.nan, 1))
+            for dataset, values in sorted(halves.items()) if len(values) == 2]
 
 
 def base_to_new_averages(results: Sequence[BaseNewResult], datasets: Sequence[str]) -> list[BaseNewResult]:

@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.atomic import write_csv_atomic, write_json_atomic
-from pipeline.data.protocols import FEWSHOT
+from pipeline.data.protocols import FEWSHOT, harmonic_mean
 from pipeline.sweep.space import CONFIG_KEYS, HYPER_KEYS, complete, config_label
 from pipeline.tables import csv_number
 
@@ -123,10 +123,7 @@ class ConfigSummary:
     @property
     def h_of_means(self) -> float:
         """Base-to-new's H of the seed-mean base and new accuracies (CoCoOp's tables: H of the averages)."""
-        base, new = self.test_mean, self.new_mean
-        if not (_finite(base) and _finite(new)):
-            return math.nan
-        return 2 * base * new / (base + new) if base + new > 0 else 0.0
+        return harmonic_mean(self.test_mean, self.new_mean)
 
     def row(self) -> dict[str, Any]:
         return {

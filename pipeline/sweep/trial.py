@@ -29,7 +29,7 @@ import ray
 import torch
 from ray import tune
 
-from pipeline.data.protocols import BASE2NEW, XD
+from pipeline.data.protocols import BASE2NEW, XD, harmonic_mean
 from pipeline.engine.backbone import Backbone, load_backbone, resolve_device
 from pipeline.engine.context import ContextMeta, save_learned
 from pipeline.engine.inputs import EvalFeatures, FewShotFeatures, split_base_new
@@ -95,10 +95,6 @@ def method_config(config: dict[str, Any]) -> MethodConfig:
     method = config.get("method", "coop")
     return MethodConfig(method, **{k: config[k] for k in METHOD_HYPERPARAMETERS[method]})
 
-
-def harmonic_mean(base: float, new: float) -> float:
-    """Base-to-new's H: 2 b n / (b + n), 0 when both are 0."""
-    return 2 * base * new / (base + new) if base + new > 0 else 0.0
 
 
 def run_name(config: dict[str, Any]) -> str:
