@@ -126,3 +126,142 @@ def test_cpu_trials_are_costed_in_core_hours_at_the_measured_rate_on_their_cores
     raw["sweep"]["gpus_per_trial"] = 1
     gpu = estimate_sweep(params_from_dict(raw))
     assert gpu.unit == "GPU-hours" and gpu.hours == pytest.approx(estimate_gpu_hours(params_from_dict(raw)).hours)
+
+
+# ------------------------------------------------------------------------------ methods and protocols
+
+COCOOP = {"dataset": "EuroSAT", "protocol": "fewshot", "shots": 16, "seed": 1, "method": "cocoop", "n_ctx": 4,
+          "ctx_init": "a photo of a", "csc": False, "class_token_position": "end", "lr": 0.002, "epochs": 10,
+          "batch_size": 4, "precision": "fp32", "kg_weight": None, "meta_reduction": 16}
+
+
+def test_a_cocoop_trial_encodes_images_times_classes_prompts_in_its_steps_and_evaluations() -> None:
+    from pipeline.engine.flops import packs_tokens, prompt_layout, step_flops, tower_shape
+    from pipeline.sweep.estimate import DEV_CPU
+
+    trial = estimate_trial(COCOOP, "RN50", DEV_CPU, batch=32, cores=2)
+    # By hand: EuroSAT has 10 classes and 8,100 test images; 16 shots -> 160 training images, 4 a step (the
+    # config's batch_size wins over train.batch_size) -> 40 steps an epoch. "a photo of a" is 4 tokens; on a CPU
+    # the engine runs the shared prefix and packs. A step runs 4 images x 10 prompts: 4 times one image's
+    # text pass over its 10 prompts, each with its own copy of the shared prefix.
+    layout = prompt_layout(4, 12, False, "end", 2.2)
+    packed = packs_tokens(10, layout, "shared", "fp32", "cpu")
+    per_image = step_flops(tower_shape("RN50"), 10, layout, "shared", 1, packed=packed)
+    rate = DEV_CPU.text_gflops_per_core * 1e9 * 2
+    step = math.hypot(DEV_CPU.step_floor_s, 4 * per_image.total / rate)
+    assert trial.steps == 10 * 40 and trial.flops_per_step == pytest.approx(4 * per_image.total)
+    # Evaluation: forward only (a linear layer's backward costs its forward, attention's twice), per image over
+    # its 10 prompts, in chunks of 4096 // 10 = 409 images: val (4 shots x 10 classes) once, then the test set.
+    forward = per_image.dense / 2 + per_image.attention / 3 + per_image.head / 2
+
+    def chunk(images: int) -> float:
+        return math.hypot(DEV_CPU.step_floor_s, images * forward / rate)
+
+    evaluation = chunk(40) + 19 * chunk(409) + chunk(8100 - 19 * 409)
+    assert trial.pass_seconds == pytest.approx(evaluation)
+    assert trial.seconds == pytest.approx(400 * step + evaluation + DEV_CPU.trial_overhead_s)
+
+    # An epoch's text-tower work is N_train x C prompts whatever the batch: batch 1 has 4x the steps of a quarter
+    # of the FLOPs each (and pays the per-step floor 4x as often).
+    one = estimate_trial({**COCOOP, "batch_size": 1}, "RN50", DEV_CPU, cores=2)
+    assert one.steps == 4 * trial.steps and one.flops_per_step == pytest.approx(trial.flops_per_step / 4)
+    assert one.seconds > trial.seconds
+    # Against CoOp with the same prompts: CoOp's step runs the 10 prompts once for its whole batch.
+    coop = estimate_trial({**COCOOP, "method": "coop"}, "RN50", DEV_CPU, cores=2)
+    assert coop.steps == trial.steps and coop.pass_seconds == 0
+    # The difference: 3 more images' passes over the prompts (the logits, 4 x 10 dot products, are the same).
+    logits = 2 * 2 * 4 * 10 * tower_shape("RN50").embed_dim
+    assert trial.flops_per_step - coop.flops_per_step == pytest.approx(3 * per_image.total - logits + logits / 4)
+    with pytest.raises(ValueError, match="no test-set size for dataset 'Twenty'"):
+        estimate_trial({**COCOOP, "dataset": "Twenty"}, "RN50", DEV_CPU, classes={"Twenty": 20})
+    # On a GPU the official recipe (batch 1, 10 epochs) on 16-shot ImageNet: 160,000 steps of 1000 prompts.
+    imagenet = estimate_trial({**COCOOP, "dataset": "ImageNet", "batch_size": 1, "precision": "fp16"}, "ViT-B-16",
+                              GPUS["H100"])
+    assert imagenet.steps == 160_000 and imagenet.n_classes == 1000
+    # 50,000 test images x 1000 classes: the evaluation is a sizeable part of the trial.
+    assert 0.05 * imagenet.seconds < imagenet.pass_seconds < 0.5 * imagenet.seconds
+
+
+def test_a_cocoop_epoch_grows_with_training_images_times_classes(tmp_path: Path) -> None:
+    from pipeline.sweep.estimate import DEV_CPU
+
+    for name, n in (("Ten", 10), ("Twenty", 20)):  # class names of one token each, 100 test images
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "test.json").write_text(json.dumps({"classnames": [chr(ord("a") + i) for i in range(n)],
+                                                               "test": [{}] * 100}))
+    ten, twenty = (estimate_trial({**COCOOP, "dataset": name}, "RN50", DEV_CPU, splits_dir=tmp_path, cores=2)
+                   for name in ("Ten", "Twenty"))
+    assert twenty.steps == 2 * ten.steps  # twice the images, 4 a step
+    # ... and each of them runs twice the prompts: about 4x the training FLOPs (each image's shared prefix
+    # is encoded once, whatever the classes: a little under 4x).
+    ratio = twenty.steps * twenty.flops_per_step / (ten.steps * ten.flops_per_step)
+    assert 3.6 < ratio < 4.0
+    # Evaluations: the 100 test images run 20 prompts each instead of 10 (2x), val's 4 x C images too (4x).
+    assert 2.0 * ten.pass_seconds < twenty.pass_seconds < 4.0 * ten.pass_seconds
+
+
+def test_a_base2new_trial_trains_on_the_base_half_and_tests_both_halves() -> None:
+    from pipeline.engine.flops import packs_tokens, prompt_layout, step_flops, tower_shape
+    from pipeline.sweep.estimate import DEV_CPU
+
+    coop = {**COCOOP, "dataset": "SUN397", "method": "coop", "n_ctx": 16, "ctx_init": "", "batch_size": None,
+            "epochs": 20, "protocol": "base2new"}
+    trial = estimate_trial(coop, "RN50", DEV_CPU, batch=32, cores=2)
+    # SUN397's 397 classes: the first 199 are base; 16 shots of each -> 3184 images, 99 steps of 32 an epoch.
+    assert trial.n_classes == 199 and trial.steps == 20 * (16 * 199 // 32)
+    half = estimate_trial({**coop, "dataset": "Half", "protocol": "fewshot"}, "RN50", DEV_CPU, batch=32, cores=2,
+                          classes={"Half": 199})
+    assert (trial.steps, trial.flops_per_step, trial.path) == (half.steps, half.flops_per_step, half.path)
+    # The one evaluation more than few-shot's: the 198 new classes' prompts, one forward pass.
+    layout = prompt_layout(16, 12, False, "end", 2.2)
+    new = step_flops(tower_shape("RN50"), 198, layout, "shared", 0,
+                     packed=packs_tokens(198, layout, "shared", "fp32", "cpu"))
+    new_pass = math.hypot(DEV_CPU.step_floor_s, (new.dense / 2 + new.attention / 3 + new.head / 2)
+                          / (DEV_CPU.text_gflops_per_core * 1e9 * 2))
+    assert trial.pass_seconds == pytest.approx(new_pass) and half.pass_seconds == 0
+    assert trial.seconds == pytest.approx(half.seconds + new_pass)
+    fewshot = estimate_trial({**coop, "protocol": "fewshot"}, "RN50", DEV_CPU, batch=32, cores=2)
+    assert fewshot.n_classes == 397 and trial.seconds < 0.6 * fewshot.seconds
+
+    # CoCoOp base-to-new: its tests encode the base classes' share of the test images against the base
+    # classes' prompts, and the rest against the new classes'.
+    b2n = estimate_trial({**COCOOP, "protocol": "base2new"}, "RN50", DEV_CPU, cores=2)
+    five = {"Five": 5}
+    base_only = estimate_trial({**COCOOP, "dataset": "Five"}, "RN50", DEV_CPU, cores=2, classes=five,
+                               test_images={"Five": 4050})
+    val_only = estimate_trial({**COCOOP, "dataset": "Five"}, "RN50", DEV_CPU, cores=2, classes=five,
+                              test_images={"Five": 0})
+    assert b2n.n_classes == 5 and b2n.steps == 10 * (16 * 5 // 4) == base_only.steps
+    assert b2n.flops_per_step == base_only.flops_per_step
+    # val on the base classes, then the base test (4050 of EuroSAT's 8100 images) and the new one (4050).
+    assert b2n.pass_seconds == pytest.approx(val_only.pass_seconds + 2 * (base_only.pass_seconds
+                                                                         - val_only.pass_seconds))
+
+
+def test_kgcoop_costs_coop_plus_one_pass_over_its_hand_crafted_prompts_and_xd_tests_the_targets() -> None:
+    from pipeline.engine.flops import prompt_layout, step_flops, tower_shape
+    from pipeline.sweep.estimate import DEV_CPU
+
+    kg = {**COCOOP, "method": "kgcoop", "batch_size": 128, "epochs": 100, "kg_weight": 8.0, "meta_reduction": None}
+    kgcoop = estimate_trial(kg, "RN50", DEV_CPU, cores=2)
+    coop = estimate_trial({**kg, "method": "coop"}, "RN50", DEV_CPU, cores=2)
+    assert (kgcoop.steps, kgcoop.flops_per_step) == (coop.steps, coop.flops_per_step) == (100, coop.flops_per_step)
+    anchors = step_flops(tower_shape("RN50"), 10, prompt_layout(0, 12, True, "end"), "official", 0)
+    anchor_pass = math.hypot(DEV_CPU.step_floor_s, (anchors.dense / 2 + anchors.attention / 3 + anchors.head / 2)
+                             / (DEV_CPU.text_gflops_per_core * 1e9 * 2))
+    assert kgcoop.seconds == pytest.approx(coop.seconds + anchor_pass)
+
+    # xd: the targets other than the trial's own dataset are tested too (CoOp: a pass over their prompts).
+    xd = {**kg, "method": "coop", "protocol": "xd"}
+    targets = ["EuroSAT", "DTD", "Caltech101"]
+    transfer = estimate_trial(xd, "RN50", DEV_CPU, cores=2, transfer_targets=targets)
+    assert transfer.steps == coop.steps and transfer.pass_seconds > 0
+    dtd_only = estimate_trial(xd, "RN50", DEV_CPU, cores=2, transfer_targets=["DTD"])
+    caltech_only = estimate_trial(xd, "RN50", DEV_CPU, cores=2, transfer_targets=["Caltech101"])
+    assert transfer.pass_seconds == pytest.approx(dtd_only.pass_seconds + caltech_only.pass_seconds)
+    assert estimate_trial({**xd, "protocol": "fewshot"}, "RN50", DEV_CPU, cores=2,
+                          transfer_targets=targets).seconds == coop.seconds  # only xd trials test on targets
+    cocoop_xd = estimate_trial({**COCOOP, "protocol": "xd"}, "RN50", DEV_CPU, cores=2, transfer_targets=["DTD"])
+    cocoop = estimate_trial(COCOOP, "RN50", DEV_CPU, cores=2)
+    dtd = estimate_trial({**COCOOP, "dataset": "DTD", "epochs": 0}, "RN50", DEV_CPU, cores=2)
+    assert cocoop_xd.pass_seconds > cocoop.pass_seconds + 0.5 * dtd.pass_seconds  # DTD's 1692 images x 47 classes

@@ -1,9 +1,13 @@
-"""GPU-hours or CPU core-hours of CoOp trials and sweeps from the FLOP model: device figures, trial and grid estimates.
+"""GPU-hours or CPU core-hours of prompt-learning trials and sweeps from the FLOP model: device figures, trial and
+grid estimates.
 
 A step's time combines its compute time ``FLOPs / rate`` (pipeline.engine.flops) with a per-step floor
 (kernel launches on a GPU, Python and operator dispatch on a CPU) in quadrature; a trial adds a fixed
 overhead. With online augmentation (``features.views: online``) our steps also run the image encoder on the
-batch's fresh crops, in the trial's precision. `GPUS` holds GPU figures, fitted to H100 measurements (within
+batch's fresh crops, in the trial's precision. The methods and protocols change what a trial runs: a
+CoCoOp step encodes images x classes prompts (each image its own prompt set) and so does each of its
+evaluations, KgCoOp adds one frozen pass over its hand-crafted prompts, base2new trials train on the base
+half of the classes and test on both halves, xd trials also test on their transfer targets. `GPUS` holds GPU figures, fitted to H100 measurements (within
 20% of every measured step) or, for other GPUs, assumed; `DEV_CPU` the CPU rate measured on the development
 machine, used when a sweep's trials get no GPU (``sweep.gpus_per_trial: 0``). `python bench/costmodel.py`
 times real steps on the local accelerator next to the model's FLOPs, to check or recalibrate
@@ -23,6 +27,8 @@ from pipeline.engine.flops import (
     OFFICIAL_TOKENS,
     PATHS,
     PromptLayout,
+    StepFlops,
+    TowerShape,
     image_encoder_gflops,
     packs_tokens,
     prompt_layout,
@@ -43,6 +49,29 @@ ASSUMED_MEAN_NAME_TOKENS = 2.2
 # to 224 px bicubic, flip, to tensor, normalise), measured on one core of the development CPU for a
 # 500 x 375 JPEG, ImageNet's typical size (0.7 ms decode + 2.0 ms transform).
 DECODE_SECONDS_PER_IMAGE = 2.8e-3
+
+# Test images per dataset (CoOp's Table 1), for the evaluations whose cost grows with them (CoCoOp encodes
+# every test image's own prompts) when a dataset's test.json is not prepared yet.
+DATASET_TEST_IMAGES: dict[str, int] = {
+    "ImageNet": 50_000,
+    "Caltech101": 2_465,
+    "OxfordPets": 3_669,
+    "StanfordCars": 8_041,
+    "OxfordFlowers": 2_463,
+    "Flowers102": 2_463,
+    "Food101": 30_300,
+    "FGVCAircraft": 3_333,
+    "SUN397": 19_850,
+    "DTD": 1_692,
+    "EuroSAT": 8_100,
+    "UCF101": 3_783,
+}
+# Val images per class of a few-shot split: min(shots, 4) (pipeline.data.fewshot.MAX_VAL_SHOTS, as CoOp's).
+MAX_VAL_SHOTS = 4
+# CoCoOp evaluates images in chunks of about this many prompts (pipeline.engine.cocoop.EVAL_PROMPTS).
+COCOOP_EVAL_PROMPTS = 4096
+COCOOP, KGCOOP = "cocoop", "kgcoop"  # pipeline.engine.methods' ids of the methods costed differently from CoOp
+BASE2NEW, XD = "base2new", "xd"  # pipeline.data.protocols' protocols costed differently from few-shot
 
 # Classes per dataset (CoOp's Table 1 statistics), so a dry run works before any data is prepared.
 DATASET_CLASSES: dict[str, int] = {
@@ -143,12 +172,13 @@ class TrialEstimate:
     """Time of one trial configuration on its device (one GPU, or its CPU cores) and what it was computed from."""
 
     config: dict[str, Any]
-    n_classes: int
+    n_classes: int  # the classes it trains on (base2new: the base half)
     steps: int
     layout: PromptLayout
     path: str
     flops_per_step: float
     seconds: float
+    pass_seconds: float = 0.0  # of `seconds`: text passes besides the steps and the overhead (see estimate_trial)
 
     @property
     def gpu_hours(self) -> float:
@@ -202,6 +232,15 @@ class GridEstimate:
             hours[t.config["dataset"]] = hours.get(t.config["dataset"], 0.0) + t.seconds / 3600.0 * scale
         return hours
 
+    def by_method(self) -> dict[str, float]:
+        """`hours` per method and protocol ("cocoop base2new"); a config without them is CoOp's few-shot trial."""
+        scale = self.cores if self.on_cpu else 1.0
+        hours: dict[str, float] = {}
+        for t in self.trials:
+            key = f"{t.config.get('method') or 'coop'} {t.config.get('protocol') or 'fewshot'}"
+            hours[key] = hours.get(key, 0.0) + t.seconds / 3600.0 * scale
+        return hours
+
     def summary(self, slots: Sequence[int] | None = None) -> str:
         """A few lines for a --dry-run printout: the total and what it is for, wall times, datasets, assumptions."""
         slots = self.slots if slots is None else slots
@@ -218,6 +257,10 @@ class GridEstimate:
         width = max((len(d) for d, _ in by_dataset), default=0)
         short = "core-h" if self.on_cpu else "GPU-h"
         lines += [f"  {dataset:<{width}} {hours:9.3g} {short}" for dataset, hours in by_dataset]
+        by_method = self.by_method()
+        if set(by_method) != {"coop fewshot"}:
+            width = max(len(k) for k in by_method)
+            lines += [f"  {key:<{width}} {hours:9.3g} {short}" for key, hours in sorted(by_method.items())]
         lines += [f"  assumption: {a}" for a in self.assumptions]
         return "\n".join(lines)
 
@@ -229,8 +272,19 @@ def _wall(hours: float) -> str:
     return f"{hours * 60:.0f} min" if hours * 60 >= 1 else "< 1 min"
 
 
-def _class_name_tokens(splits_dir: str | Path | None, dataset: str) -> tuple[int, int, float] | None:
-    """(classes, longest and mean class name in tokens) from the prepare stage's test.json, if it exists."""
+@dataclass(frozen=True)
+class DatasetStats:
+    """What a trial's cost needs to know of a dataset."""
+
+    name: str
+    classes: int
+    max_name_tokens: int
+    mean_name_tokens: float
+    test_images: int | None  # None: unknown (not prepared, not in DATASET_TEST_IMAGES)
+
+
+def _prepared_stats(splits_dir: str | Path | None, dataset: str) -> DatasetStats | None:
+    """Classes, class-name tokens and test images from the prepare stage's test.json, if it exists."""
     if splits_dir is None:
         return None
     from pipeline.data.datasets import resolve_name
@@ -241,9 +295,83 @@ def _class_name_tokens(splits_dir: str | Path | None, dataset: str) -> tuple[int
         return None
     from pipeline.engine.backbone import count_tokens
 
-    names = json.loads(path.read_text(encoding="utf-8"))["classnames"]
+    listed = json.loads(path.read_text(encoding="utf-8"))
+    names = listed["classnames"]
     tokens = [count_tokens(str(n).replace("_", " ")) for n in names]
-    return len(names), max(tokens), sum(tokens) / len(tokens)
+    return DatasetStats(dataset, len(names), max(tokens), sum(tokens) / len(tokens), len(listed.get("test", [])))
+
+
+def dataset_stats(dataset: str, splits_dir: str | Path | None = None, classes: dict[str, int] | None = None,
+                  test_images: dict[str, int] | None = None) -> DatasetStats:
+    """The prepared test.json's figures, else CoOp's statistics (`classes` and `test_images` add or override
+    class counts and test-set sizes) with assumed class-name lengths; ValueError when the class count is unknown."""
+    found = _prepared_stats(splits_dir, dataset)
+    if found is not None:
+        return found
+    table = {**DATASET_CLASSES, **(classes or {})}
+    if dataset not in table:
+        raise ValueError(
+            f"no class count for dataset {dataset!r}: prepare it first (so test.json exists) or pass "
+            f"classes={{{dataset!r}: N}}"
+        )
+    return DatasetStats(dataset, table[dataset], ASSUMED_MAX_NAME_TOKENS, ASSUMED_MEAN_NAME_TOKENS,
+                        {**DATASET_TEST_IMAGES, **(test_images or {})}.get(dataset))
+
+
+def validations(epochs: int, eval_every: int) -> int:
+    """How often a trial evaluates on val: every `eval_every` epochs and after the last (0: only after the last)."""
+    if eval_every <= 0:
+        return 1
+    return epochs // eval_every + (1 if epochs % eval_every else 0)
+
+
+def forward_flops(step: StepFlops) -> float:
+    """FLOPs of a text pass without its backward: step_flops counts a linear layer's backward as much as its
+    forward and attention's as twice (slightly under for a shared prefix, whose last layer has no backward)."""
+    return step.dense / 2 + step.attention / 3 + step.head / 2
+
+
+@dataclass(frozen=True)
+class _Device:
+    """Seconds of one piece of text-tower work on the trial's device: its FLOPs with the per-step floor."""
+
+    device: GPU | CPU
+    cores: float
+    precision: str
+
+    @property
+    def type(self) -> str:
+        return "cpu" if isinstance(self.device, CPU) else "cuda"
+
+    def seconds(self, flops: float, path: str) -> float:
+        if isinstance(self.device, CPU):
+            return self.device.step_seconds(flops, self.cores, self.precision)
+        return self.device.step_seconds(flops, path, self.precision)
+
+
+def _text_path(device_type: str, precision: str, n_classes: int, layout: PromptLayout, shared_prefix: bool | None,
+               pack_tokens: bool | None) -> tuple[str, bool]:
+    """The text path (shared | truncated) and packing the engine picks for `n_classes` prompts on the device."""
+    from pipeline.engine.prompt import prefers_shared_prefix
+
+    if shared_prefix is None:
+        shared_prefix = prefers_shared_prefix(device_type, precision, n_classes, layout.prefix)
+    path = "shared" if layout.prefix > 0 and shared_prefix else "truncated"
+    packed = packs_tokens(n_classes, layout, path, precision, device_type) if pack_tokens is None else pack_tokens
+    return path, packed
+
+
+def cocoop_eval_seconds(dev: _Device, shape: TowerShape, n_classes: int, images: int, layout: PromptLayout, path: str,
+                        packed: bool) -> float:
+    """Seconds of CoCoOp classifying `images` images among `n_classes`: a forward pass over each image's own
+    prompts, in chunks of about COCOOP_EVAL_PROMPTS prompts (CoCoOp.predict)."""
+    if images <= 0:
+        return 0.0
+    per_image = forward_flops(step_flops(shape, n_classes, layout, path, 1, 0.0, packed and path != "official"))
+    chunk = max(1, COCOOP_EVAL_PROMPTS // n_classes)
+    full, rest = divmod(images, chunk)
+    seconds = full * dev.seconds(chunk * per_image, path)
+    return seconds + (dev.seconds(rest * per_image, path) if rest else 0.0)
 
 
 def estimate_trial(
@@ -259,9 +387,25 @@ def estimate_trial(
     online: bool = False,
     loader_workers: int = 0,
     cores: float = 1.0,
+    transfer_targets: Sequence[str] = (),
+    eval_every: int = 0,
+    test_images: dict[str, int] | None = None,
 ) -> TrialEstimate:
-    """Seconds of one trial configuration (keys as in the sweep: dataset, shots, n_ctx, csc, ...) on one GPU,
-    or on `cores` cores of a CPU (sweep.cpus_per_trial).
+    """Seconds of one trial configuration (keys as in the sweep: dataset, protocol, shots, method, n_ctx, csc,
+    batch_size, ...) on one GPU, or on `cores` cores of a CPU (sweep.cpus_per_trial).
+
+    `batch` (train.batch_size) applies where the config's batch_size is null or absent; a config without
+    method or protocol is CoOp's few-shot trial. CoOp's steps run the text tower over the C class prompts
+    once, whatever the batch; a CoCoOp step over images x C prompts (each image's context shifted by the
+    meta-network; the shared prefix once per image), so an epoch encodes N_train x C prompts at any batch
+    size, in N_train / batch steps that each pay the per-step floor (CoCoOp runs eagerly, not as a CUDA graph;
+    the floors fitted to our graphed steps are reused). KgCoOp adds one frozen forward of its hand-crafted
+    prompts (77 tokens, as CLIP's encode_text) and otherwise costs CoOp's. A base2new trial trains on the
+    ceil(C/2) base classes and their images and tests on the base and the new classes; an xd trial also
+    tests on each of `transfer_targets` but its own dataset (`classes` and `test_images`: figures of datasets
+    not prepared, as `dataset_stats`). Evaluating a context costs one pass over the
+    class prompts (CoOp's and KgCoOp's first test is in the per-trial overhead), a CoCoOp model a forward
+    over every evaluated image's own prompts: each val evaluation (`eval_every`, train.eval_every) and test.
 
     `online` (features.views: online): our paths also encode every step's training images (a fresh crop
     of each image every epoch) with the image encoder, at the official path's utilisation, and a step
@@ -274,45 +418,46 @@ def estimate_trial(
     rule for running only each prompt's real tokens.
     """
     from pipeline.engine.backbone import count_tokens
-    from pipeline.engine.prompt import prefers_shared_prefix
     from pipeline.engine.train import default_epochs
 
     dataset, shots = str(config["dataset"]), int(config["shots"])
-    found = _class_name_tokens(splits_dir, dataset)
-    if found is not None:
-        n_classes, name_tokens, mean_name_tokens = found
-    else:
-        table = {**DATASET_CLASSES, **(classes or {})}
-        if dataset not in table:
-            raise ValueError(
-                f"no class count for dataset {dataset!r}: prepare it first (so test.json exists) or pass "
-                f"classes={{{dataset!r}: N}}"
-            )
-        n_classes, name_tokens, mean_name_tokens = table[dataset], ASSUMED_MAX_NAME_TOKENS, ASSUMED_MEAN_NAME_TOKENS
+    method = str(config.get("method") or "coop")
+    protocol = str(config.get("protocol") or "fewshot")
+    batch = int(config.get("batch_size") or batch)
+    stats = dataset_stats(dataset, splits_dir, classes, test_images)
+    # base2new: the first ceil(C/2) classes are base (data.protocols.base_new_labels), the rest new.
+    n_classes = math.ceil(stats.classes / 2) if protocol == BASE2NEW else stats.classes
+    n_train = shots * n_classes
     init = str(config.get("ctx_init") or "").strip()
     n_ctx = count_tokens(init) if init else int(config.get("n_ctx", 16))
     csc = bool(config.get("csc", False))
     position = str(config.get("class_token_position", "end"))
-    layout = prompt_layout(n_ctx, name_tokens, csc, position, mean_name_tokens)
+
+    def layout_of(data: DatasetStats) -> PromptLayout:
+        return prompt_layout(n_ctx, data.max_name_tokens, csc, position, data.mean_name_tokens)
+
+    layout = layout_of(stats)
     device_type = "cpu" if isinstance(device, CPU) else "cuda"
     precision = str(config.get("precision") or ("fp32" if device_type == "cpu" else "fp16"))
+    dev = _Device(device, cores, precision)
     if path is None:
-        if shared_prefix is None:
-            shared_prefix = prefers_shared_prefix(device_type, precision, n_classes, layout.prefix)
-        path = "shared" if layout.prefix > 0 and shared_prefix else "truncated"
-    packed = packs_tokens(n_classes, layout, path, precision, device_type) if pack_tokens is None else pack_tokens
-    epochs = config.get("epochs") or default_epochs(dataset, shots)
-    steps = int(epochs) * steps_per_epoch(shots * n_classes, batch)
+        path, packed = _text_path(device_type, precision, n_classes, layout, shared_prefix, pack_tokens)
+    else:
+        packed = packs_tokens(n_classes, layout, path, precision, device_type) if pack_tokens is None else pack_tokens
+    epochs = int(config.get("epochs") or default_epochs(dataset, shots))
+    steps = epochs * steps_per_epoch(n_train, batch)
     shape = tower_shape(arch)
     image = image_encoder_gflops(arch) if path == "official" else 0.0
-    flops = step_flops(shape, n_classes, layout, path, batch, image, packed and path != "official").total
-    if isinstance(device, CPU):
-        step_seconds = device.step_seconds(flops, cores, precision)
+    if method == COCOOP:
+        # Each of the step's images runs its own C prompts (and, officially, its own image encoding).
+        step_images = min(batch, max(n_train, 1))
+        flops = step_images * step_flops(shape, n_classes, layout, path, 1, image, packed and path != "official").total
     else:
-        step_seconds = device.step_seconds(flops, path, precision)
+        flops = step_flops(shape, n_classes, layout, path, batch, image, packed and path != "official").total
+    step_seconds = dev.seconds(flops, path)
     if online and path != "official":
         # The engine encodes the crops in a forward of its own (train.image_dtype: the trial's precision).
-        images = min(batch, shots * n_classes)
+        images = min(batch, n_train)
         image_flops = images * image_encoder_gflops(arch) * 1e9
         if isinstance(device, CPU):
             step_seconds += image_flops / device.rate(device.image_gflops_per_core, cores, precision)
@@ -324,8 +469,40 @@ def estimate_trial(
         else:
             step_seconds += decode_seconds
         flops += image_flops
-    seconds = steps * step_seconds + device.trial_overhead_s
-    return TrialEstimate(dict(config), n_classes, steps, layout, path, flops, seconds)
+
+    # Evaluations, each (images, classes, dataset): val (every eval_every epochs and after the last) and test,
+    # which a context's trial overhead covers (one pass over C prompts), then base2new's new classes and xd's
+    # targets; CoCoOp pays for every one by its images.
+    base_test = stats.test_images
+    if protocol == BASE2NEW and stats.test_images is not None:
+        base_test = round(stats.test_images * n_classes / stats.classes)  # the base classes' share of the images
+    usual = [(min(shots, MAX_VAL_SHOTS) * n_classes, n_classes, stats)] * validations(epochs, eval_every)
+    usual.append((base_test, n_classes, stats))
+    extra: list[tuple[int | None, int, DatasetStats]] = []
+    if protocol == BASE2NEW:
+        extra.append((None if base_test is None else stats.test_images - base_test, stats.classes - n_classes, stats))
+    if protocol == XD:
+        extra += [(t.test_images, t.classes, t) for t in (dataset_stats(name, splits_dir, classes, test_images)
+                                                          for name in transfer_targets if name != dataset)]
+    pass_seconds = 0.0
+    for images, n_eval, data in (usual + extra if method == COCOOP else extra):
+        eval_layout = layout_of(data)
+        eval_path, eval_packed = (path, packed) if path == "official" else _text_path(
+            device_type, precision, n_eval, eval_layout, shared_prefix, pack_tokens)
+        if method != COCOOP:
+            pass_flops = forward_flops(step_flops(shape, n_eval, eval_layout, eval_path, 0, 0.0, eval_packed))
+            pass_seconds += dev.seconds(pass_flops, eval_path)
+        elif images is None:
+            raise ValueError(f"no test-set size for dataset {data.name!r}: a CoCoOp trial's evaluation encodes "
+                             "every test image's own prompts; prepare the dataset first (so test.json exists)")
+        else:
+            pass_seconds += cocoop_eval_seconds(dev, shape, n_eval, images, eval_layout, eval_path, eval_packed)
+    if method == KGCOOP:
+        # The frozen CLIP's features of the hand-crafted prompts "a photo of a {class}." (77 tokens), once.
+        anchors = step_flops(shape, n_classes, prompt_layout(0, stats.max_name_tokens, True, "end"), "official", 0)
+        pass_seconds += dev.seconds(forward_flops(anchors), path)
+    seconds = steps * step_seconds + pass_seconds + device.trial_overhead_s
+    return TrialEstimate(dict(config), n_classes, steps, layout, path, flops, seconds, pass_seconds)
 
 
 def online_image_seconds(gpu: GPU, image_flops: float, precision: str = "fp16") -> float:
@@ -390,16 +567,50 @@ def _estimate(params: Params, trials: Iterable[dict[str, Any]] | None, device: G
     splits_dir = params.data.splits_dir
     online = params.features.views == ONLINE_VIEWS and path != "official"
     workers = online_workers(params)
+    targets = transfer_targets(params) if any(c.get("protocol") == XD for c in configs) else []
     estimates = [
         estimate_trial(c, params.backbone.arch, device, params.train.batch_size, path, splits_dir,
                        shared_prefix=params.train.shared_prefix, pack_tokens=params.train.pack_tokens, online=online,
-                       loader_workers=workers, cores=cores)
+                       loader_workers=workers, cores=cores, transfer_targets=targets,
+                       eval_every=params.train.eval_every)
         for c in configs
     ]
-    assumptions = _assumptions(device, splits_dir)
+    assumptions = _assumptions(device, splits_dir) + _method_assumptions(configs)
     if online:
         assumptions.insert(0, _online_assumption(device, params.backbone.arch, params.train.batch_size, workers))
     return GridEstimate(device, estimates, assumptions, cores=cores)
+
+
+def transfer_targets(params: Params) -> list[str]:
+    """The datasets an xd trial is tested on besides its own: transfer.targets, else every trainable dataset of
+    data.datasets (as pipeline.sweep.inputs chooses them; test-only ones by test.json or the registry)."""
+    from pipeline.data.fewshot import is_test_only
+
+    if params.transfer.targets is not None:
+        return list(params.transfer.targets)
+    return [d for d in params.data.datasets if not is_test_only(params.data.splits_dir, d)]
+
+
+def _method_assumptions(configs: Sequence[dict[str, Any]]) -> list[str]:
+    """What the estimate assumes of the methods and protocols the trials use."""
+    methods = {c.get("method") for c in configs}
+    protocols = {c.get("protocol") for c in configs}
+    said = []
+    if COCOOP in methods:
+        said.append(
+            "CoCoOp: a step encodes batch images x classes prompts (one prompt set per image, its shared prefix "
+            "once per image; N_train x C prompts per epoch at any batch size), eagerly but at the per-step floor "
+            "fitted to CoOp's graphed steps; every val and test evaluation encodes each image's own prompts in "
+            f"chunks of {COCOOP_EVAL_PROMPTS} prompts (test-set sizes from test.json, else CoOp's statistics); "
+            "the meta-network's FLOPs are left out (under 0.1% of a step)")
+    if KGCOOP in methods:
+        said.append("KgCoOp: CoOp's steps plus one frozen 77-token forward over its hand-crafted class prompts")
+    if BASE2NEW in protocols:
+        said.append("base2new: trained on the ceil(C/2) base classes and their images; tested on the base and the "
+                    "new classes, each with its share of the test images")
+    if XD in protocols:
+        said.append("xd: also tested on each transfer target's test set with its classes")
+    return said
 
 
 def estimate_gpu_hours(

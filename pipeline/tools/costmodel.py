@@ -1,9 +1,11 @@
 """Cost model: a params file's sweep on the resources it asks for (as --dry-run), or one 16-shot ImageNet trial.
 
-Counts the FLOPs of every trial's CoOp steps (pipeline.engine.flops) and turns them into time on the device
-the params ask for: GPU-hours on an assumed GPU model when sweep.gpus_per_trial > 0 (pipeline.sweep.estimate:
-peaks, utilisation and per-step floors fitted to H100 steps), else CPU core-hours at sweep.cpus_per_trial
-cores per trial, at the rate measured on the development machine's CPU. `python bench/costmodel.py` times
+Counts the FLOPs of every trial's steps (pipeline.engine.flops; CoCoOp's per-image prompts, KgCoOp's frozen
+pass, base2new's half of the classes, xd's transfer targets: pipeline.sweep.estimate.estimate_trial) and
+turns them into time on the device the params ask for: GPU-hours on an assumed GPU model when
+sweep.gpus_per_trial > 0 (pipeline.sweep.estimate: peaks, utilisation and per-step floors fitted to H100
+steps), else CPU core-hours at sweep.cpus_per_trial cores per trial, at the rate measured on the development
+machine's CPU. `python bench/costmodel.py` times
 real steps on this machine's accelerator next to the model's FLOPs.
 
 examples:
@@ -66,7 +68,8 @@ def run(args: argparse.Namespace, params: Params | None) -> int:
         result = {"device": asdict(estimate.device), "unit": estimate.unit, "hours": estimate.hours,
                   "cores_per_trial": estimate.cores if estimate.on_cpu else None, "resources": estimate.resources,
                   "wall_hours": {str(n): estimate.wall_hours(n) for n in slots},
-                  "by_dataset": estimate.by_dataset(), "trials": len(estimate.trials)}
+                  "by_dataset": estimate.by_dataset(), "by_method": estimate.by_method(),
+                  "trials": len(estimate.trials)}
     if args.out:
         from pipeline.atomic import write_json_atomic
 
