@@ -43,3 +43,13 @@ def test_cli_costs_a_cpu_sweep_in_core_hours_and_says_so(capsys: pytest.CaptureF
     assert saved["unit"] == "CPU core-hours" and saved["cores_per_trial"] == 1 and set(saved["wall_hours"]) == {"1", "2"}
     assert main(["--params", profile, "--gpu", "H100"]) == 0  # asked for: a GPU estimate, which says what the params ask
     assert "GPU-hours on H100 (one GPU per trial; the params ask for CPU trials" in capsys.readouterr().out
+
+
+def test_cli_costs_a_methods_profile_by_method_and_protocol(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    out = tmp_path / "b2n.json"
+    assert main(["--params", str(REPO / "configs" / "paper_b2n_vitb16.yaml"), "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "99 trials" in printed and "assumption: CoCoOp: a step encodes batch images x classes prompts" in printed
+    saved = json.loads(out.read_text())
+    assert saved["trials"] == 99 and set(saved["by_method"]) == {"coop base2new", "cocoop base2new", "kgcoop base2new"}
+    assert sum(saved["by_method"].values()) == pytest.approx(saved["hours"])
