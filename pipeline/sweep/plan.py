@@ -17,9 +17,9 @@ log = logging.getLogger(__name__)
 GPU_PRECISIONS = ("fp16", "amp")
 
 # Column widths of the dry-run table, in the order of its columns.
-TABLE_WIDTHS = {"dataset": 14, "shots": 5, "seed": 4, "n_ctx": 5, "ctx_init": 16, "csc": 5,
-                "class_token_position": 8, "lr": 9, "epochs": 6, "precision": 9}
-TABLE_HEADINGS = {"class_token_position": "position"}
+TABLE_WIDTHS = {"dataset": 14, "protocol": 8, "shots": 5, "seed": 4, "method": 7, "n_ctx": 5, "ctx_init": 16,
+                "csc": 5, "class_token_position": 8, "lr": 9, "epochs": 6, "batch_size": 5, "precision": 9}
+TABLE_HEADINGS = {"class_token_position": "position", "batch_size": "batch"}
 
 
 class SweepError(UserError, RuntimeError):
@@ -72,6 +72,8 @@ class SweepPlan:
 
 
 def _table_cell(value: Any) -> str:
+    if value is None:
+        return "-"  # batch_size: train.batch_size
     if isinstance(value, str):
         return repr(value) if value == "" or " " in value else value
     return f"{value:g}" if isinstance(value, float) else str(value)
