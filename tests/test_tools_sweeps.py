@@ -76,6 +76,10 @@ def test_best_is_read_from_the_metrics_the_sweep_logs() -> None:
     metrics = _parent_metrics(_records("A.b", {1: (10.0, 11.0), 8: (20.0, 21.0), 2: (30.0, 31.0)}))
     assert best_at_most_shots(metrics) == {"A.b": (8, 21.0)}
     assert best_at_most_shots({"trials_total": 3.0}) == {}
+    # Other protocols' settings (sweep/tuner.py::_parent_metrics) are listed apart, by protocol.
+    protocols = {"best_test_acc.A.b.16shot.base2new": 60.0, "best_test_acc.A.b.16shot": 70.0,
+                 "best_h_acc.A.b.16shot.base2new": 55.0, "best_test_acc.A.b.4shot.xd": 1.0}
+    assert best_at_most_shots(protocols) == {"A.b": (16, 70.0), "A.b [base2new]": (16, 60.0), "A.b [xd]": (4, 1.0)}
 
 
 def test_command_prints_the_table_and_says_what_to_do(store: str, tmp_path: Path, capsys: pytest.CaptureFixture,

@@ -56,12 +56,19 @@ class SweepListing:
 
 
 def best_at_most_shots(metrics: dict[str, float]) -> dict[str, tuple[int, float]]:
-    """dataset -> (its largest shot count, the best-by-val test accuracy there) from a parent run's metrics."""
+    """dataset -> (its largest shot count, the best-by-val test accuracy there) from a parent run's metrics;
+    another protocol's setting is named "<dataset> [<protocol>]" (base-to-new: the base classes' accuracy)."""
     best: dict[str, tuple[int, float]] = {}
     for key, value in metrics.items():
-        if not key.startswith(BEST_PREFIX) or not key.endswith("shot"):
+        if not key.startswith(BEST_PREFIX):
             continue
-        dataset, shots_text = key[len(BEST_PREFIX):].rsplit(".", 1)  # dataset names may hold dots
+        setting, protocol = key[len(BEST_PREFIX):], ""
+        if not setting.endswith("shot"):  # best_test_acc.<dataset>.<K>shot.<protocol>
+            setting, protocol = setting.rsplit(".", 1)
+            if not setting.endswith("shot"):
+                continue
+        dataset, shots_text = setting.rsplit(".", 1)  # dataset names may hold dots
+        dataset += f" [{protocol}]" if protocol else ""
         shots = int(shots_text[: -len("shot")])
         if dataset not in best or shots > best[dataset][0]:
             best[dataset] = (shots, value)
