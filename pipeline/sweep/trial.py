@@ -185,10 +185,11 @@ def learned_meta(config: dict[str, Any], settings: TrialSettings, backbone: Back
 
 
 def write_artifacts(folder: Path, config: dict[str, Any], settings: TrialSettings, backbone: Backbone,
-                    data: FewShotFeatures, result: TrainResult, meta: ContextMeta, train_cfg: TrainConfig,
-                    key: str, evaluations: dict[str, Any]) -> None:
+                    data: FewShotFeatures, result: TrainResult, train_cfg: TrainConfig, key: str,
+                    evaluations: dict[str, Any] | None = None) -> None:
     """ctx.safetensors + ctx.json (what the method learned), the context's nearest words, the resolved config
     and (base-to-new, transfer) the further evaluations."""
+    meta = learned_meta(config, settings, backbone, data, result, key)
     prompt = meta.prompt_config
     save_learned(folder / "ctx.safetensors", result.learned, meta)
     ctx = result.ctx
@@ -206,7 +207,7 @@ def write_artifacts(folder: Path, config: dict[str, Any], settings: TrialSetting
         "sweep": settings.sweep_name,
         "config": config,
         "method": {"name": meta.method, **meta.method_params},
-        "evaluations": evaluations,
+        "evaluations": evaluations or {},
         "prompt": asdict(prompt) | {"n_ctx_effective": meta.n_ctx},
         "train": train_cfg.to_dict(),
         "backbone": {"arch": settings.arch, "pretrained": settings.pretrained, "fingerprint": backbone.fingerprint},
@@ -314,7 +315,7 @@ def run_trial(config: dict[str, Any], settings: TrialSettings, features: dict[st
         meta = learned_meta(config, settings, backbone, data, result, key)
         evaluations = evaluate_protocol(config, backbone, result, meta, new_classes, transfer)
         with tempfile.TemporaryDirectory(prefix="coop-trial-") as tmp:
-            write_artifacts(Path(tmp), config, settings, backbone, data, result, meta, train_cfg, key, evaluations)
+            write_artifacts(Path(tmp), config, settings, backbone, data, result, train_cfg, key, evaluations)
             run.log_artifacts(Path(tmp))
         run.log_metrics({"test_acc": result.test_acc, "train_seconds": result.train_seconds,
                          **protocol_metrics(evaluations)}, step=epochs, flush=True)
