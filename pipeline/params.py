@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import re
 import types
 import typing
@@ -235,13 +236,15 @@ def _build(cls: type, raw: Any, prefix: str) -> Any:
     if raw is None:
         raw = {}
     if not isinstance(raw, dict):
-        raise ParamsError(f"{prefix or 'params'}: expected a mapping of keys, got {raw!r}")
+        raise ParamsError(f"{prefix or 'params'}: expected a mapping of keys (`key: value` lines), got {raw!r}")
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
     for key in raw:
         if key not in names:
             where = f"{prefix}.{key}" if prefix else key
-            raise ParamsError(f"unknown key {where!r}; allowed here: {', '.join(sorted(names))}")
+            close = difflib.get_close_matches(str(key), names, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise ParamsError(f"unknown key {where!r}{hint}; allowed here: {', '.join(sorted(names))}")
     values = {k: _check(v, hints[k], f"{prefix}.{k}" if prefix else k) for k, v in raw.items()}
     return cls(**values)
 
@@ -263,6 +266,18 @@ def _validate(p: Params) -> None:
         raise ParamsError(f"train.precision must be one of {', '.join(PRECISIONS)}, got {p.train.precision!r}")
     if p.train.epochs is not None and p.train.epochs < 1:
         raise ParamsError(f"train.epochs must be >= 1 or null, got {p.train.epochs}")
+    for key, value, low, strict in (  # `not value >= low` also refuses NaN
+        ("train.lr", p.train.lr, 0, True),
+        ("train.momentum", p.train.momentum, 0, False),
+        ("train.weight_decay", p.train.weight_decay, 0, False),
+        ("train.warmup_epochs", p.train.warmup_epochs, 0, False),
+        ("train.warmup_lr", p.train.warmup_lr, 0, False),
+        ("train.batch_size", p.train.batch_size, 1, False),
+        ("train.eval_every", p.train.eval_every, 0, False),
+        ("features.batch_size", p.features.batch_size, 1, False),
+    ):
+        if not (value > low if strict else value >= low):
+            raise ParamsError(f"{key} must be {'>' if strict else '>='} {low}, got {value}")
     if p.sweep.search not in SEARCHES:
         raise ParamsError(f"sweep.search must be one of {', '.join(SEARCHES)}, got {p.sweep.search!r}")
     if p.sweep.name is not None and not SWEEP_NAME.fullmatch(p.sweep.name):
@@ -367,16 +382,46 @@ def params_from_dict(raw: dict[str, Any]) -> Params:
     return params
 
 
+def _one_line(text: Any) -> str:
+    return " ".join(str(text).split())
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """yaml.SafeLoader that refuses a key written twice in one mapping (PyYAML silently keeps the last one)."""
+
+
+def _construct_unique_mapping(loader: _UniqueKeyLoader, node: yaml.MappingNode, deep: bool = False) -> Any:
+    seen = set()
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node, deep=deep)
+        if key in seen:
+            raise yaml.constructor.ConstructorError(None, None, f"key {key!r} appears twice in one mapping",
+                                                    key_node.start_mark)
+        seen.add(key)
+    return loader.construct_mapping(node, deep)
+
+
+_UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_unique_mapping)
+
+
 def load_params(path: str | Path = "params.yaml") -> Params:
-    """Read and validate a params file; ParamsError names the offending key."""
+    """Read and validate a params file; ParamsError (one line) names the file and the offending key or line."""
     path = Path(path)
     if not path.is_file():
-        raise ParamsError(f"params file {path} does not exist; pass --params with an existing YAML file")
-    with path.open() as f:
-        try:
-            raw = yaml.safe_load(f) or {}
-        except yaml.YAMLError as e:
-            raise ParamsError(f"{path} is not valid YAML: {e}") from None
+        problem = "is not a file" if path.exists() else "does not exist"
+        raise ParamsError(f"params file {path} {problem}; pass --params with an existing YAML file")
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ParamsError(f"{path} is not UTF-8 text ({e.reason} at byte {e.start}); save it as UTF-8 YAML") from None
+    try:
+        raw = yaml.load(text, Loader=_UniqueKeyLoader) or {}
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = _one_line(getattr(e, "problem", None) or e)
+        raise ParamsError(f"{path} is not valid YAML{where}: {problem}; correct it there (params.yaml shows the "
+                          "layout: one `key: value` per line, sections indented by spaces)") from None
     try:
         return params_from_dict(raw)
     except ParamsError as e:
