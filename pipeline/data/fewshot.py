@@ -209,9 +209,10 @@ def _load_json(path: Path, what: str) -> dict[str, Any]:
     return data
 
 
-def _items(entries: Any, where: str) -> list[Item]:
+def _items(entries: Any, where: str, n_classes: int) -> list[Item]:
+    """Rows [path, label, classname] with labels in 0..n_classes-1; DatasetError names the bad row."""
     if not isinstance(entries, list):
-        raise DatasetError(f"{where} must be a list of [path, label, classname].")
+        raise DatasetError(f"{where} must be a list of [path, label, classname]; rerun the prepare stage.")
     out = []
     for i, entry in enumerate(entries):
         if not (
@@ -219,44 +220,59 @@ def _items(entries: Any, where: str) -> list[Item]:
             and len(entry) == 3
             and isinstance(entry[0], str)
             and isinstance(entry[1], int)
+            and not isinstance(entry[1], bool)
+            and isinstance(entry[2], str)
         ):
-            raise DatasetError(f"{where}[{i}] must be [path, label, classname], got {entry!r}.")
+            raise DatasetError(f"{where}[{i}] must be [path, label, classname], got {entry!r}; rerun the prepare stage.")
+        if not 0 <= entry[1] < n_classes:
+            raise DatasetError(f"{where}[{i}] has label {entry[1]}, outside the file's {n_classes} classes "
+                               f"(0..{n_classes - 1}); rerun the prepare stage.")
         out.append(Item(entry[0], entry[1], entry[2]))
     return out
+
+
+def _classnames(data: dict[str, Any], where: str) -> list[str]:
+    names = data["classnames"]
+    if not (isinstance(names, list) and names and all(isinstance(n, str) for n in names)):
+        raise DatasetError(f"{where}: classnames must be a non-empty list of names, got {names!r}; "
+                           "rerun the prepare stage.")
+    return names
 
 
 def read_fewshot_split(path: Path | str) -> FewShotSplit:
     path = Path(path)
     data = _load_json(path, "Few-shot split file")
+    where = f"Few-shot split file {path}"
     try:
+        classnames = _classnames(data, where)
         return FewShotSplit(
             dataset=str(data["dataset"]),
             shots=int(data["shots"]),
             seed=int(data["seed"]),
-            classnames=list(data["classnames"]),
-            train=_items(data["train"], f"{path} train"),
-            val=_items(data["val"], f"{path} val"),
+            classnames=classnames,
+            train=_items(data["train"], f"{where}: train", len(classnames)),
+            val=_items(data["val"], f"{where}: val", len(classnames)),
             val_is_test=bool(data.get("val_is_test", False)),
         )
     except KeyError as error:
-        raise DatasetError(
-            f"Few-shot split file {path} lacks the field {error}; rerun the prepare stage."
-        ) from None
+        raise DatasetError(f"{where} lacks the field {error}; rerun the prepare stage.") from None
+    except (TypeError, ValueError) as error:
+        raise DatasetError(f"{where} has a malformed shots or seed ({error}); rerun the prepare stage.") from None
 
 
 def read_eval_list(path: Path | str) -> EvalList:
     path = Path(path)
     data = _load_json(path, "Test list file")
+    where = f"Test list file {path}"
     try:
+        classnames = _classnames(data, where)
         return EvalList(
             dataset=str(data["dataset"]),
-            classnames=list(data["classnames"]),
+            classnames=classnames,
             template=str(data["template"]),
-            test=_items(data["test"], f"{path} test"),
+            test=_items(data["test"], f"{where}: test", len(classnames)),
             imagenet_labels=data.get("imagenet_labels"),
             test_only=bool(data.get("test_only", False)),
         )
     except KeyError as error:
-        raise DatasetError(
-            f"Test list file {path} lacks the field {error}; rerun the prepare stage."
-        ) from None
+        raise DatasetError(f"{where} lacks the field {error}; rerun the prepare stage.") from None
