@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from conftest import CLASSNAMES, separable_problem
 
+from pipeline.engine import bundle as bundle_module
 from pipeline.engine.bundle import BundleMember, BundleStep, train_bundle
 from pipeline.engine.methods import MethodConfig
 from pipeline.engine.prompt import CoOp, PromptConfig
@@ -71,6 +72,18 @@ def test_one_batched_pass_gives_each_member_its_own_text_features(tiny):
     assert layout[0] == (5, 6, 7, 8)  # front or CSC: one packed truncated pass
     assert all(p.pack for p in step.passes)
     assert sum(len(p.members) for p in step.passes) == len(MIXED)
+    for model, features in zip(models, bundled, strict=True):
+        with torch.no_grad():
+            assert (model.text_features() - features).abs().max().item() <= 1e-6
+
+
+def test_cpu_passes_hold_at_most_the_cap_of_prompts(tiny, monkeypatch):
+    monkeypatch.setattr(bundle_module, "CPU_MAX_PASS_PROMPTS", 2 * len(CLASSNAMES))  # two members a pass
+    models = [CoOp(tiny, CLASSNAMES, prompt, generator=torch.Generator().manual_seed(seed)) for prompt, _, seed in MIXED]
+    step = BundleStep(tiny, models, [TrainConfig()] * len(models))
+    with torch.no_grad():
+        bundled = step.text_features()
+    assert [(p.shared_len, p.members) for p in step.passes if not p.shared_len] == [(0, (5, 6)), (0, (7, 8))]
     for model, features in zip(models, bundled, strict=True):
         with torch.no_grad():
             assert (model.text_features() - features).abs().max().item() <= 1e-6

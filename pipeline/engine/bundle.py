@@ -42,6 +42,13 @@ from pipeline.engine.train import (
 log = logging.getLogger(__name__)
 
 
+# On the CPU a pass encodes at most this many prompts (more members: more passes, still one step). The CPU step is
+# compute-bound, so bundling saves only per-call overheads, and one pass over 64 members of 100 classes (6,400
+# prompts) ran at 0.77x the members one at a time (its activations leave the caches and are fresh allocations
+# every step), passes of 100-1,600 prompts at 1.1-1.16x (bench/bundle.py, coop-tiny, 1 thread; BENCHMARKS.md).
+CPU_MAX_PASS_PROMPTS = 400
+
+
 @dataclass
 class BundleMember:
     """One configuration of a bundle: what `train_coop(backbone, data, prompt, cfg, epochs)` would train."""
@@ -119,8 +126,9 @@ class BundleStep:
     def _plan(self) -> None:
         """Group the active members into passes: members whose model shares a prefix of P positions (unified
         context before the class name) one shared-prefix pass per P, where the device rule says it pays for
-        the whole group (or a member forces it); everyone else one truncated pass. Packing by the device rule
-        on each pass's token counts, unless every member of it turns packing off."""
+        the whole group (or a member forces it); everyone else one truncated pass; on the CPU, passes of at
+        most CPU_MAX_PASS_PROMPTS prompts. Packing by the device rule on each pass's token counts, unless every
+        member of it turns packing off."""
         device_type = self.device.type
         by_prefix: dict[int, list[int]] = {}
         truncated: list[int] = []
@@ -141,6 +149,10 @@ class BundleStep:
                 truncated.extend(group)
         if truncated:
             passes.append((tuple(sorted(truncated)), 0))
+        if device_type == "cpu":  # large passes run slower there than small ones (CPU_MAX_PASS_PROMPTS)
+            chunk = max(1, CPU_MAX_PASS_PROMPTS // self.n_cls)
+            passes = [(members[i : i + chunk], prefix_len) for members, prefix_len in passes
+                      for i in range(0, len(members), chunk)]
         self.passes = []
         for members, prefix_len in passes:
             learners = [self.models[self.active[p]].prompt_learner for p in members]
@@ -174,12 +186,12 @@ class BundleStep:
                 prefix_len = p.shared_len
                 prefix = torch.stack([x[0, :prefix_len] for x in prompts])  # (G, P, D): one prefix per member
                 width = max(x.shape[1] for x in prompts) - prefix_len
-                suffix = torch.cat([_pad_positions(x[:, prefix_len:], width) for x in prompts])  # (G * C, S, D)
+                suffix = _cat([_pad_positions(x[:, prefix_len:], width) for x in prompts])  # (G * C, S, D)
                 lengths = [n - prefix_len for learner in learners for n in learner.lengths]
                 features = tower.forward_shared(prefix, suffix, lengths)  # (G * C, E)
             else:
                 width = max(x.shape[1] for x in prompts)
-                padded = torch.cat([_pad_positions(x, width) for x in prompts])  # (G * C, T, D)
+                padded = _cat([_pad_positions(x, width) for x in prompts])  # (G * C, T, D)
                 features = tower(padded, [n for learner in learners for n in learner.lengths])  # (G * C, E)
             for i, chunk in zip(p.members, F.normalize(features, dim=-1).split(self.n_cls), strict=True):
                 per_member[i] = chunk
@@ -221,7 +233,11 @@ class BundleStep:
 
 def _pad_positions(x: torch.Tensor, width: int) -> torch.Tensor:
     """(C, L, D) -> (C, width, D), zeros after position L (after every EOS: causal attention never reads them)."""
-    return F.pad(x, (0, 0, 0, width - x.shape[1]))
+    return x if x.shape[1] == width else F.pad(x, (0, 0, 0, width - x.shape[1]))
+
+
+def _cat(parts: list[torch.Tensor]) -> torch.Tensor:
+    return parts[0] if len(parts) == 1 else torch.cat(parts)
 
 
 def _bundle_shape(members: Sequence[BundleMember]) -> tuple[int, int, int]:
