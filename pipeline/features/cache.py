@@ -57,6 +57,7 @@ DTYPES: dict[str, torch.dtype] = {
     "bfloat16": torch.bfloat16,
 }
 DTYPE_ALIASES = {"fp16": "float16", "fp32": "float32", "bf16": "bfloat16"}
+HEADER_DTYPES = {"float16": "F16", "float32": "F32", "bfloat16": "BF16"}  # DTYPES as safetensors headers name them
 STORES = ("train", "eval")
 MAX_SHARDS = 8  # more shards than this are merged into one, so reads stay a handful of files
 REBUILD_HINT = "rerun `dvc repro features` (or `python -m stages.features ...`)"
@@ -260,22 +261,42 @@ def _config_differences(manifest: dict[str, Any], config: FeatureConfig) -> list
     return diffs
 
 
-def _load_shard(path: Path, expected_count: int, store: str) -> tuple[list[str], torch.Tensor]:
+def _read_shard(path: Path, manifest: dict[str, Any], store: str, count: int, load: bool = True
+                ) -> tuple[list[str], torch.Tensor | None]:
+    """A shard's image keys and (with `load`) its features, once its header shows it is one of this cache's
+    shards: a 'features' tensor of the manifest's dtype and row shape, 'paths' metadata, `count` rows."""
     if not path.is_file():
         raise FeatureCacheError(f"Feature cache shard {path} is missing; {REBUILD_HINT}.")
     try:
         with safe_open(str(path), framework="pt") as f:
-            paths = json.loads((f.metadata() or {})["paths"])
-            features = f.get_tensor("features")
-    except (SafetensorError, KeyError, json.JSONDecodeError, OSError) as error:
+            metadata, tensors = f.metadata() or {}, f.keys()
+            if "features" not in tensors or "paths" not in metadata:
+                raise FeatureCacheError(
+                    f"Feature cache shard {path} is not a feature shard (tensors {sorted(tensors)}, metadata "
+                    f"{sorted(metadata)}; expected 'features' with 'paths'); {REBUILD_HINT}.")
+            paths = json.loads(metadata["paths"])
+            header = f.get_slice("features")
+            shape, dtype = tuple(header.get_shape()), header.get_dtype()
+            features = f.get_tensor("features") if load else None
+    except (SafetensorError, json.JSONDecodeError, OSError) as error:
         raise FeatureCacheError(f"Feature cache shard {path} is corrupt ({error}); {REBUILD_HINT}.") from None
-    if len(paths) != expected_count or features.shape[0] != expected_count:
+    views, dim = manifest["config"]["views"], manifest["feature_dim"]
+    row = (views if isinstance(views, int) else 1, dim) if store == "train" else (dim,)
+    wanted_dtype = HEADER_DTYPES[manifest["config"]["dtype"]]
+    if shape[1:] != row or dtype != wanted_dtype:
         raise FeatureCacheError(
-            f"Feature cache shard {path} holds {features.shape[0]} rows for {len(paths)} paths, the manifest "
-            f"says {expected_count}; {REBUILD_HINT}."
-        )
-    if (store == "train") != (features.dim() == 3):
-        raise FeatureCacheError(f"Feature cache shard {path} has shape {tuple(features.shape)}; {REBUILD_HINT}.")
+            f"Feature cache shard {path} holds {dtype} features of shape {shape}, not the manifest's {wanted_dtype} "
+            f"rows of shape {row}: it belongs to another cache; {REBUILD_HINT}.")
+    if not isinstance(paths, list) or len(paths) != count or shape[0] != count:
+        raise FeatureCacheError(
+            f"Feature cache shard {path} holds {shape[0]} rows for {len(paths)} paths, the manifest says {count}; "
+            f"{REBUILD_HINT}.")
+    return paths, features
+
+
+def _load_shard(path: Path, manifest: dict[str, Any], store: str, count: int) -> tuple[list[str], torch.Tensor]:
+    paths, features = _read_shard(path, manifest, store, count)
+    assert features is not None
     return paths, features
 
 
@@ -286,7 +307,7 @@ def _load_stores(cache_dir: Path, manifest: dict[str, Any]) -> dict[str, tuple[l
         all_paths: list[str] = []
         chunks = []
         for shard in entry["shards"]:
-            paths, features = _load_shard(cache_dir / shard["file"], shard["count"], store)
+            paths, features = _load_shard(cache_dir / shard["file"], manifest, store, shard["count"])
             all_paths.extend(paths)
             chunks.append(features)
         if _paths_checksum(all_paths) != entry["paths_sha256"] or len(set(all_paths)) != len(all_paths):
@@ -442,15 +463,10 @@ def _existing_cache(cache_dir: Path, config: FeatureConfig) -> dict[str, Any] | 
 
 
 def _shard_paths(cache_dir: Path, manifest: dict[str, Any], store: str) -> list[str]:
-    """Image paths of a store, read from the shards' metadata only (no tensors loaded)."""
+    """Image paths of a store, read from the shards' headers only (no tensors loaded)."""
     paths: list[str] = []
     for shard in manifest["stores"][store]["shards"]:
-        path = cache_dir / shard["file"]
-        try:
-            with safe_open(str(path), framework="pt") as f:
-                paths.extend(json.loads((f.metadata() or {})["paths"]))
-        except (SafetensorError, KeyError, json.JSONDecodeError, OSError) as error:
-            raise FeatureCacheError(f"shard {path} is unreadable ({error})") from None
+        paths.extend(_read_shard(cache_dir / shard["file"], manifest, store, shard["count"], load=False)[0])
     return paths
 
 
@@ -472,7 +488,7 @@ def _write_update(
         entry = manifest["stores"][store]
         entry["shards"].append(_write_shard(cache_dir, store, paths, features))
         if len(entry["shards"]) > MAX_SHARDS:
-            loaded = [_load_shard(cache_dir / s["file"], s["count"], store) for s in entry["shards"]]
+            loaded = [_load_shard(cache_dir / s["file"], manifest, store, s["count"]) for s in entry["shards"]]
             merged_paths = [p for shard_paths, _ in loaded for p in shard_paths]
             entry["shards"] = [
                 _write_shard(cache_dir, store, merged_paths, torch.cat([f for _, f in loaded]))
