@@ -117,6 +117,10 @@ class TrackingParams:
     uri: str = "sqlite:///mlflow.db"  # relative sqlite paths are made absolute; MLFLOW_TRACKING_URI overrides
     experiment: str = "coop"
     check_timeout_s: float = 5.0  # how long the start-up check waits for a tracking server
+    # How long a trial rides out a tracking server that stopped answering (connection refused, timeouts, HTTP
+    # 5xx): it keeps training, holds its metrics and retries with backoff; past this many seconds since the
+    # first failed call the trial fails with a TrackingError that says so.
+    outage_limit_s: float = 300.0
 
 
 @dataclass(frozen=True)
@@ -310,6 +314,9 @@ def _validate(p: Params) -> None:
         raise ParamsError("tracking.uri and tracking.experiment must not be empty")
     if p.tracking.check_timeout_s <= 0:
         raise ParamsError(f"tracking.check_timeout_s must be > 0, got {p.tracking.check_timeout_s}")
+    if not p.tracking.outage_limit_s > 0:  # also refuses NaN
+        raise ParamsError(f"tracking.outage_limit_s must be > 0 (seconds a trial waits for a tracking server "
+                          f"that stopped answering), got {p.tracking.outage_limit_s}")
     protocols = p.baselines.linear_probe_protocols
     unknown = [name for name in protocols if name not in BaselineParams.PROTOCOLS]
     if unknown or not protocols or len(set(protocols)) != len(protocols):

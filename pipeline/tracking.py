@@ -11,6 +11,7 @@ parent run with a child run per result), and find a trial's artifacts with `tria
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import os
@@ -21,17 +22,19 @@ import subprocess
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 from urllib.parse import unquote, urlparse
 
+import requests
 from mlflow import MlflowClient
 from mlflow.entities import Metric, Param, Run, RunStatus, RunTag
 from mlflow.exceptions import MlflowException
 
 from pipeline.errors import UserError
+from pipeline.params import TrackingParams
 
 if TYPE_CHECKING:
     from pipeline.params import Params
@@ -346,12 +349,146 @@ class TrialOutcome:
     tags: dict[str, Any] = field(default_factory=dict)
 
 
-class TrialRun:
-    """One trial's child run, used from inside the trial's worker process."""
+# ------------------------------------------------------------------ a trial riding out a tracking-server outage
 
-    def __init__(self, client: MlflowClient, run: Run) -> None:
+T = TypeVar("T")
+# MLflow's HTTP client retries a failed request itself (7 times, backoff factor 2: minutes per request) and waits
+# 120 s for an answer: inside a trial, every metric flush during an outage would stall training that long, and
+# the outage would stay invisible to us. Trial processes turn that down (`bound_http_retries`) and retry in
+# `OutageGuard` instead, which lets training go on and knows when to give up (tracking.outage_limit_s).
+TRIAL_HTTP_ENV = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"}
+MAX_RETRY_DELAY_S = 10.0  # backoff between tries while the server is down: 1, 2, 4, 8, then every 10 s
+TRANSIENT_HTTP_STATUS = frozenset({408, 429, 500, 502, 503, 504})  # the answers MLflow's client retries
+TRANSIENT_ERROR_CODES = frozenset({"TEMPORARILY_UNAVAILABLE", "REQUEST_LIMIT_EXCEEDED"})  # MLflow's 503 and 429
+TRANSIENT_ERRORS = (requests.ConnectionError, requests.Timeout, requests.exceptions.RetryError,
+                    requests.exceptions.ChunkedEncodingError, ConnectionError, TimeoutError)
+
+
+def bound_http_retries() -> None:
+    """Set `TRIAL_HTTP_ENV` in this process unless its environment already chose; MLflow reads them per request."""
+    for name, value in TRIAL_HTTP_ENV.items():
+        os.environ.setdefault(name, value)
+
+
+def server_unreachable(error: BaseException) -> bool:
+    """Whether `error` (or an error it was raised from) says the tracking server did not answer or could not
+    answer just then: connection refused or reset, a timeout, HTTP 408/429/5xx. An answer such as a 4xx (a bad
+    value, a missing or closed run) is a real error, and retrying it would not help."""
+    seen: set[int] = set()
+    current: BaseException | None = error
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if isinstance(current, requests.HTTPError) and current.response is not None:
+            return current.response.status_code in TRANSIENT_HTTP_STATUS
+        if isinstance(current, TRANSIENT_ERRORS):
+            return True
+        if isinstance(current, MlflowException) and current.error_code in TRANSIENT_ERROR_CODES:
+            return True
+        current = current.__cause__ or current.__context__  # MLflow wraps the requests error it caught
+    return False
+
+
+def _one_line(error: BaseException, limit: int = 200) -> str:
+    return " ".join(f"{type(error).__name__}: {error}".split())[:limit]
+
+
+class OutageGuard:
+    """A trial's requests to its tracking server, retried while the server does not answer.
+
+    An outage starts at the first request that finds the server unreachable (`server_unreachable`) and ends at
+    the next one that gets through; a warning marks each end. `call` waits between tries (backoff 1, 2, 4, 8,
+    then 10 s); `try_call` never waits: while the server is down it tries only when the next try is due and
+    otherwise returns False at once, so training goes on. A try that fails `limit_s` or more after the outage
+    started raises TrackingError, and so does every request after it: the run is left to the driver, which
+    settles it once the server is back. Real errors are raised at once.
+    """
+
+    def __init__(self, uri: str, limit_s: float = TrackingParams.outage_limit_s) -> None:
+        self.uri = uri
+        self.limit_s = limit_s
+        self.since: float | None = None  # time.monotonic() of the current outage's first failed request
+        self.next_try = 0.0
+        self.delay = 0.0
+        self.gave_up = ""  # the TrackingError's message once the limit has passed
+        self.outages: list[float] = []  # seconds each outage ridden out lasted
+
+    def call(self, what: str, request: Callable[[], T], held: int = 0) -> T:
+        """`request()`'s result, waiting out an outage for up to the limit; `what` names the request in messages,
+        `held` is how many metric rows wait on it (for the log)."""
+        while True:
+            self._check()
+            if self.since is not None:
+                time.sleep(max(0.0, self.next_try - time.monotonic()))
+            try:
+                value = request()
+            except Exception as error:
+                if not server_unreachable(error):
+                    raise
+                self._failed(what, error)
+                continue
+            self._answered(held)
+            return value
+
+    def try_call(self, what: str, request: Callable[[], object], held: int = 0) -> bool:
+        """Run `request` unless the server is down and its next try is not due yet; whether it got through."""
+        self._check()
+        if self.since is not None and time.monotonic() < self.next_try:
+            return False
+        try:
+            request()
+        except Exception as error:
+            if not server_unreachable(error):
+                raise
+            self._failed(what, error)
+            return False
+        self._answered(held)
+        return True
+
+    def _check(self) -> None:
+        if self.gave_up:
+            raise TrackingError(self.gave_up)
+
+    def _failed(self, what: str, error: Exception) -> None:
+        now = time.monotonic()
+        if self.since is None:
+            self.since, self.delay = now, 1.0
+            log.warning("MLflow tracking server %s does not answer (%s: %s); the trial goes on and holds its "
+                        "metrics, retrying for up to %g s (tracking.outage_limit_s)",
+                        self.uri, what, _one_line(error), self.limit_s)
+        else:
+            self.delay = min(2 * self.delay, MAX_RETRY_DELAY_S)
+        down = now - self.since
+        if down >= self.limit_s:
+            # One line, the essentials first: Ray's error and trials.csv's reason column keep its start.
+            self.gave_up = (f"MLflow tracking server {self.uri} has not answered for {down:.0f} s, longer than "
+                            f"tracking.outage_limit_s ({self.limit_s:g} s): check the server, or raise "
+                            f"tracking.outage_limit_s to ride out longer outages (last error, on {what}: "
+                            f"{_one_line(error)})")
+            log.error("%s", self.gave_up)
+            raise TrackingError(self.gave_up) from None
+        self.next_try = min(now + self.delay, self.since + self.limit_s)  # the last try falls on the limit
+
+    def _answered(self, held: int) -> None:
+        if self.since is None:
+            return
+        down = time.monotonic() - self.since
+        self.outages.append(down)
+        self.since, self.delay = None, 0.0
+        log.warning("MLflow tracking server %s answers again after %.1f s; sending the %d metric row(s) held "
+                    "meanwhile", self.uri, down, held)
+
+
+class TrialRun:
+    """One trial's child run, used from inside the trial's worker process.
+
+    Its requests go through `server` (an OutageGuard): while the tracking server is down, metrics are held in
+    order and training goes on; `log_artifacts` and `close` wait for the server, up to the outage limit.
+    """
+
+    def __init__(self, client: MlflowClient, run: Run, server: OutageGuard | None = None) -> None:
         self.client = client
         self.run_id = run.info.run_id
+        self.server = server or OutageGuard(client.tracking_uri)
         self._pending: list[Metric] = []
         self.closed = False
 
@@ -408,15 +545,25 @@ class TrialRun:
         timestamp = _now_ms()
         self._pending += [Metric(k, float(v), timestamp, step) for k, v in metrics.items() if v is not None]
         if flush or len(self._pending) >= 200:
-            self.flush()
+            self._send(wait=False)  # during an outage the rows stay held and training goes on
 
     def flush(self) -> None:
+        """Send every held metric row, waiting out an outage (up to the limit)."""
+        self._send(wait=True)
+
+    def _send(self, wait: bool) -> None:
         while self._pending:
-            batch, self._pending = self._pending[:1000], self._pending[1000:]
-            self.client.log_batch(self.run_id, metrics=batch)
+            batch = self._pending[:1000]  # MLflow's cap per batch; rows leave the buffer once they got through
+            request = functools.partial(self.client.log_batch, self.run_id, metrics=batch)
+            if wait:
+                self.server.call("log_batch", request, held=len(self._pending))
+            elif not self.server.try_call("log_batch", request, held=len(self._pending)):
+                return
+            del self._pending[: len(batch)]
 
     def log_artifacts(self, folder: Path) -> None:
-        self.client.log_artifacts(self.run_id, str(folder))
+        # A retried upload writes the same files again: nothing is duplicated.
+        self.server.call("log_artifacts", lambda: self.client.log_artifacts(self.run_id, str(folder)))
 
     def close(self, status: str, reason: str = "") -> None:
         """End the run FINISHED, FAILED or KILLED; `reason` becomes the sweep.failure_reason tag."""
@@ -426,8 +573,9 @@ class TrialRun:
             self.flush()
         finally:
             if reason:
-                self.client.set_tag(self.run_id, REASON_TAG, reason[:5000])
-            self.client.set_terminated(self.run_id, RunStatus.to_string(RunStatus.from_string(status)))
+                self.server.call("set_tag", lambda: self.client.set_tag(self.run_id, REASON_TAG, reason[:5000]))
+            end = RunStatus.to_string(RunStatus.from_string(status))
+            self.server.call("set_terminated", lambda: self.client.set_terminated(self.run_id, end))
             self.closed = True
 
 

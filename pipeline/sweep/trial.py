@@ -37,10 +37,19 @@ from pipeline.engine.interpret import format_entry, nearest_word_entries
 from pipeline.engine.methods import METHOD_HYPERPARAMETERS, MethodConfig, learned_accuracy, train_method
 from pipeline.engine.prompt import PromptConfig, resolve_n_ctx
 from pipeline.engine.train import EpochMetrics, TrainConfig, TrainResult
-from pipeline.params import FeatureParams, TrainParams
+from pipeline.params import FeatureParams, TrackingParams, TrainParams
 from pipeline.sweep.plan import feature_key
 from pipeline.sweep.space import complete, config_label, trial_key
-from pipeline.tracking import GPU_TAG, NODE_TAG, RAY_TRIAL_TAG, SWEEP_TAG, TrialRun, backbone_label
+from pipeline.tracking import (
+    GPU_TAG,
+    NODE_TAG,
+    RAY_TRIAL_TAG,
+    SWEEP_TAG,
+    OutageGuard,
+    TrialRun,
+    backbone_label,
+    bound_http_retries,
+)
 
 log = logging.getLogger(__name__)
 
@@ -68,6 +77,7 @@ class TrialSettings:
     feature_settings: dict[str, Any]  # recorded_feature_settings(params.features)
     nearest_words: int = 3
     cpus_per_trial: float = 1.0
+    tracking_outage_limit_s: float = TrackingParams.outage_limit_s  # how long a tracking outage is ridden out
 
 
 def recorded_feature_settings(features: FeatureParams) -> dict[str, Any]:
@@ -264,15 +274,14 @@ def run_trial(config: dict[str, Any], settings: TrialSettings, features: dict[st
     torch.set_num_threads(max(1, int(settings.cpus_per_trial)))
     trial_id = tune.get_context().get_trial_id() or ""
     node_ip = ray.util.get_node_ip_address()
-    run, finished = TrialRun.open(
-        settings.tracking_uri,
-        settings.experiment_id,
-        settings.parent_run_id,
-        key,
-        run_name(config),
-        trial_params(config, settings),
-        trial_tags(config, settings, key, trial_id, node_ip),
-    )
+    # A tracking-server outage is ridden out by the guard (metrics held, training on) for up to
+    # tracking.outage_limit_s, one that starts while the run opens included; MLflow's own retries, which would
+    # stall this process for minutes per request, are turned down first.
+    bound_http_retries()
+    server = OutageGuard(settings.tracking_uri, settings.tracking_outage_limit_s)
+    params, tags = trial_params(config, settings), trial_tags(config, settings, key, trial_id, node_ip)
+    run, finished = server.call("opening the trial's run", lambda: TrialRun.open(
+        settings.tracking_uri, settings.experiment_id, settings.parent_run_id, key, run_name(config), params, tags))
     if finished is not None:
         # Resumed sweep: this trial completed before the interruption; report its result, do not retrain.
         log.info("trial %s already FINISHED in MLflow run %s; not training it again", key, finished.info.run_id)
@@ -283,6 +292,7 @@ def run_trial(config: dict[str, Any], settings: TrialSettings, features: dict[st
                      "trial_key": key, "mlflow_run_id": finished.info.run_id, "reused_run": 1})
         return
     assert run is not None
+    run.server = server
     epochs = int(config["epochs"])
     last_epoch = 0
     try:

@@ -284,6 +284,7 @@ def _fit(params: Params, options: SweepOptions, plan: SweepPlan, inputs: Any, pa
         feature_settings=recorded_feature_settings(params.features),
         nearest_words=params.sweep.nearest_words,
         cpus_per_trial=params.sweep.cpus_per_trial,
+        tracking_outage_limit_s=params.tracking.outage_limit_s,
     )
     trainable = tune.with_resources(
         tune.with_parameters(run_trial, settings=settings, features=refs, targets=target_refs),
