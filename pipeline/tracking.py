@@ -46,7 +46,8 @@ PARENT_TAG = "mlflow.parentRunId"
 KEY_TAG = "sweep.trial_key"
 SWEEP_TAG = "sweep.name"
 REASON_TAG = "sweep.failure_reason"
-ATTEMPT_TAG = "sweep.attempt"
+ATTEMPT_TAG = "sweep.attempt"  # 1, 2, ...: a retried or resumed trial logs each attempt into a run of its own
+PREVIOUS_ATTEMPT_TAG = "sweep.previous_attempt"  # the run of the attempt before this one
 RAY_TRIAL_TAG = "ray.trial_id"
 NODE_TAG = "node_ip"
 GPU_TAG = "ray.gpu_ids"
@@ -258,6 +259,24 @@ def child_runs(client: MlflowClient, experiment_id: str, parent_run_id: str) -> 
             return runs
 
 
+def attempt_of(run: Run) -> int:
+    return int(run.data.tags.get(ATTEMPT_TAG, "1"))
+
+
+def latest_attempts(runs: Iterable[Run]) -> dict[str, Run]:
+    """Trial key -> the run of its latest attempt (a FINISHED one if any: it ends the trial)."""
+    latest: dict[str, Run] = {}
+    for run in runs:
+        key = run.data.tags.get(KEY_TAG)
+        if key is None:
+            continue
+        rank = (run.info.status == "FINISHED", attempt_of(run), run.info.start_time or 0)
+        held = latest.get(key)
+        if held is None or rank > (held.info.status == "FINISHED", attempt_of(held), held.info.start_time or 0):
+            latest[key] = run
+    return latest
+
+
 @dataclass
 class SweepRun:
     """The parent run of one sweep, on the driver."""
@@ -298,6 +317,18 @@ class SweepRun:
     def children(self) -> list[Run]:
         return child_runs(self.client, self.experiment_id, self.run_id)
 
+    def trial_runs(self) -> dict[str, Run]:
+        """Trial key -> the run of its latest attempt."""
+        return latest_attempts(self.children())
+
+    def close_orphans(self, reason: str) -> int:
+        """End every child run still RUNNING as KILLED with `reason` (their processes are gone); how many."""
+        orphans = [r for r in self.children() if r.info.status == "RUNNING"]
+        for run in orphans:
+            self.client.set_tag(run.info.run_id, REASON_TAG, reason[:5000])
+            self.client.set_terminated(run.info.run_id, "KILLED")
+        return len(orphans)
+
     def settle(self, outcomes: dict[str, TrialOutcome]) -> None:
         """Make every trial's child run agree with Ray's final word on it.
 
@@ -305,7 +336,7 @@ class SweepRun:
         failed before it reached MLflow has none. Runs still RUNNING get FAILED or KILLED with the reason;
         a failed trial without a run gets one, so every failure is visible in MLflow.
         """
-        runs = {r.data.tags.get(KEY_TAG): r for r in self.children()}
+        runs = self.trial_runs()
         for key, outcome in outcomes.items():
             run = runs.get(key)
             if run is None:
@@ -326,6 +357,9 @@ class SweepRun:
             if outcome.reason:
                 self.client.set_tag(run.info.run_id, REASON_TAG, outcome.reason[:5000])
             self.client.set_terminated(run.info.run_id, status)
+        # Earlier attempts whose process ended without closing them (a lost node, a killed worker).
+        self.close_orphans("an earlier attempt of this trial whose process ended without closing its run (a lost "
+                           "node or a killed worker); the trial's latest attempt is the run to read")
 
     def finish(self, status: str, metrics: dict[str, float], artifacts: Iterable[Path] = ()) -> None:
         timestamp = _now_ms()
@@ -505,7 +539,8 @@ class TrialRun:
     ) -> tuple[TrialRun | None, Run | None]:
         """(run to log into, None), or (None, finished run) when this trial already FINISHED.
 
-        An unfinished run of the same key (crash, retry, interrupted sweep) is reused and set RUNNING.
+        A trial with unfinished runs (crash, Ray retry, interrupted sweep) gets a new run for this attempt,
+        tagged with its attempt number and the previous attempt's run; one still RUNNING is closed FAILED.
         """
         if uri.startswith("sqlite:///"):
             db = Path(uri[len("sqlite:///") :])
@@ -524,21 +559,26 @@ class TrialRun:
         finished = [r for r in found if r.info.status == "FINISHED"]
         if finished:
             return None, finished[0]
-        tag_values = {k: str(v) for k, v in tags.items()}
-        if found:
-            run = found[0]
-            attempt = int(run.data.tags.get(ATTEMPT_TAG, "1")) + 1
-            client.update_run(run.info.run_id, status="RUNNING")
-            if REASON_TAG in run.data.tags:
-                client.delete_tag(run.info.run_id, REASON_TAG)
-            log.info("trial %s: reusing its unfinished MLflow run %s (attempt %d)", key, run.info.run_id, attempt)
-        else:
-            attempt = 1
-            run = client.create_run(
-                experiment_id, run_name=run_name, tags={PARENT_TAG: parent_run_id, KEY_TAG: key}
-            )
-            client.log_batch(run.info.run_id, params=_params(params))
-        client.log_batch(run.info.run_id, tags=_tags({**tag_values, ATTEMPT_TAG: attempt}))
+        # Each attempt logs into a run of its own, so a retried or resumed trial's curves never repeat; the
+        # earlier attempt's run stays, closed and linked (its curves show where it stopped).
+        previous = max(found, key=lambda r: (attempt_of(r), r.info.start_time or 0), default=None)
+        attempt = attempt_of(previous) + 1 if previous is not None else 1
+        run_tags = {PARENT_TAG: parent_run_id, KEY_TAG: key, ATTEMPT_TAG: str(attempt)}
+        if previous is not None:
+            run_tags[PREVIOUS_ATTEMPT_TAG] = previous.info.run_id
+            run_name = f"{run_name} (attempt {attempt})"
+        run = client.create_run(experiment_id, run_name=run_name, tags=run_tags)
+        client.log_batch(run.info.run_id, params=_params(params),
+                         tags=_tags({k: str(v) for k, v in tags.items()}))
+        for earlier in found:
+            if earlier.info.status == "RUNNING":  # its process ended without closing it
+                client.set_tag(earlier.info.run_id, REASON_TAG,
+                               f"attempt {attempt_of(earlier)} ended without closing its run (its process was "
+                               f"lost); attempt {attempt} continues in run {run.info.run_id}")
+                client.set_terminated(earlier.info.run_id, "FAILED")
+        if previous is not None:
+            log.info("trial %s: attempt %d in a new MLflow run %s (previous: %s)", key, attempt, run.info.run_id,
+                     previous.info.run_id)
         return cls(client, run), None
 
     def log_metrics(self, metrics: dict[str, float | None], step: int, flush: bool = False) -> None:

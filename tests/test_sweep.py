@@ -141,17 +141,26 @@ def test_interrupted_sweep_resumes_without_duplicates(demo_ws: DemoWorkspace,
 
     parents, children = experiment_runs(uri, "resume")
     assert len(parents) == 1 and parents[0].info.run_id == first.parent_run_id == second.parent_run_id
-    keys = [r.data.tags[KEY_TAG] for r in children]
-    assert len(keys) == len(set(keys)) == n_trials
-    assert all(r.info.status == "FINISHED" for r in children)
+    finished = [r for r in children if r.info.status == "FINISHED"]
+    keys = [r.data.tags[KEY_TAG] for r in finished]
+    assert len(keys) == len(set(keys)) == n_trials  # each trial finished exactly once
+    # A trial the interruption stopped kept its first attempt's run (KILLED, with a reason); its second
+    # attempt is a new run that links to it, so neither run's curve repeats epochs.
+    for run in children:
+        assert run.info.status in ("FINISHED", "KILLED")
+        if run.info.status == "KILLED":
+            assert run.data.tags[REASON_TAG]
+            assert any(r.data.tags.get("sweep.previous_attempt") == run.info.run_id for r in finished)
     client = MlflowClient(uri)
     for key, before in done_before.items():
-        after = next(r for r in children if r.data.tags[KEY_TAG] == key)
+        after = next(r for r in finished if r.data.tags[KEY_TAG] == key)
         assert after.info.run_id == before.info.run_id
         assert after.info.end_time == before.info.end_time  # not trained again
-        assert len(client.get_metric_history(after.info.run_id, "loss")) == epochs
+    for run in finished:
+        assert [m.step for m in client.get_metric_history(run.info.run_id, "loss")] == list(range(1, epochs + 1))
     rows = read_csv(root / "results" / "trials.csv")
     assert len(rows) == n_trials and {r["state"] for r in rows} == {"FINISHED"}
+    assert {r["mlflow_run_id"] for r in rows} == {r.info.run_id for r in finished}
     assert sorted(p.name for p in (root / "ray").iterdir() if p.is_dir()) == ["resumable"]
     assert sorted(p.name for p in (root / "results" / "contexts").iterdir()) == sorted(keys)
 
@@ -287,10 +296,14 @@ def test_failing_trial_is_marked_failed_retried_and_the_sweep_goes_on(demo_ws: D
     assert rows[0.002]["state"] == "FINISHED"
     assert rows[1e30]["state"] == "FAILED" and "NonFiniteLossError" in rows[1e30]["reason"]
     _, children = experiment_runs(f"sqlite:///{root}/mlflow.db", "fail")
-    assert len(children) == 2  # the retry reused the failed trial's run
-    failed = next(c for c in children if c.data.params["lr"] == "1e+30")
-    assert failed.info.status == "FAILED" and "NonFiniteLossError" in failed.data.tags[REASON_TAG]
-    assert failed.data.tags["sweep.attempt"] == "2"
+    # The retry is a second attempt in a run of its own, linked to the first: each run holds one attempt's curve.
+    assert len(children) == 3
+    failed = sorted((c for c in children if c.data.params["lr"] == "1e+30"), key=lambda c: c.data.tags["sweep.attempt"])
+    assert [c.data.tags["sweep.attempt"] for c in failed] == ["1", "2"]
+    assert failed[1].data.tags["sweep.previous_attempt"] == failed[0].info.run_id
+    for run in failed:
+        assert run.info.status == "FAILED" and "NonFiniteLossError" in run.data.tags[REASON_TAG]
+    assert rows[1e30]["mlflow_run_id"] == failed[1].info.run_id  # the table points at the latest attempt
 
 
 @pytest.mark.slow

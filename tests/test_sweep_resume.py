@@ -26,12 +26,26 @@ def test_latest_and_named_sweeps_are_found(tmp_path: Path) -> None:
 
 
 def test_state_file_keeps_its_format(tmp_path: Path) -> None:
-    """Sweeps started before this version must stay resumable: the same file names and keys."""
+    """Sweeps started before this version must stay resumable: the same file names and keys (plus `finished`,
+    which a file written before it existed lacks: such a sweep reads as unfinished)."""
     write_state(tmp_path, state("grid-1"))
     assert json.loads((tmp_path / "latest.json").read_text()) == {"name": "grid-1"}
-    assert json.loads((tmp_path / "grid-1.sweep.json").read_text()) == {
-        "name": "grid-1", "search": "grid", "plan": "p", "tracking_uri": "sqlite:////tmp/m.db",
-        "experiment_id": "1", "parent_run_id": "run-grid-1", "created": "2026-01-01T00:00:00"}
+    before = {"name": "grid-1", "search": "grid", "plan": "p", "tracking_uri": "sqlite:////tmp/m.db",
+              "experiment_id": "1", "parent_run_id": "run-grid-1", "created": "2026-01-01T00:00:00"}
+    assert json.loads((tmp_path / "grid-1.sweep.json").read_text()) == {**before, "finished": False}
+    (tmp_path / "grid-1.sweep.json").write_text(json.dumps(before))
+    assert read_state(tmp_path, "grid-1") == state("grid-1")
+
+
+def test_unfinished_sweeps_are_listed_until_marked_finished(tmp_path: Path) -> None:
+    from pipeline.sweep.resume import mark_finished, unfinished_sweeps
+
+    write_state(tmp_path, state("a"))
+    write_state(tmp_path, state("b"))
+    assert [s.name for s in unfinished_sweeps(tmp_path)] == ["a", "b"]
+    mark_finished(tmp_path, state("a"))
+    assert [s.name for s in unfinished_sweeps(tmp_path)] == ["b"]
+    assert read_state(tmp_path, "a").finished
 
 
 def test_nothing_or_an_unknown_sweep_to_resume_is_refused(tmp_path: Path) -> None:

@@ -18,7 +18,7 @@ from pipeline.tracking import (
     ATTEMPT_TAG,
     EXPERIMENT_KIND_TAG,
     KEY_TAG,
-    PARENT_TAG,
+    PREVIOUS_ATTEMPT_TAG,
     REASON_TAG,
     SweepRun,
     TrackingError,
@@ -81,7 +81,9 @@ def test_file_store_is_refused() -> None:
         check_tracking_uri("file:///tmp/mlruns")
 
 
-def test_one_run_per_trial_across_failure_retry_and_resume(tmp_path: Path) -> None:
+def test_one_run_per_attempt_linked_across_failure_retry_and_resume(tmp_path: Path) -> None:
+    """Each attempt of a trial logs into a run of its own (its curve never repeats steps), linked to the one
+    before; a FINISHED attempt ends the trial: it is returned, never trained again."""
     uri = f"sqlite:///{tmp_path}/t.db"
     parent = SweepRun.start(uri, "exp", "sweep-a", params={"search": "grid"}, tags={"git_commit": "abc"})
     args = (uri, parent.experiment_id, parent.run_id, "key1", "trial one", {"n_ctx": 4, "ctx_init": ""},
@@ -95,21 +97,40 @@ def test_one_run_per_trial_across_failure_retry_and_resume(tmp_path: Path) -> No
     failed = client.get_run(run.run_id)
     assert failed.info.status == "FAILED" and "NonFiniteLossError" in failed.data.tags[REASON_TAG]
     assert "val_acc" not in failed.data.metrics  # None values are not logged
+    assert failed.data.tags[ATTEMPT_TAG] == "1"
 
     retry, finished = TrialRun.open(*args)  # Ray's retry, or a resumed sweep
-    assert retry is not None and finished is None and retry.run_id == run.run_id
-    again = client.get_run(run.run_id)
-    assert again.info.status == "RUNNING" and again.data.tags[ATTEMPT_TAG] == "2"
-    assert REASON_TAG not in again.data.tags
+    assert retry is not None and finished is None and retry.run_id != run.run_id
+    second = client.get_run(retry.run_id)
+    assert second.info.status == "RUNNING" and second.data.tags[ATTEMPT_TAG] == "2"
+    assert second.data.tags[PREVIOUS_ATTEMPT_TAG] == run.run_id and second.data.params["n_ctx"] == "4"
+    assert second.data.tags["node_ip"] == "127.0.0.9" and second.info.run_name == "trial one (attempt 2)"
+    assert client.get_run(run.run_id).info.status == "FAILED"  # the first attempt keeps its verdict and curve
+    retry.log_metrics({"loss": 1.0}, step=1)
     retry.log_metrics({"test_acc": 50.0}, step=2)
     retry.close("FINISHED")
+    assert [m.step for m in client.get_metric_history(retry.run_id, "loss")] == [1]
 
     skipped, finished = TrialRun.open(*args)
-    assert skipped is None and finished is not None and finished.info.run_id == run.run_id
+    assert skipped is None and finished is not None and finished.info.run_id == retry.run_id
     assert finished.data.metrics["test_acc"] == 50.0
     children = parent.children()
-    assert [c.info.run_id for c in children] == [run.run_id]
-    assert children[0].data.tags[PARENT_TAG] == parent.run_id and children[0].data.params["n_ctx"] == "4"
+    assert sorted(c.info.run_id for c in children) == sorted([run.run_id, retry.run_id])
+    assert parent.trial_runs()["key1"].info.run_id == retry.run_id
+
+
+def test_an_attempt_left_running_is_closed_when_the_next_one_starts(tmp_path: Path) -> None:
+    uri = f"sqlite:///{tmp_path}/t.db"
+    parent = SweepRun.start(uri, "exp", "sweep-c", params={}, tags={})
+    args = (uri, parent.experiment_id, parent.run_id, "k", "t", {}, {})
+    lost, _ = TrialRun.open(*args)  # its worker dies without closing it
+    assert lost is not None
+    nxt, _ = TrialRun.open(*args)
+    assert nxt is not None
+    first = MlflowClient(uri).get_run(lost.run_id)
+    assert first.info.status == "FAILED" and nxt.run_id in first.data.tags[REASON_TAG]
+    assert parent.close_orphans("driver died") == 1  # the new attempt, still RUNNING here
+    assert MlflowClient(uri).get_run(nxt.run_id).data.tags[REASON_TAG] == "driver died"
 
 
 def test_settle_closes_orphans_and_records_failures_without_runs(tmp_path: Path) -> None:

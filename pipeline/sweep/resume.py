@@ -9,6 +9,7 @@ from pathlib import Path
 from pipeline.atomic import write_json_atomic
 from pipeline.sweep.plan import SweepError, SweepPlan
 
+OPTIONAL_FIELDS = ("finished",)  # added later: a state file written before has none
 LATEST_FILE = "latest.json"  # {"name": <the sweep started last under this storage>}
 STATE_SUFFIX = ".sweep.json"
 
@@ -24,6 +25,7 @@ class SweepState:
     experiment_id: str
     parent_run_id: str
     created: str  # ISO time the sweep started
+    finished: bool = False  # set when the sweep ends with every trial settled (a killed driver never sets it)
 
     def check_plan(self, plan: SweepPlan) -> None:
         """A resumed sweep must search the same space it started with."""
@@ -52,10 +54,29 @@ def read_state(storage: Path, resume: str) -> SweepState:
         raise SweepError(f"no sweep named {name!r} under {storage}; known: {', '.join(known) or 'none'}")
     try:
         recorded = json.loads(path.read_text())
-        return SweepState(**{f.name: recorded[f.name] for f in fields(SweepState)})
+        return SweepState(**{f.name: recorded[f.name] for f in fields(SweepState) if f.name in recorded
+                             or f.name not in OPTIONAL_FIELDS})
     except (ValueError, KeyError, TypeError) as error:
         raise SweepError(f"{path} is not a sweep state file this version can read ({error!r}); "
                          "start a new sweep without --resume") from None
+
+
+def unfinished_sweeps(storage: Path) -> list[SweepState]:
+    """The sweeps under `storage` that never finished (interrupted, or their driver was killed), oldest first."""
+    states = []
+    for path in sorted(storage.glob(f"*{STATE_SUFFIX}")):
+        try:
+            state = read_state(storage, path.name[: -len(STATE_SUFFIX)])
+        except SweepError:
+            continue
+        if not state.finished:
+            states.append(state)
+    return sorted(states, key=lambda s: s.created)
+
+
+def mark_finished(storage: Path, state: SweepState) -> None:
+    """Record that the sweep ended with every trial settled (`unfinished_sweeps` no longer lists it)."""
+    write_json_atomic(state_path(storage, state.name), asdict(state) | {"finished": True})
 
 
 def write_state(storage: Path, state: SweepState) -> None:

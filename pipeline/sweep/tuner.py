@@ -21,7 +21,14 @@ from pipeline.params import Params
 from pipeline.sweep.cluster import check_ray_address, check_resources, init_ray, resolve_address
 from pipeline.sweep.plan import SweepError, SweepPlan, check_precision, feature_key, plan_sweep
 from pipeline.sweep.results import ResultFiles, TrialRecord, counts, summarize, write_results
-from pipeline.sweep.resume import SweepState, read_state, state_path, write_state
+from pipeline.sweep.resume import (
+    SweepState,
+    mark_finished,
+    read_state,
+    state_path,
+    unfinished_sweeps,
+    write_state,
+)
 from pipeline.sweep.space import complete, max_epochs, trial_key
 from pipeline.tracking import (
     NODE_TAG,
@@ -80,6 +87,11 @@ def run_sweep(params: Params, options: SweepOptions) -> SweepOutcome:
     if state is None and (experiment_path.exists() or state_path(storage, name).exists()):
         raise SweepError(f"a sweep named {name!r} already exists under {storage} (sweep.storage): start this one "
                          f"with another --name, or continue that one with --resume {name} if it was interrupted")
+    if state is None:
+        for old in unfinished_sweeps(storage):
+            log.warning("sweep %s (started %s) did not finish: its driver was interrupted or killed. This starts a "
+                        "new sweep; to finish that one instead: python -m pipeline.sweep --resume %s",
+                        old.name, old.created, old.name)
 
     uri = state.tracking_uri if state is not None else resolve_tracking_uri(options.tracking_uri, params.tracking.uri)
     if state is not None and options.tracking_uri and options.tracking_uri != uri:
@@ -106,19 +118,27 @@ def run_sweep(params: Params, options: SweepOptions) -> SweepOutcome:
                   "ray_experiment": str(experiment_path),
                   **{f"feature_cache.{d}": fp for d, fp in inputs.cache_fingerprints.items()}},
         )
-        write_state(storage, SweepState(
+        state = SweepState(
             name=name, search=plan.search, plan=plan.fingerprint(), tracking_uri=uri,
             experiment_id=parent.experiment_id, parent_run_id=parent.run_id,
             created=datetime.now().isoformat(timespec="seconds"),
-        ))
+        )
+        write_state(storage, state)
+        resume = False
     else:
         parent = SweepRun.reopen(uri, state.parent_run_id)
+        resume = True
+        # Runs of trials that were training when the last driver died were never closed by anyone.
+        orphans = parent.close_orphans("the sweep's driver ended (killed or crashed) while this trial ran; "
+                                       "--resume trains the trial again in a new attempt (a new run)")
+        if orphans:
+            log.warning("closed %d MLflow run(s) orphaned by the previous driver as KILLED", orphans)
     log.info("sweep %s: MLflow parent run %s in %s", name, parent.run_id, uri)
 
     started_ray = False
     try:
         started_ray = init_ray(address)
-        outcome = _fit(params, options, plan, inputs, parent, name, experiment_path, commit, resume=state is not None)
+        outcome = _fit(params, options, plan, inputs, parent, name, experiment_path, commit, resume=resume)
     except BaseException:
         parent.client.set_terminated(parent.run_id, "FAILED")
         raise
@@ -128,6 +148,8 @@ def run_sweep(params: Params, options: SweepOptions) -> SweepOutcome:
 
             ray.shutdown()
     outcome.wall_seconds = time.perf_counter() - start
+    if not outcome.interrupted:
+        mark_finished(storage, state)
     return outcome
 
 
@@ -325,7 +347,7 @@ def _fit(params: Params, options: SweepOptions, plan: SweepPlan, inputs: Any, pa
 
     # Settle MLflow: each child run agrees with Ray's final word on its trial (a worker that crashed or was
     # stopped could not close its own run), then the records are read again with the settled runs.
-    children = {r.data.tags.get("sweep.trial_key"): r for r in parent.children()}
+    children = parent.trial_runs()
     records = _records(results, children, plan, ended)
     outcomes = {}
     for record in records:
@@ -339,7 +361,7 @@ def _fit(params: Params, options: SweepOptions, plan: SweepPlan, inputs: Any, pa
                   "method": record.config["method"], "protocol": record.config["protocol"]},
         )
     parent.settle(outcomes)
-    children = {r.data.tags.get("sweep.trial_key"): r for r in parent.children()}
+    children = parent.trial_runs()
     records = _records(results, children, plan, ended)
 
     results_dir = Path(params.sweep.results_dir).resolve()
