@@ -90,15 +90,33 @@ def save_context(path: str | Path, ctx: torch.Tensor, meta: ContextMeta,
     return path
 
 
+# What to do with a context pair whose files do not match or are damaged.
+PAIR_HINT = ("use the .safetensors and .json a trial saved together (in its folder under <sweep.results_dir>/"
+             "contexts/ and in its MLflow artifacts)")
+# ctx.json fields a classifier is rebuilt from, and the type each must have.
+META_TYPES: dict[str, type | tuple[type, ...]] = {
+    "arch": str, "pretrained": (str, type(None)), "fingerprint": str, "n_ctx": int, "class_token_position": str,
+    "csc": bool, "ctx_init": str, "classnames": list, "method": str, "method_params": dict,
+}
+
+
 def load_metadata(path: str | Path) -> ContextMeta:
     """The metadata of context `path` (.safetensors or its .json) without reading the tensor."""
     meta_file = metadata_path(path)
     if not meta_file.is_file():
         raise ContextFileError(f"context file {meta_file} does not exist (a context is a .safetensors + .json pair)")
     try:
-        return ContextMeta(**json.loads(meta_file.read_text()))
-    except (json.JSONDecodeError, TypeError) as e:
-        raise ContextFileError(f"{meta_file} is not valid context metadata: {e}") from None
+        meta = ContextMeta(**json.loads(meta_file.read_text(encoding="utf-8")))
+    except (json.JSONDecodeError, UnicodeDecodeError, TypeError) as e:
+        raise ContextFileError(f"{meta_file} is not valid context metadata ({e}); {PAIR_HINT}") from None
+    for name, kind in META_TYPES.items():
+        value = getattr(meta, name)
+        if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+            wanted = " or ".join(k.__name__ for k in (kind if isinstance(kind, tuple) else (kind,)))
+            raise ContextFileError(f"{meta_file}: {name} is {value!r}, expected {wanted}; {PAIR_HINT}")
+    if not all(isinstance(name, str) for name in meta.classnames):
+        raise ContextFileError(f"{meta_file}: classnames must be strings; {PAIR_HINT}")
+    return meta
 
 
 def save_learned(path: str | Path, learned: dict[str, torch.Tensor], meta: ContextMeta) -> Path:
@@ -118,14 +136,19 @@ def load_learned(path: str | Path) -> tuple[dict[str, torch.Tensor], ContextMeta
     try:
         tensors = load_file(str(path))
     except SafetensorError as e:
-        raise ContextFileError(f"{path} is not a safetensors file ({e}); pass the context's .safetensors") from None
+        raise ContextFileError(
+            f"{path} is not a safetensors file ({e}); it is never unpickled: pass a context's .safetensors (an "
+            "official CoOp checkpoint is converted by python -m pipeline.tools.import_context)") from None
     if "ctx" not in tensors:
         raise ContextFileError(f"{path} should hold the tensor 'ctx', found {sorted(tensors)}")
     ctx = tensors["ctx"]
+    expected = f"({len(meta.classnames)}, {meta.n_ctx}, width)" if meta.csc else f"({meta.n_ctx}, width)"
     if ctx.dim() != (3 if meta.csc else 2) or ctx.shape[-2] != meta.n_ctx:
-        raise ContextFileError(f"{path}: tensor shape {tuple(ctx.shape)} disagrees with its metadata")
+        raise ContextFileError(f"{path}: tensor 'ctx' has shape {tuple(ctx.shape)}, but its metadata (n_ctx="
+                               f"{meta.n_ctx}, csc={meta.csc}) wants {expected}; {PAIR_HINT}")
     if meta.csc and ctx.shape[0] != len(meta.classnames):
-        raise ContextFileError(f"{path}: {ctx.shape[0]} class contexts but {len(meta.classnames)} class names")
+        raise ContextFileError(f"{path}: {ctx.shape[0]} class contexts but {len(meta.classnames)} class names in its "
+                               f"metadata; {PAIR_HINT}")
     return tensors, meta
 
 
@@ -149,8 +172,9 @@ def check_fits(backbone: Backbone, ctx: torch.Tensor, meta: ContextMeta, classna
             f"load {meta.arch} (pretrained {meta.pretrained!r})"
         )
     if ctx.shape[-1] != backbone.text_width:
-        raise ContextFileError(
-            f"context width {ctx.shape[-1]} does not match the text tower width {backbone.text_width}"
+        raise ContextFileError(  # the metadata's arch is the backbone's: the tensor comes from another model
+            f"context width {ctx.shape[-1]} does not match the text tower width {backbone.text_width} of "
+            f"{backbone.arch}; {PAIR_HINT}"
         )
     if meta.fingerprint != backbone.fingerprint:
         log.warning("context was learned with weights %s; backbone has %s", meta.fingerprint, backbone.fingerprint)

@@ -70,11 +70,13 @@ def predict(context_file: Path, images: list[Path], pretrained: str | None = Non
     import torch.nn.functional as F
 
     from pipeline.data.images import build_transforms
-    from pipeline.engine.backbone import load_backbone, resolve_device
-    from pipeline.engine.context import load_learned
+    from pipeline.engine.backbone import BackboneError, WeightsUnavailableError, load_backbone, resolve_device
+    from pipeline.engine.context import ContextFileError, load_learned
     from pipeline.engine.methods import learned_model
 
-    tensors, meta = load_learned(context_tensor_file(context_file))
+    tensor_file = context_tensor_file(context_file)
+    tensors, meta = load_learned(tensor_file)
+    run_on = resolve_device(device)
     rows: list[dict] = [{"image": str(path)} for path in images]
     model = None  # loaded with the first readable image
     for start in range(0, len(images), BATCH_SIZE):
@@ -88,9 +90,14 @@ def predict(context_file: Path, images: list[Path], pretrained: str | None = Non
         if not decoded:
             continue
         if model is None:
-            backbone = load_backbone(meta.arch, pretrained if pretrained is not None else meta.pretrained,
-                                     resolve_device(device))
-            model = learned_model(backbone, tensors, meta)
+            weights = pretrained if pretrained is not None else meta.pretrained
+            try:  # the backbone comes from the context's metadata: a failure names the file it came from
+                backbone = load_backbone(meta.arch, weights, run_on)
+                model = learned_model(backbone, tensors, meta)
+            except (BackboneError, WeightsUnavailableError, ContextFileError) as error:
+                fix = " (--pretrained gives other weights)" if isinstance(error, WeightsUnavailableError) else ""
+                raise ContextFileError(f"context {tensor_file} (backbone {meta.arch}, weights {weights}) cannot be "
+                                       f"used: {error}{fix}") from None
             _, test_transform = build_transforms(backbone.image_size, backbone.mean, backbone.std)
         batch = torch.stack([test_transform(image) for _, image in decoded])
         with torch.no_grad():
