@@ -4,10 +4,12 @@ Every process is started here and stopped by process group at the end."""
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import os
 import secrets
 import shutil
+import signal
 import socket
 import subprocess
 import tempfile
@@ -59,14 +61,23 @@ def _alive_nodes(address: str, env: dict[str, str]) -> int:
 class Cluster:
     address: str
     env: dict[str, str]
+    worker_tmp: str  # the worker node's Ray temp dir: its processes' command lines name it
 
 
 @pytest.fixture(scope="module")
 def cluster() -> Iterator[Cluster]:
+    with two_node_cluster() as running:
+        yield running
+
+
+@contextlib.contextmanager
+def two_node_cluster(**ray_env: str) -> Iterator[Cluster]:
+    """A Ray head (127.0.0.2) and a worker raylet (127.0.0.3), one CPU each, token auth; `ray_env` adds Ray
+    settings (RAY_...) to every process. Stopped by process group at the end, leaving no Ray process behind."""
     # Short private temp dirs: Ray's socket paths must fit in 107 bytes, and they identify our processes.
     head_tmp = tempfile.mkdtemp(prefix="rh-", dir="/tmp")
     worker_tmp = tempfile.mkdtemp(prefix="rw-", dir="/tmp")
-    env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(16)}
+    env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(16), **ray_env}
     env.pop("RAY_ADDRESS", None)
     port = free_port(HEAD_IP)
     common = ["--block", "--num-cpus=1", "--disable-usage-stats"]
@@ -93,7 +104,7 @@ def cluster() -> Iterator[Cluster]:
         address = f"{HEAD_IP}:{port}"
         # The sweep must see both nodes from its start, or the head's warm worker takes every trial.
         wait_for(lambda: _alive_nodes(address, env) == 2, 120, 1.0, "both Ray nodes to register")
-        yield Cluster(address, env)
+        yield Cluster(address, env, worker_tmp)
     finally:
         for proc in procs:  # worker first, so it does not try to drain from a dead head
             stop_group(proc, timeout=10)  # an idle raylet drains in about a second; do not wait out 30s
@@ -164,3 +175,58 @@ def test_driver_with_another_auth_token_is_refused_quickly(cluster: Cluster, mon
     with pytest.raises(SweepError, match="RAY_AUTH_TOKEN"):
         check_ray_address(cluster.address)
 
+
+
+def test_a_lost_worker_node_costs_only_its_trials_in_flight(demo_ws: DemoWorkspace, tmp_path: Path) -> None:
+    """Kill the worker node's raylet (SIGKILL, by PID) while a trial trains there: Ray retries that trial on the
+    head (sweep.retries), its lost attempt's MLflow run ends FAILED with the reason and links to the retry's
+    run, every planned trial is in the tables exactly once, FINISHED, and no run is left RUNNING."""
+    root = tmp_path / "lost"
+    params = demo_ws.params(
+        "lost-node",
+        data={"shots": [1], "seeds": [1]},
+        train={"epochs": 1500, "eval_every": 500},  # ~10 s a trial: both nodes busy at once (see above)
+        sweep={"space": {"n_ctx": [4, 8]}, "max_concurrent": 2, "retries": 2,
+               "storage": str(root / "ray"), "results_dir": str(root / "results")},
+        tracking={"experiment": "lost-node"},
+    )
+    # The head declares a silent node dead after ~3 s instead of Ray's default ~30 s.
+    fast_health = {"RAY_health_check_initial_delay_ms": "1000", "RAY_health_check_period_ms": "1000",
+                   "RAY_health_check_failure_threshold": "3"}
+    with two_node_cluster(**fast_health) as lost, mlflow_server(tmp_path / "mlflow") as uri:
+        client = MlflowClient(uri)
+
+        def running_on_worker() -> bool:
+            experiment = client.get_experiment_by_name("lost-node")
+            runs = client.search_runs([experiment.experiment_id]) if experiment else []
+            return any(r.info.status == "RUNNING" and r.data.tags.get(NODE_TAG) == WORKER_IP for r in runs)
+
+        sweep = subprocess.Popen(
+            [PYTHON, "-m", "pipeline.sweep", "--params", str(params), "--address", lost.address, "--tracking-uri",
+             uri, "--quiet"], cwd=tmp_path, env=lost.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+            text=True, start_new_session=True)
+        try:
+            wait_for(running_on_worker, 240, 0.5, "a trial training on the worker node")
+            raylets = [pid for pid in pids_mentioning(lost.worker_tmp)
+                       if "raylet" in Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="ignore").split("\0")[0]]
+            assert raylets, "the worker's raylet process"
+            for pid in raylets:
+                os.kill(pid, signal.SIGKILL)
+            output, _ = sweep.communicate(timeout=400)
+        finally:
+            stop_group(sweep)
+        assert sweep.returncode == 0, output[-5000:]
+
+        rows = list(csv.DictReader((root / "results" / "trials.csv").open()))
+        assert len(rows) == 2 and {r["state"] for r in rows} == {"FINISHED"}
+        assert len({r["trial_key"] for r in rows}) == 2
+        experiment = client.get_experiment_by_name("lost-node")
+        runs = [r for r in client.search_runs([experiment.experiment_id]) if PARENT_TAG in r.data.tags]
+        assert not [r for r in runs if r.info.status == "RUNNING"]
+        lost_runs = [r for r in runs if r.info.status != "FINISHED"]
+        assert len(lost_runs) == 1 and lost_runs[0].data.tags[NODE_TAG] == WORKER_IP
+        assert lost_runs[0].info.status == "FAILED" and lost_runs[0].data.tags["sweep.failure_reason"]
+        retry = next(r for r in runs if r.data.tags.get("sweep.previous_attempt") == lost_runs[0].info.run_id)
+        assert retry.info.status == "FINISHED" and retry.data.tags[NODE_TAG] == HEAD_IP
+        assert retry.info.run_id in {r["mlflow_run_id"] for r in rows}
+        assert [m.step for m in client.get_metric_history(retry.info.run_id, "loss")] == list(range(1, 1501))
