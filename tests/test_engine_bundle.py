@@ -123,6 +123,8 @@ def test_a_diverging_member_fails_alone_and_the_others_match(tiny, datas):
     assert str(failed.error) == str(alone_error.value)
     for i in (0, 2):
         _assert_same_training(outcomes[i].result, _alone(tiny, members[i]))
+    (alone_in_bundle,) = train_bundle(tiny, [members[1]], progress=False)  # no member left: the bundle ends
+    assert str(alone_in_bundle.error) == str(alone_error.value)
 
 
 def test_a_member_stopped_by_on_epoch_stops_and_the_others_match(tiny, datas):

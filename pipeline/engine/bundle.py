@@ -88,6 +88,11 @@ class BundleStep:
     def __init__(self, backbone: Backbone, models: Sequence[CoOp], cfgs: Sequence[TrainConfig]) -> None:
         if not models or len(models) != len(cfgs):
             raise ValueError(f"a bundle step needs one config per model (got {len(models)} models, {len(cfgs)} configs)")
+        for i, (model, cfg) in enumerate(zip(models, cfgs, strict=True)):
+            if cfg.precision != cfgs[0].precision or model.prompt_learner.n_cls != models[0].prompt_learner.n_cls:
+                raise ValueError(f"bundled models must share the precision and the number of classes: model {i} has "
+                                 f"{cfg.precision}, {model.prompt_learner.n_cls} classes; model 0 "
+                                 f"{cfgs[0].precision}, {models[0].prompt_learner.n_cls}")
         self.backbone = backbone
         self.models = list(models)
         self.cfgs = list(cfgs)
@@ -342,6 +347,8 @@ def train_bundle(
             loss_sums = dict.fromkeys(bundle.active, 0.0)
             correct = dict.fromkeys(bundle.active, 0)
             for step in range(steps):
+                if not bundle.active:  # every member failed this epoch
+                    break
                 drawn = [next(batches[m]) for m in bundle.active]  # (x (n, E), y (n,)) per active member
                 x = torch.stack([d[0] for d in drawn])  # (A, n, E)
                 y = torch.stack([d[1] for d in drawn])  # (A, n)
