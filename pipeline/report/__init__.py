@@ -21,13 +21,22 @@ def write_report(params: Params, tracking_uri: str | None = None, mlflow: bool =
     data = collect(params, tracking_uri)
     page = render(data)
     path = Path(params.report.dir) / "index.html"
-    write_text_atomic(path, page)
-    log.info("report: %s (%d KiB, %d finished trials)", path, len(page) // 1024, len(data.finished_trials))
+    run = None
     if mlflow:
-        from pipeline.tracking import log_stage_files
+        from pipeline.tracking import StageRun
 
-        log_stage_files(params, "report", [path], {"results_dir": str(data.results_dir),
-                                                   "baselines_dir": str(data.baselines_dir),
-                                                   "trials": len(data.trial_rows)},
-                        {"finished_trials": len(data.finished_trials)}, tracking_uri)
+        # Opened before the page is written: a store that cannot take the run (another project's mlflow.db,
+        # an unreachable server) stops the stage with nothing written.
+        run = StageRun.start(params, "report", "report", {"results_dir": str(data.results_dir),
+                                                          "baselines_dir": str(data.baselines_dir),
+                                                          "trials": len(data.trial_rows)}, tracking_uri)
+    try:
+        write_text_atomic(path, page)
+    except BaseException:
+        if run is not None:
+            run.finish("FAILED")
+        raise
+    log.info("report: %s (%d KiB, %d finished trials)", path, len(page) // 1024, len(data.finished_trials))
+    if run is not None:
+        run.finish("FINISHED", [path], {"finished_trials": len(data.finished_trials)})
     return path
