@@ -16,6 +16,7 @@ import os
 import signal
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from pipeline import cli
@@ -131,6 +132,13 @@ def dry_run(params: Params) -> None:
               f"reading them from data.root ({params.data.root}), which every Ray worker must see.")
 
 
+def params_file(args: argparse.Namespace) -> str:
+    """The params file this command read (as pipeline.cli chooses it), for messages about its keys."""
+    if args.params is not None:
+        return str(args.params)
+    return cli.DEFAULT_PARAMS if Path(cli.DEFAULT_PARAMS).is_file() else "the default params"
+
+
 def run(args: argparse.Namespace, params: Params | None) -> int:
     assert params is not None
     if args.quiet:
@@ -141,15 +149,20 @@ def run(args: argparse.Namespace, params: Params | None) -> int:
                           "`python -m pipeline.tools.sweeps` lists the sweeps")
     if args.num_samples is not None and params.sweep.search == "grid" and not args.resume:
         log.info("grid runs every distinct configuration once; --num-samples is ignored")
-    if args.dry_run:
-        dry_run(params)
-        return 0
-    from pipeline.sweep.tuner import SweepOptions, run_sweep
+    from pipeline.sweep.space import SpaceError
 
-    if hasattr(signal, "SIGUSR1"):
-        signal.signal(signal.SIGTERM, _terminate_like_interrupt)
-    outcome = run_sweep(params, SweepOptions(resume=args.resume, tracking_uri=args.tracking_uri,
-                                             verbose=0 if args.quiet else 2 if args.ray_tables else 1))
+    try:
+        if args.dry_run:
+            dry_run(params)
+            return 0
+        from pipeline.sweep.tuner import SweepOptions, run_sweep
+
+        if hasattr(signal, "SIGUSR1"):
+            signal.signal(signal.SIGTERM, _terminate_like_interrupt)
+        outcome = run_sweep(params, SweepOptions(resume=args.resume, tracking_uri=args.tracking_uri,
+                                                 verbose=0 if args.quiet else 2 if args.ray_tables else 1))
+    except SpaceError as error:  # sweep.space is checked only here, long after the params file was read: name it
+        raise SpaceError(f"{params_file(args)}: {error}") from None
     if outcome.interrupted:
         return EXIT_INTERRUPTED
     if outcome.counts.get("failed"):
