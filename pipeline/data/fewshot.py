@@ -244,20 +244,23 @@ def read_fewshot_split(path: Path | str) -> FewShotSplit:
     data = _load_json(path, "Few-shot split file")
     where = f"Few-shot split file {path}"
     try:
-        classnames = _classnames(data, where)
-        return FewShotSplit(
-            dataset=str(data["dataset"]),
-            shots=int(data["shots"]),
-            seed=int(data["seed"]),
-            classnames=classnames,
-            train=_items(data["train"], f"{where}: train", len(classnames)),
-            val=_items(data["val"], f"{where}: val", len(classnames)),
-            val_is_test=bool(data.get("val_is_test", False)),
-        )
+        fields = {name: data[name] for name in ("dataset", "shots", "seed", "classnames", "train", "val")}
     except KeyError as error:
         raise DatasetError(f"{where} lacks the field {error}; rerun the prepare stage.") from None
+    try:
+        shots, seed = int(fields["shots"]), int(fields["seed"])
     except (TypeError, ValueError) as error:
         raise DatasetError(f"{where} has a malformed shots or seed ({error}); rerun the prepare stage.") from None
+    classnames = _classnames(data, where)
+    return FewShotSplit(
+        dataset=str(fields["dataset"]),
+        shots=shots,
+        seed=seed,
+        classnames=classnames,
+        train=_items(fields["train"], f"{where}: train", len(classnames)),
+        val=_items(fields["val"], f"{where}: val", len(classnames)),
+        val_is_test=bool(data.get("val_is_test", False)),
+    )
 
 
 def read_eval_list(path: Path | str) -> EvalList:
