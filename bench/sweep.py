@@ -9,6 +9,12 @@ the object-store fetch, MLflow logging and artifacts, and Tune's scheduling.
 
     python bench/sweep.py                         # optuna, 8 trials, params.yaml's demo settings
     python bench/sweep.py --search grid --epochs 20
+    python bench/sweep.py --scale 1000            # 1,000 one-epoch trials on the Fashion-MNIST sample
+                                                  # (tiny random-weight CLIP): overhead, driver memory, locks
+
+--scale N runs a grid of N distinct configurations (N learning rates x n_ctx 1..8, 1 shot, seed 1, one epoch)
+and also reports the driver's peak and final resident memory (sampled every second), trials that failed on
+"database is locked", and whether trials.csv holds every planned trial exactly once.
 """
 
 from __future__ import annotations
@@ -56,6 +62,46 @@ def prepare_workspace(params_file: Path, work: Path, epochs: int | None) -> Path
     return path
 
 
+def scale_params(work: Path, trials: int) -> Path:
+    """configs/fashion-mnist.yaml with a grid of `trials` one-epoch configurations (lr x n_ctx)."""
+    raw = yaml.safe_load((REPO / "configs" / "fashion-mnist.yaml").read_text())
+    n_ctx = list(range(1, 9))
+    lrs = [round(0.0005 * 1.01 ** i, 8) for i in range(-(-trials // len(n_ctx)))]
+    raw["data"].update(shots=[1], seeds=[1])
+    raw.setdefault("train", {}).update(epochs=1, eval_every=0)
+    raw["sweep"]["space"] = {"n_ctx": n_ctx, "lr": lrs, "ctx_init": [""], "csc": [False]}
+    raw["sweep"]["search"] = "grid"
+    path = work / "scale-source.yaml"
+    path.write_text(yaml.safe_dump(raw, sort_keys=False))
+    return path
+
+
+class MemorySampler:
+    """This process's resident memory every `every` seconds, in a thread: peak and last value (MiB)."""
+
+    def __init__(self, every: float = 1.0) -> None:
+        import threading
+
+        self.samples: list[float] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, args=(every,), daemon=True)
+
+    def _run(self, every: float) -> None:
+        import psutil
+
+        me = psutil.Process()
+        while not self._stop.wait(every):
+            self.samples.append(me.memory_info().rss / 2**20)
+
+    def __enter__(self) -> MemorySampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
 def main() -> int:
     from pipeline.params import SEARCHES
 
@@ -66,6 +112,7 @@ def main() -> int:
     parser.add_argument("--max-concurrent", type=int)
     parser.add_argument("--epochs", type=int, help="override train.epochs (default: the params file's)")
     parser.add_argument("--workdir", type=Path, help="keep the workspace here (default: a temp folder)")
+    parser.add_argument("--scale", type=int, metavar="N", help="N one-epoch trials on the Fashion-MNIST sample")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     log.setLevel(logging.INFO)
@@ -76,18 +123,22 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="bench-sweep-") as tmp:
         work = (args.workdir or Path(tmp)).resolve()
         work.mkdir(parents=True, exist_ok=True)
-        params_path = prepare_workspace(args.params, work, args.epochs)
+        source = scale_params(work, args.scale) if args.scale else args.params
+        params_path = prepare_workspace(source, work, args.epochs)
         params = load_params(params_path)
-        flags = {"search": args.search, "num_samples": args.num_samples, "max_concurrent": args.max_concurrent}
+        flags = {"search": "grid" if args.scale else args.search, "num_samples": args.num_samples,
+                 "max_concurrent": args.max_concurrent}
         params = replace(params, sweep=replace(params.sweep, **{k: v for k, v in flags.items() if v is not None}))
         os.environ.pop("MLFLOW_TRACKING_URI", None)
-        outcome = run_sweep(params, SweepOptions(verbose=0))
+        with MemorySampler() as memory:
+            outcome = run_sweep(params, SweepOptions(verbose=0))
+        rows = (outcome.files.trials.read_text().count("\n") - 1) if outcome.files.trials.is_file() else 0
     records = outcome.records
     trained = [r for r in records if r.train_seconds is not None]
     n = len(records)
     train_sum = sum(r.train_seconds or 0.0 for r in trained)
     concurrency = params.sweep.max_concurrent
-    print(f"machine: {os.cpu_count()} CPUs; search {args.search}, {n} trials "
+    print(f"machine: {os.cpu_count()} CPUs; search {params.sweep.search}, {n} trials "
           f"({outcome.counts.get('finished', 0)} finished), max {concurrency} concurrent, "
           f"{params.sweep.cpus_per_trial:g} CPU per trial")
     print(f"sweep wall time (run_sweep, incl. Ray start + features + MLflow): {outcome.wall_seconds:8.1f} s")
@@ -97,6 +148,13 @@ def main() -> int:
     print(f"  same with Tuner.fit wall only:                                {(outcome.fit_seconds - train_sum) / n:8.2f} s")
     print(f"  per trial slot ({concurrency} concurrent: fit wall x {concurrency} - sum training) / trials: "
           f"{(outcome.fit_seconds * concurrency - train_sum) / n:8.2f} s")
+    if memory.samples:
+        print(f"driver resident memory: peak {max(memory.samples):.0f} MiB, at the end {memory.samples[-1]:.0f} MiB "
+              f"(first sample {memory.samples[0]:.0f} MiB)")
+    locked = [r for r in records if "database is locked" in r.reason]
+    keys = {r.trial_key for r in records}
+    print(f"trials failed on 'database is locked': {len(locked)}; trials.csv rows {rows} for {n} planned trials, "
+          f"{len(keys)} distinct keys")
     return 0
 
 
