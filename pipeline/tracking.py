@@ -422,7 +422,12 @@ def server_unreachable(error: BaseException) -> bool:
     return False
 
 
-def _one_line(error: BaseException, limit: int = 200) -> str:
+def _root_cause(error: BaseException, limit: int = 200) -> str:
+    """The innermost error `error` was raised from, on one line ("ConnectionRefusedError: [Errno 111] ...")."""
+    seen = {id(error)}
+    while (inner := error.__cause__ or error.__context__) is not None and id(inner) not in seen:
+        seen.add(id(inner))
+        error = inner
     return " ".join(f"{type(error).__name__}: {error}".split())[:limit]
 
 
@@ -488,16 +493,16 @@ class OutageGuard:
             self.since, self.delay = now, 1.0
             log.warning("MLflow tracking server %s does not answer (%s: %s); the trial goes on and holds its "
                         "metrics, retrying for up to %g s (tracking.outage_limit_s)",
-                        self.uri, what, _one_line(error), self.limit_s)
+                        self.uri, what, _root_cause(error), self.limit_s)
         else:
             self.delay = min(2 * self.delay, MAX_RETRY_DELAY_S)
         down = now - self.since
         if down >= self.limit_s:
             # One line, the essentials first: Ray's error and trials.csv's reason column keep its start.
-            self.gave_up = (f"MLflow tracking server {self.uri} has not answered for {down:.0f} s, longer than "
+            self.gave_up = (f"MLflow tracking server {self.uri} has not answered for {down:.1f} s, reaching "
                             f"tracking.outage_limit_s ({self.limit_s:g} s): check the server, or raise "
                             f"tracking.outage_limit_s to ride out longer outages (last error, on {what}: "
-                            f"{_one_line(error)})")
+                            f"{_root_cause(error, 120)})")
             log.error("%s", self.gave_up)
             raise TrackingError(self.gave_up) from None
         self.next_try = min(now + self.delay, self.since + self.limit_s)  # the last try falls on the limit

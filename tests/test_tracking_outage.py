@@ -122,13 +122,18 @@ def test_outage_limit_must_be_positive(tmp_path: Path, value: str) -> None:
     assert load_params(path).tracking.outage_limit_s == 5
 
 
-def test_trials_turn_mlflows_own_retries_down_unless_the_environment_chose(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.delenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", raising=False)
-    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "33")
-    bound_http_retries()
-    assert os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] == "0"
-    assert os.environ["MLFLOW_HTTP_REQUEST_TIMEOUT"] == "33"
-    monkeypatch.delenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES")  # undo what bound_http_retries set here
+def test_trials_turn_mlflows_own_retries_down_unless_the_environment_chose() -> None:
+    saved = {name: os.environ.pop(name, None) for name in TRIAL_HTTP_ENV}
+    try:  # this process is the sweeps' driver too: it must keep MLflow's retries afterwards
+        os.environ["MLFLOW_HTTP_REQUEST_TIMEOUT"] = "33"
+        bound_http_retries()
+        assert os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] == "0"
+        assert os.environ["MLFLOW_HTTP_REQUEST_TIMEOUT"] == "33"
+    finally:
+        for name, value in saved.items():
+            os.environ.pop(name, None)
+            if value is not None:
+                os.environ[name] = value
 
 
 def test_an_unreachable_server_is_told_from_a_real_error(store: SweepRun, trial_http_env: None) -> None:
@@ -179,13 +184,20 @@ def test_a_trial_holds_its_metrics_through_an_outage_and_sends_them_in_order(
     starts = [r for r in caplog.records if "does not answer" in r.getMessage()]
     assert len(starts) == 1 and down in starts[0].getMessage() and "tracking.outage_limit_s" in starts[0].getMessage()
 
-    run.client = client  # the server is back
-    run.close("FINISHED")
+    run.client = client  # the server is back: the next flush that is due sends what was held, training on
+    epoch = 12
+    while run._pending:
+        run.log_metrics({"loss": 3.0 / epoch, "val_acc": 10.0 * epoch}, step=epoch, flush=True)
+        epoch += 1
+        time.sleep(0.1)
+    assert epoch < 40, "the held metrics went out only after many epochs"
     ends = [r.getMessage() for r in caplog.records if "answers again" in r.getMessage()]
-    assert len(ends) == 1 and "20 metric row(s) held" in ends[0]
+    assert len(ends) == 1 and "metric row(s) held" in ends[0]
+    assert int(ends[0].split("sending the ")[1].split()[0]) >= 20
     assert len(run.server.outages) == 1 and 0.5 < run.server.outages[0] < 10
-    assert loss_steps(client, run.run_id) == list(range(1, 12))
-    assert sorted(m.step for m in client.get_metric_history(run.run_id, "val_acc")) == list(range(2, 12))
+    run.close("FINISHED")
+    assert loss_steps(client, run.run_id) == list(range(1, epoch))
+    assert sorted(m.step for m in client.get_metric_history(run.run_id, "val_acc")) == list(range(2, epoch))
     assert client.get_run(run.run_id).info.status == "FINISHED"
 
 
@@ -231,9 +243,11 @@ class RestartableServer:
         self.port = free_port()
         self.uri = f"http://127.0.0.1:{self.port}"
         self.proc: subprocess.Popen | None = None
+        self.startup_s = 0.0  # how long the last start took to answer
         folder.mkdir(parents=True, exist_ok=True)
 
     def start(self, wait: bool = True) -> None:
+        self.started = time.monotonic()
         with (self.folder / "mlflow-server.log").open("a") as log:
             self.proc = subprocess.Popen(
                 [str(Path(PYTHON).parent / "mlflow"), "server", "--backend-store-uri",
@@ -249,6 +263,7 @@ class RestartableServer:
         assert proc is not None
         wait_for(lambda: http_ok(f"{self.uri}/health") or proc.poll() is not None, 180, 0.2, "mlflow server")
         assert proc.poll() is None, (self.folder / "mlflow-server.log").read_text()[-3000:]
+        self.startup_s = time.monotonic() - self.started
 
     def stop(self) -> None:
         if self.proc is not None:
@@ -325,8 +340,8 @@ def in_background(work: Any) -> tuple[threading.Thread, list[BaseException]]:
 def test_a_sweep_rides_out_a_server_restart_and_loses_nothing(demo_ws: DemoWorkspace, ray_session: None,
                                                               server: RestartableServer) -> None:
     """Stop the server once both trials have logged a few epochs, start it again on the same port and store
-    (about 30 s down, most of it the server's own start-up): both trials finish, each run holds every epoch's
-    loss once, and rows logged while the server was down are among them."""
+    so that it answers about 30 s after the stop (longer when its start-up alone takes longer): both trials
+    finish, each run holds every epoch's loss once, and rows logged while the server was down are among them."""
     epochs, name = 150, "outage-restart"
     params = outage_params(demo_ws, name, epochs, limit_s=120, uri=server.uri)
     window: dict[str, float] = {}
@@ -336,7 +351,7 @@ def test_a_sweep_rides_out_a_server_restart_and_loses_nothing(demo_ws: DemoWorks
                  180, 0.5, "both trials training")
         window["stop"] = time.time()
         server.stop()
-        time.sleep(5)
+        time.sleep(max(0.0, 30 - server.startup_s))
         server.start()
         window["up"] = time.time()
 
@@ -377,9 +392,9 @@ def test_a_sweep_rides_out_a_server_restart_and_loses_nothing(demo_ws: DemoWorks
 @pytest.mark.slow
 def test_a_server_down_past_the_limit_fails_the_trials_and_the_sweep_says_so(
         demo_ws: DemoWorkspace, ray_session: None, server: RestartableServer) -> None:
-    """tracking.outage_limit_s: 5. The server stops while both trials train and takes its start-up time (about
-    25 s) to answer again: both trials fail about 5 s after the stop, naming the limit; the driver, whose own
-    MLflow client keeps MLflow's retries, settles and records them once the server is back."""
+    """tracking.outage_limit_s: 5. The server stops while both trials train and starts again only once both
+    have failed: they fail about 5 s after the stop, naming the limit. The driver, whose own MLflow client keeps
+    MLflow's retries (minutes), meets the server down when it settles the runs and does so once it is back."""
     limit, name = 5, "outage-limit"
     params = outage_params(demo_ws, name, 400, limit_s=limit, uri=server.uri)
     trial_dirs = Path(params.sweep.storage) / name
@@ -390,10 +405,9 @@ def test_a_server_down_past_the_limit_fails_the_trials_and_the_sweep_says_so(
                  180, 0.5, "both trials training")
         marks["stop"] = time.time()
         server.stop()
-        server.start(wait=False)  # answers only after its start-up: the outage outlasts the limit
         wait_for(lambda: len(list(trial_dirs.glob("*/error.txt"))) == 2, 120, 0.2, "both trials to fail")
         marks["failed"] = [p.stat().st_mtime for p in trial_dirs.glob("*/error.txt")]
-        server.wait_up()
+        server.start()
         marks["up"] = time.time()
 
     controller, errors = in_background(stop_and_restart_slowly)
@@ -404,7 +418,7 @@ def test_a_server_down_past_the_limit_fails_the_trials_and_the_sweep_says_so(
     assert not errors, errors
     fail_after = [t - marks["stop"] for t in marks["failed"]]
     assert all(limit <= s < limit + 15 for s in fail_after), fail_after
-    assert sweep_seconds < 180, f"the driver took {sweep_seconds:.0f} s"
+    assert sweep_seconds < 240, f"the driver took {sweep_seconds:.0f} s"
 
     assert outcome.counts["failed"] == 2 and outcome.counts["finished"] == 0
     rows = read_csv(outcome.files.trials)
