@@ -244,17 +244,21 @@ class RestartableServer:
         self.uri = f"http://127.0.0.1:{self.port}"
         self.proc: subprocess.Popen | None = None
         self.startup_s = 0.0  # how long the last start took to answer
+        self.closed = False  # set at the fixture's teardown: a test's restarting thread must not start it again
+        self.lock = threading.Lock()
         folder.mkdir(parents=True, exist_ok=True)
 
     def start(self, wait: bool = True) -> None:
-        self.started = time.monotonic()
-        with (self.folder / "mlflow-server.log").open("a") as log:
-            self.proc = subprocess.Popen(
-                [str(Path(PYTHON).parent / "mlflow"), "server", "--backend-store-uri",
-                 f"sqlite:///{self.folder}/server.db", "--artifacts-destination", str(self.folder / "artifacts"),
-                 "--host", "127.0.0.1", "--port", str(self.port), "--workers", "1"],
-                cwd=self.folder, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-            )
+        with self.lock:
+            assert not self.closed, "the server's fixture has ended"
+            self.started = time.monotonic()
+            with (self.folder / "mlflow-server.log").open("a") as log:
+                self.proc = subprocess.Popen(
+                    [str(Path(PYTHON).parent / "mlflow"), "server", "--backend-store-uri",
+                     f"sqlite:///{self.folder}/server.db", "--artifacts-destination", str(self.folder / "artifacts"),
+                     "--host", "127.0.0.1", "--port", str(self.port), "--workers", "1"],
+                    cwd=self.folder, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                )
         if wait:
             self.wait_up()
 
@@ -265,11 +269,13 @@ class RestartableServer:
         assert proc.poll() is None, (self.folder / "mlflow-server.log").read_text()[-3000:]
         self.startup_s = time.monotonic() - self.started
 
-    def stop(self) -> None:
-        if self.proc is not None:
-            stop_group(self.proc)
-            assert not group_members(self.proc.pid), "mlflow server processes survived"
-            self.proc = None
+    def stop(self, close: bool = False) -> None:
+        with self.lock:
+            self.closed = self.closed or close
+            if self.proc is not None:
+                stop_group(self.proc)
+                assert not group_members(self.proc.pid), "mlflow server processes survived"
+                self.proc = None
 
 
 @pytest.fixture(scope="module")
@@ -279,7 +285,7 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RestartableServ
     try:
         yield server
     finally:
-        server.stop()
+        server.stop(close=True)
 
 
 @pytest.fixture(scope="module")
