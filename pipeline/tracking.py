@@ -681,13 +681,6 @@ class StageRun:
         self.client.set_terminated(self.run_id, status)
 
 
-def log_stage_files(params: Params, stage: str, files: Sequence[Path], run_params: dict[str, Any],
-                    metrics: dict[str, float], tracking_uri: str | None = None) -> None:
-    """One FINISHED run named and tagged `stage`, with its output `files` as artifacts (the report's page)."""
-    run = StageRun.start(params, stage, stage, run_params, tracking_uri)
-    run.finish("FINISHED", files, metrics)
-
-
 def trial_artifacts(row: dict[str, str], results_dir: Path, dest: Path, tracking_uri: str,
                     names: Sequence[str] = ("ctx.safetensors", "ctx.json", "nearest_words.json")) -> Path | None:
     """A folder holding the trial's artifacts `names`: ``<results_dir>/contexts/<trial_key>/`` when the sweep

@@ -140,7 +140,8 @@ def run_sweep(params: Params, options: SweepOptions) -> SweepOutcome:
         started_ray = init_ray(address)
         outcome = _fit(params, options, plan, inputs, parent, name, experiment_path, commit, resume=resume)
     except BaseException:
-        parent.client.set_terminated(parent.run_id, "FAILED")
+        _tracked("mark the sweep's parent run FAILED", lambda: parent.client.set_terminated(parent.run_id, "FAILED"),
+                 None)
         raise
     finally:
         if started_ray:
@@ -151,6 +152,17 @@ def run_sweep(params: Params, options: SweepOptions) -> SweepOutcome:
     if not outcome.interrupted:
         mark_finished(storage, state)
     return outcome
+
+
+def _tracked(what: str, call: Any, fallback: Any) -> Any:
+    """`call()`, or `fallback` with an error logged when the tracking server fails it (MLflow has by then
+    retried for minutes): the driver's bookkeeping must not cost the sweep's result tables."""
+    try:
+        return call()
+    except Exception as error:  # MlflowException, requests' errors, TrackingError: all mean the same here
+        log.error("could not %s in MLflow (%s: %s); the result tables are written from Ray's results and "
+                  "runs may stay RUNNING until --resume settles them", what, type(error).__name__, str(error)[:300])
+        return fallback
 
 
 def parent_run_params(params: Params, plan: SweepPlan) -> dict[str, Any]:
@@ -346,9 +358,10 @@ def _fit(params: Params, options: SweepOptions, plan: SweepPlan, inputs: Any, pa
     ended = watcher.all_ended() if watcher is not None else set()
 
     # Settle MLflow: each child run agrees with Ray's final word on its trial (a worker that crashed or was
-    # stopped could not close its own run), then the records are read again with the settled runs.
-    children = parent.trial_runs()
-    records = _records(results, children, plan, ended)
+    # stopped could not close its own run), then the records are read again with the settled runs. With the
+    # tracking server gone the tables still come from Ray's results: the trials' work is not lost with it.
+    children = _tracked("read the trials' runs", parent.trial_runs, None)
+    records = _records(results, children or {}, plan, ended)
     outcomes = {}
     for record in records:
         outcomes[record.trial_key] = TrialOutcome(
@@ -360,18 +373,22 @@ def _fit(params: Params, options: SweepOptions, plan: SweepPlan, inputs: Any, pa
                   "shots": record.config["shots"], "seed": record.config["seed"], "git_commit": commit,
                   "method": record.config["method"], "protocol": record.config["protocol"]},
         )
-    parent.settle(outcomes)
-    children = parent.trial_runs()
-    records = _records(results, children, plan, ended)
+    if children is not None:  # the server answered
+        _tracked("settle the trials' runs", lambda: parent.settle(outcomes), None)
+        children = _tracked("read the settled runs", parent.trial_runs, children)
+        records = _records(results, children, plan, ended)
 
     results_dir = Path(params.sweep.results_dir).resolve()
-    exported = export_contexts(parent.uri, records, results_dir / "contexts", progress=options.verbose > 0)
+    exported = _tracked("copy the learned contexts",
+                        lambda: export_contexts(parent.uri, records, results_dir / "contexts",
+                                                progress=options.verbose > 0), 0)
     log.info("copied %d learned context(s) from MLflow into %s", exported, results_dir / "contexts")
     files = write_results(results_dir, records)
     tally = counts(records)
     # Fewer optuna trials than asked for means Tune stopped early (the searcher caps num_samples itself).
     interrupted = tally["unfinished"] > 0 or len(records) < plan.num_samples
-    parent.finish("KILLED" if interrupted else "FINISHED", _parent_metrics(records), files.all())
+    _tracked("close the sweep's parent run", lambda: parent.finish("KILLED" if interrupted else "FINISHED",
+                                                                  _parent_metrics(records), files.all()), None)
     if interrupted:
         log.warning("sweep %s interrupted with %d unfinished trial(s); continue it with: "
                     "python -m pipeline.sweep --resume %s", name, tally["unfinished"], name)
