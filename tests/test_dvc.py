@@ -88,3 +88,16 @@ def test_metrics_and_plots_show_the_demo_results(project):
     _dvc(project, "plots", "show")
     page = (project / "dvc_plots" / "index.html").read_text()
     assert "vegaEmbed(" in page and not re.search(r"""<(script|link)[^>]+(src|href)=["']?(https?:)?//""", page)
+
+
+def test_every_profile_has_the_params_sections_dvc_reads() -> None:
+    """`cp configs/<profile>.yaml params.yaml && dvc repro` (README) needs every section a non-frozen stage
+    lists under params: DVC refuses a stage whose section is missing."""
+    import yaml
+
+    stages = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
+    needed = {str(p).split(".")[0] for stage in stages.values() if not stage.get("frozen")
+              for p in stage.get("params", []) if isinstance(p, str)}
+    for profile in sorted((ROOT / "configs").glob("*.yaml")) + [ROOT / "params.yaml"]:
+        sections = set(yaml.safe_load(profile.read_text()))
+        assert needed <= sections, f"{profile.name} lacks the params sections {sorted(needed - sections)}"

@@ -21,7 +21,7 @@ from pipeline.tracking import KEY_TAG, PARENT_TAG, PREVIOUS_ATTEMPT_TAG, REASON_
 
 pytestmark = pytest.mark.slow
 
-EPOCHS = 120
+EPOCHS = 300
 
 
 def read_csv(path: Path) -> list[dict[str, str]]:
@@ -67,10 +67,16 @@ def test_a_sigkilled_driver_is_detected_resumed_and_its_orphaned_runs_closed(dem
 
         wait_for(ready, timeout=240, interval=0.5, what="a finished and a running trial")
         time.sleep(3)  # let Ray save its experiment state after the first trial ended
+        wait_for(lambda: "RUNNING" in [r.info.status for r in children(uri, "sigkill")], timeout=120,
+                 interval=0.2, what="a trial training when the driver dies")
+        # The driver's machine goes down: the driver and its local Ray processes die at once, so nothing
+        # closes the runs of the trials in flight (a SIGTERM would let the workers mark them KILLED).
         os.kill(driver.pid, signal.SIGKILL)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(driver.pid, signal.SIGKILL)
         driver.wait(30)
     finally:
-        stop_group(driver)  # the dead driver's Ray processes, by process group
+        stop_group(driver)  # stragglers of the dead driver's process group, if any
     assert not group_members(driver.pid)
     before = children(uri, "sigkill")
     finished_before = {r.data.tags[KEY_TAG]: r for r in before if r.info.status == "FINISHED"}
