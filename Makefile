@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 export PATH := $(abspath $(VENV)/bin):$(PATH)
 export PYTHONUNBUFFERED := 1
 
-.PHONY: setup demo demo-methods test test-fast lint bench
+.PHONY: setup demo demo-methods test test-fast lint bench slurm-test
 
 setup: $(STAMP)
 
@@ -41,3 +41,8 @@ lint: $(STAMP)
 
 bench: $(STAMP)
 	python bench/step.py
+
+# cluster/slurm/coop-sweep.sbatch on a one-node SLURM the test starts on loopback (needs root and
+# `apt-get install slurm-wlm munge`; skipped without them). About 6 minutes.
+slurm-test: $(STAMP)
+	python -m pytest tests/test_slurm.py -v

@@ -287,12 +287,12 @@ def test_a_requeued_job_resumes_its_sweep(slurm: Slurm, demo_ws: DemoWorkspace, 
         tracking={"experiment": "requeue"},
     )
     job = submit(slurm, params, tmp_path / "job")
-    finished_before: set[str] = set()
+    finished_before: dict[str, str] = {}  # trial key -> its FINISHED run, seen before a requeue
 
     def one_done_one_training() -> bool:
         runs = live_children(job, "requeue")
-        done = {r.data.tags[KEY_TAG] for r in runs if r.info.status == "FINISHED"}
-        if done - finished_before and any(r.info.status == "RUNNING" for r in runs):
+        done = {r.data.tags[KEY_TAG]: r.info.run_id for r in runs if r.info.status == "FINISHED"}
+        if done.keys() - finished_before.keys() and any(r.info.status == "RUNNING" for r in runs):
             finished_before.update(done)
             return True
         return False
@@ -330,8 +330,10 @@ def test_a_requeued_job_resumes_its_sweep(slurm: Slurm, demo_ws: DemoWorkspace, 
     by_key: dict[str, list] = {}
     for run in runs:
         by_key.setdefault(run.data.tags[KEY_TAG], []).append(run)
-    for key in finished_before:  # finished before a requeue: never trained again
-        assert [r.info.status for r in by_key[key]] == ["FINISHED"], key
+    by_run = {r["trial_key"]: r["mlflow_run_id"] for r in rows}
+    for key, run_id in finished_before.items():  # finished before a requeue: never trained again
+        assert [r.info.run_id for r in by_key[key] if r.info.status == "FINISHED"] == [run_id], key
+        assert by_run[key] == run_id
     interrupted = [r for r in runs if r.info.status != "FINISHED"]
     assert len(interrupted) >= 2 and {r.info.status for r in interrupted} == {"KILLED"}
     assert all(r.data.tags.get(REASON_TAG) for r in interrupted)
