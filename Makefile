@@ -43,6 +43,6 @@ bench: $(STAMP)
 	python bench/step.py
 
 # cluster/slurm/coop-sweep.sbatch on a one-node SLURM the test starts on loopback (needs root and
-# `apt-get install slurm-wlm munge`; skipped without them). About 6 minutes.
+# `apt-get install slurm-wlm munge`; skipped without them). About 8 minutes.
 slurm-test: $(STAMP)
 	python -m pytest tests/test_slurm.py -v

@@ -1,6 +1,4 @@
-"""cluster/slurm/coop-sweep.sbatch for real: a one-node SLURM on loopback (munged, slurmctld and slurmd started
-and stopped here by PID) runs the template's Ray head, MLflow server and sweep; a job stopped near its time
-limit requeues itself and a job requeued by `scontrol requeue` both resume their sweep."""
+"""cluster/slurm/coop-sweep.sbatch for real on a one-node loopback SLURM: a sweep, and its resume after requeues."""
 
 from __future__ import annotations
 
@@ -21,6 +19,7 @@ import pytest
 from mlflow import MlflowClient
 from sweep_helpers import REPO, DemoWorkspace, free_port, group_members, pids_mentioning, stop_group, wait_for
 
+from pipeline.sweep.resume import read_state
 from pipeline.tracking import ATTEMPT_TAG, KEY_TAG, NODE_TAG, PARENT_TAG, REASON_TAG
 
 SLURM_PROGRAMS = ("munged", "mungekey", "slurmctld", "slurmd", "sbatch", "scontrol", "scancel", "sinfo")
@@ -161,15 +160,17 @@ class Job:
     uri: str  # the job's MLflow server while it runs
 
 
-def submit(slurm: Slurm, params: Path, folder: Path) -> Job:
-    """sbatch the template as a user would, on one node with 2 CPUs and no GPU, everything under `folder`."""
+def submit(slurm: Slurm, params: Path, folder: Path, **settings: str) -> Job:
+    """sbatch the template as a user would, on one node with 2 CPUs and no GPU, its MLflow store and log in
+    `folder`, a free port for each server; `settings` adds template variables (SWEEP_NAME=...)."""
     folder.mkdir(parents=True, exist_ok=True)
     mlflow_port = free_port(HEAD_IP)
     ray_tmp = tempfile.mkdtemp(prefix="rs-", dir="/tmp")  # short: Ray's socket paths must fit in 107 bytes
     venv = sys.prefix if (Path(sys.prefix) / "bin" / "activate").is_file() else ""
     env = {**slurm.env, "PROJECT_DIR": str(REPO), "VENV": venv, "PARAMS": str(params), "HEAD_IP": HEAD_IP,
            "RAY_PORT": str(free_port(HEAD_IP)), "RAY_TMP": ray_tmp, "MLFLOW_DIR": str(folder / "mlflow-server"),
-           "MLFLOW_PORT": str(mlflow_port), "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+           "MLFLOW_PORT": str(mlflow_port), "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
+           **settings}
     done = subprocess.run(
         [_program("sbatch"), "--parsable", "--nodes=1", "--cpus-per-task=2", "--gpus-per-node=0",
          f"--output={folder}/job-%j.out", str(TEMPLATE)],
@@ -229,8 +230,8 @@ def assert_nothing_left(job: Job, params: Path) -> None:
     def leftovers() -> list[int]:
         return pids_mentioning(job.ray_tmp) + pids_mentioning(str(job.mlflow_dir)) + pids_mentioning(str(params))
 
-    with contextlib.suppress(TimeoutError):
-        wait_for(lambda: not leftovers(), 30, 1.0)
+    with contextlib.suppress(TimeoutError):  # a cancelled job's processes get SIGKILL after KillWait (30 s)
+        wait_for(lambda: not leftovers(), 60, 1.0)
     assert not leftovers(), [Path(f"/proc/{pid}/cmdline").read_bytes()[:200] for pid in leftovers()]
     shutil.rmtree(job.ray_tmp, ignore_errors=True)
 
@@ -346,3 +347,49 @@ def test_a_requeued_job_resumes_its_sweep(slurm: Slurm, demo_ws: DemoWorkspace, 
     parent = client.get_run(runs[0].data.tags[PARENT_TAG])
     assert parent.info.run_name == name and parent.info.status == "FINISHED"
     assert_nothing_left(job, params)
+
+
+def test_a_new_job_resumes_a_cancelled_jobs_sweep(slurm: Slurm, demo_ws: DemoWorkspace, tmp_path: Path) -> None:
+    """`scancel` a job mid-sweep; a new job with SWEEP_NAME=coop-<that job> resumes it, its own MLflow server on
+    another port over the same store (the sweep's state is pointed at it), and finishes it; a third job with that
+    name finds the sweep finished and starts nothing."""
+    root = tmp_path / "sweep"
+    params = demo_ws.params(
+        "slurm-resubmit",
+        data={"shots": [1], "seeds": [1, 2]},
+        train={"epochs": 3000, "eval_every": 1000},
+        sweep={"max_concurrent": 1, "storage": str(root / "ray"), "results_dir": str(root / "results")},
+        tracking={"experiment": "resubmit"},
+    )
+    first = submit(slurm, params, tmp_path / "job")
+    wait_for(lambda: any(r.info.status == "RUNNING" for r in live_children(first, "resubmit")), 400, 1.0,
+             "a trial training")
+    slurm.run("scancel", first.id)
+    assert wait_job(slurm, first, 180)["JobState"] == "CANCELLED"
+    assert_nothing_left(first, params)
+    name = f"coop-{first.id}"
+    assert not read_state(root / "ray", name).finished
+
+    second = submit(slurm, params, tmp_path / "job", SWEEP_NAME=name)
+    assert second.uri != first.uri
+    info = wait_job(slurm, second, 600)
+    log = read_log(second)
+    assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", log[-5000:]
+    assert f"the MLflow server moved from {first.uri} to {second.uri}" in log, log[-5000:]
+    assert f"resuming sweep {name}" in log and "sweep exited with status 0" in log
+    state = read_state(root / "ray", name)
+    assert state.finished and state.tracking_uri == second.uri
+    rows = list(csv.DictReader((root / "results" / "trials.csv").open()))
+    assert len(rows) == 2 and {r["state"] for r in rows} == {"FINISHED"}
+    runs = children(MlflowClient(f"sqlite:///{second.mlflow_dir}/mlflow.db"), "resubmit")
+    assert sorted(r.info.status for r in runs) == ["FINISHED", "FINISHED", "KILLED"]  # one trial trained twice
+    assert_nothing_left(second, params)
+
+    third = submit(slurm, params, tmp_path / "job", SWEEP_NAME=name)
+    info = wait_job(slurm, third, 120)
+    log = read_log(third)
+    assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", log[-5000:]
+    assert f"sweep {name} already finished; nothing to do" in log
+    assert "MLflow server starting" not in log and "Ray cluster up" not in log
+    assert len(children(MlflowClient(f"sqlite:///{second.mlflow_dir}/mlflow.db"), "resubmit")) == 3
+    assert_nothing_left(third, params)
