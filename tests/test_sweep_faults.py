@@ -125,3 +125,26 @@ def test_a_sigkilled_driver_is_detected_resumed_and_its_orphaned_runs_closed(dem
         assert sorted(steps) == list(range(1, EPOCHS + 1))
     state = (root / "ray" / "killed.sweep.json").read_text()
     assert '"finished": true' in state
+
+
+def test_sigterm_stops_the_sweep_like_ctrl_c(demo_ws: DemoWorkspace) -> None:
+    """SIGTERM (what SLURM, Kubernetes and `kill` send) saves Ray Tune's state and exits 130 with the resume
+    command, although ray.init installs a handler of its own."""
+    root = demo_ws.root / "sigterm"
+    uri = f"sqlite:///{root}/mlflow.db"
+    params = demo_ws.params(
+        "sigterm", data={"shots": [1], "seeds": [1]}, train={"epochs": 3000, "eval_every": 500},
+        sweep={"space": {"n_ctx": [4, 8]}, "storage": str(root / "ray"), "results_dir": str(root / "results")},
+        tracking={"uri": uri, "experiment": "sigterm"},
+    )
+    log = root.with_suffix(".log")
+    driver = sweep(params, "--name", "termed", log=log)
+    try:
+        wait_for(lambda: "RUNNING" in [r.info.status for r in children(uri, "sigterm")], timeout=240, interval=0.5,
+                 what="a trial training")
+        os.kill(driver.pid, signal.SIGTERM)
+        assert driver.wait(120) == 130, log.read_text()[-3000:]
+    finally:
+        stop_group(driver)
+    assert "--resume termed" in log.read_text()
+    assert not [r for r in children(uri, "sigterm") if r.info.status == "RUNNING"]

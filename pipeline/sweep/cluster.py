@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import socket
 import subprocess
 import sys
+import threading
 from typing import Any
 from urllib.parse import urlparse
 
@@ -78,6 +80,9 @@ def init_ray(address: str | None) -> bool:
             log.info("Ray is already initialised in this process; using it rather than %s", address)
         return False
     kwargs: dict[str, Any] = {"include_dashboard": False, "logging_level": logging.WARNING}
+    # ray.init installs its own SIGTERM handler (an immediate exit); the sweep command's (stop like Ctrl-C:
+    # Ray Tune saves its state, exit 130) must stay in force, so it is put back afterwards.
+    on_sigterm = signal.getsignal(signal.SIGTERM)
     try:
         if address:
             ray.init(address=address, **kwargs)
@@ -89,6 +94,8 @@ def init_ray(address: str | None) -> bool:
             f"could not connect to Ray at {address or 'a new local instance'}: {error}. A joining node and the "
             "driver must use the head's RAY_AUTH_MODE (and token); see docs/cluster.md."
         ) from None
+    if on_sigterm is not None and threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, on_sigterm)
     return True
 
 
