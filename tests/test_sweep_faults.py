@@ -21,7 +21,7 @@ from pipeline.tracking import KEY_TAG, PARENT_TAG, PREVIOUS_ATTEMPT_TAG, REASON_
 
 pytestmark = pytest.mark.slow
 
-EPOCHS = 300
+EPOCHS = 2000
 
 
 def read_csv(path: Path) -> list[dict[str, str]]:
@@ -49,7 +49,7 @@ def test_a_sigkilled_driver_is_detected_resumed_and_its_orphaned_runs_closed(dem
     params = demo_ws.params(
         "sigkill",
         data={"shots": [1], "seeds": [1, 2]},
-        train={"epochs": EPOCHS, "eval_every": 20},
+        train={"epochs": EPOCHS, "eval_every": 500},  # ~10-30 s a trial: the kill finds trials training
         sweep={"space": {"n_ctx": [4, 8, 16]}, "max_concurrent": 2, "storage": str(root / "ray"),
                "results_dir": str(root / "results")},
         tracking={"uri": uri, "experiment": "sigkill"},
