@@ -28,7 +28,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from tqdm import tqdm
 
 from pipeline.atomic import write_csv_atomic
@@ -38,8 +37,7 @@ from pipeline.data.protocols import FEWSHOT, XD
 from pipeline.engine.backbone import Backbone, load_params_backbone, resolve_device
 from pipeline.engine.context import ContextMeta, load_learned
 from pipeline.engine.inputs import EvalFeatures
-from pipeline.engine.methods import learned_model
-from pipeline.engine.train import evaluate
+from pipeline.engine.methods import learned_accuracy
 from pipeline.evaluate.inputs import StageError, open_cache
 from pipeline.evaluate.methods import ENSEMBLE, LEARNED_METHOD_NAMES, ZERO_SHOT, learned_method_name
 from pipeline.evaluate.zero_shot import ensemble_accuracy, zero_shot_accuracy
@@ -112,24 +110,19 @@ def restrict(ctx: torch.Tensor, meta: ContextMeta, rows: list[int], classnames: 
     return sub, dataclasses.replace(meta, classnames=list(classnames))
 
 
-def _normalized(features: EvalFeatures, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    return F.normalize(features.test.to(device), dim=-1), features.test_labels.to(device)
-
-
-def learned_accuracy(backbone: Backbone, tensors: dict[str, torch.Tensor], meta: ContextMeta, rows: list[int],
-                     target: EvalFeatures) -> float:
+def restricted_accuracy(backbone: Backbone, tensors: dict[str, torch.Tensor], meta: ContextMeta, rows: list[int],
+                        target: EvalFeatures) -> float:
     """Test accuracy (%) on `target` of a saved model of any method (`context.load_learned`'s tensors and
     metadata) restricted to the source rows `rows`: a CSC context keeps those rows; a unified one (and CoCoOp's
     meta-network, which is the same for every class) is used as it is over the target's class names."""
     ctx, sub_meta = restrict(tensors["ctx"], meta, rows, target.classnames)
-    model = learned_model(backbone, {**tensors, "ctx": ctx}, sub_meta)
-    return evaluate(model, *_normalized(target, backbone.device))
+    return learned_accuracy(backbone, {**tensors, "ctx": ctx}, sub_meta, target)
 
 
 def context_accuracy(backbone: Backbone, ctx: torch.Tensor, meta: ContextMeta, rows: list[int],
                      target: EvalFeatures) -> float:
     """Test accuracy (%) on `target` of a learned context (CoOp's, KgCoOp's) restricted to the source rows `rows`."""
-    return learned_accuracy(backbone, {"ctx": ctx}, meta, rows, target)
+    return restricted_accuracy(backbone, {"ctx": ctx}, meta, rows, target)
 
 
 def trial_protocol(trial: dict[str, str]) -> str:
@@ -219,7 +212,7 @@ def run_domain_shift(params: Params, out_dir: Path, shots: int | None = None, tr
                                      "test list; rerun prepare/sweep with the same data")
                 method = learned_method_name(meta.method)
                 for name, target in evaluations.items():
-                    acc = learned_accuracy(backbone, tensors, meta, rows_of[name], target)
+                    acc = restricted_accuracy(backbone, tensors, meta, rows_of[name], target)
                     out.append(_row(method, trial, source, name, chosen, int(trial["seed"]), acc, label))
         path = out_dir / "domain_shift.csv"
         write_csv_atomic(path, COLUMNS, out)
