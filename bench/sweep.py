@@ -11,6 +11,13 @@ the object-store fetch, MLflow logging and artifacts, and Tune's scheduling.
     python bench/sweep.py --search grid --epochs 20
     python bench/sweep.py --scale 1000            # 1,000 one-epoch trials on the Fashion-MNIST sample
                                                   # (tiny random-weight CLIP): overhead, driver memory, locks
+    python bench/sweep.py --search grid --bundle-sizes 1,9 --repeats 2 --datasets WorldSketch
+                                                  # the demo's grid unbundled against bundles of 9, in turn
+
+--bundle-sizes runs the same sweep once per sweep.bundle_size in turn (A B A B ... for --repeats rounds, each
+in its own Ray folder and tracking file) and prints each run's wall time and the ratio to the first size, pair by
+pair (the machine drifts; only side-by-side ratios count). A bundle's members all report the bundle's training
+time, so only wall times are compared.
 
 --scale N runs a grid of N distinct configurations (N learning rates x n_ctx 1..8, 1 shot, seed 1, one epoch)
 and also reports the driver's peak and final resident memory (sampled every second), trials that failed on
@@ -27,8 +34,12 @@ import tempfile
 import time
 from dataclasses import replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import yaml
+
+if TYPE_CHECKING:
+    from pipeline.params import Params
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # stages/ lives in the checkout
@@ -102,6 +113,34 @@ class MemorySampler:
         self._thread.join()
 
 
+def compare_bundle_sizes(params: Params, work: Path, sizes: list[int], repeats: int) -> int:
+    """The same sweep once per bundle size, in turn, `repeats` rounds; wall times and ratios to sizes[0]."""
+    from pipeline.sweep.tuner import SweepOptions, run_sweep
+
+    walls: dict[int, list[float]] = {size: [] for size in sizes}
+    for round_ in range(repeats):
+        for size in sizes:
+            tag = f"b{size}-r{round_}"
+            run = replace(params, sweep=replace(params.sweep, bundle_size=size, name=tag,
+                                                storage=str(work / f"ray-{tag}"),
+                                                results_dir=str(work / f"results-{tag}")),
+                          tracking=replace(params.tracking, uri=f"sqlite:///{work}/mlflow-{tag}.db"))
+            outcome = run_sweep(run, SweepOptions(verbose=0))
+            walls[size].append(outcome.wall_seconds)
+            trials = len({r.trial_id for r in outcome.records})
+            log.info("bundle_size %d, round %d: %d configurations in %d trials, %s finished; wall %.1f s, "
+                     "Tuner.fit %.1f s", size, round_ + 1, len(outcome.records), trials,
+                     outcome.counts.get("finished", 0), outcome.wall_seconds, outcome.fit_seconds)
+    first = sizes[0]
+    print(f"machine: {os.cpu_count()} CPUs; {params.sweep.search} sweep of {params.data.datasets}, "
+          f"max {params.sweep.max_concurrent} concurrent; {repeats} round(s), sizes in turn")
+    for size in sizes:
+        ratios = [a / b for a, b in zip(walls[first], walls[size], strict=True)]
+        print(f"bundle_size {size:3d}: wall {', '.join(f'{w:.1f}' for w in walls[size])} s; "
+              f"bundle_size {first} / this, pair by pair: {', '.join(f'{r:.2f}' for r in ratios)}")
+    return 0
+
+
 def main() -> int:
     from pipeline.params import SEARCHES
 
@@ -113,6 +152,9 @@ def main() -> int:
     parser.add_argument("--epochs", type=int, help="override train.epochs (default: the params file's)")
     parser.add_argument("--workdir", type=Path, help="keep the workspace here (default: a temp folder)")
     parser.add_argument("--scale", type=int, metavar="N", help="N one-epoch trials on the Fashion-MNIST sample")
+    parser.add_argument("--bundle-sizes", metavar="B,B", help="compare these sweep.bundle_size values (e.g. 1,9)")
+    parser.add_argument("--repeats", type=int, default=1, help="rounds of --bundle-sizes (default 1)")
+    parser.add_argument("--datasets", help="override data.datasets (comma-separated)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     log.setLevel(logging.INFO)
@@ -129,7 +171,11 @@ def main() -> int:
         flags = {"search": "grid" if args.scale else args.search, "num_samples": args.num_samples,
                  "max_concurrent": args.max_concurrent}
         params = replace(params, sweep=replace(params.sweep, **{k: v for k, v in flags.items() if v is not None}))
+        if args.datasets:
+            params = replace(params, data=replace(params.data, datasets=args.datasets.split(",")))
         os.environ.pop("MLFLOW_TRACKING_URI", None)
+        if args.bundle_sizes:
+            return compare_bundle_sizes(params, work, [int(b) for b in args.bundle_sizes.split(",")], args.repeats)
         with MemorySampler() as memory:
             outcome = run_sweep(params, SweepOptions(verbose=0))
         rows = (outcome.files.trials.read_text().count("\n") - 1) if outcome.files.trials.is_file() else 0

@@ -110,6 +110,9 @@ class SweepParams:
     address: str | None = None  # Ray cluster address (host:port); null: a local Ray instance
     name: str | None = None  # Ray experiment name; null: <search>-<timestamp>
     nearest_words: int = 3  # vocabulary words listed per learned context vector
+    # CoOp configurations one Ray trial trains together in one fused step (pipeline/engine/bundle.py), each with its
+    # own MLflow run; "auto": by device and class count (pipeline/sweep/plan.py::auto_bundle_size); 1: no bundles.
+    bundle_size: int | str = "auto"
 
 
 @dataclass(frozen=True)
@@ -305,6 +308,10 @@ def _validate(p: Params) -> None:
     ):
         if value < low:
             raise ParamsError(f"{key} must be >= {low}, got {value}")
+    size = p.sweep.bundle_size
+    if size != "auto" and not (isinstance(size, int) and size >= 1):
+        raise ParamsError(f"sweep.bundle_size (--bundle-size) must be 'auto' or an integer >= 1 (1: one configuration "
+                          f"per trial), got {size!r}")
     if p.sweep.cpus_per_trial <= 0 or p.sweep.gpus_per_trial < 0:
         raise ParamsError(
             f"sweep.cpus_per_trial must be > 0 and sweep.gpus_per_trial >= 0, got "

@@ -89,6 +89,12 @@ def build_parser() -> argparse.ArgumentParser:
                       help="early-stop weak trials with ASHA on val_acc (needs train.eval_every > 0) (default: sweep.asha)")
     asha.add_argument("--no-asha", dest="asha", action="store_false", help="run every trial to its last epoch")
     parser.add_argument(
+        "--bundle-size", type=_bundle_size, metavar="B|auto",
+        help="CoOp configurations one trial trains together in one fused step, each with its own MLflow run and "
+        "its own ASHA decisions (1: no bundles; auto: 1 on CPUs, by class count on GPUs) (default: "
+        "sweep.bundle_size)",
+    )
+    parser.add_argument(
         "--dry-run", action="store_true",
         help="print the trials the sweep would run (optuna: the configurations it may choose from), their "
         "count and cost (GPU-hours on an assumed H100 when sweep.gpus_per_trial > 0, else CPU core-hours at "
@@ -103,13 +109,17 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _bundle_size(text: str) -> int | str:
+    return text if text == "auto" else int(text)
+
+
 def with_flags(params: Params, args: argparse.Namespace) -> Params:
     """params with sweep.* replaced by the flags given on the command line (checked like params.yaml)."""
     from pipeline.params import override
 
     return override(params, sweep={"search": args.search, "num_samples": args.num_samples,
                                    "max_concurrent": args.max_concurrent, "address": args.address,
-                                   "name": args.name, "asha": args.asha})
+                                   "name": args.name, "asha": args.asha, "bundle_size": args.bundle_size})
 
 
 def _terminate_like_interrupt(signum: int, frame: object) -> None:
@@ -118,15 +128,23 @@ def _terminate_like_interrupt(signum: int, frame: object) -> None:
 
 
 def dry_run(params: Params) -> None:
-    """Print the planned trials and their cost on the resources the params ask for (GPU-hours or CPU
-    core-hours); start nothing."""
-    from pipeline.sweep.estimate import estimate_sweep
+    """Print the planned trials, the bundles sweep.bundle_size forms of them, and their cost on the resources the
+    params ask for (GPU-hours or CPU core-hours; with bundles, also without them); start nothing."""
+    from pipeline.sweep.estimate import estimate_sweep, sweep_trials
     from pipeline.sweep.plan import plan_sweep
 
     plan = plan_sweep(params)
     print(plan.describe())
     configs = plan.configs[: plan.num_samples] if plan.search == "optuna" else plan.configs
-    print(estimate_sweep(params, configs).summary())
+    trials = sweep_trials(params, configs)  # class counts from the split files or CoOp's statistics: no features read
+    estimate = estimate_sweep(params, trials)
+    bundled = len(trials) < len(configs)
+    if bundled:
+        print(f"sweep.bundle_size {params.sweep.bundle_size}: {estimate.count()}, each configuration with its own "
+              "MLflow run")
+    print(estimate.summary())
+    if bundled:
+        print(f"without bundles (--bundle-size 1): {estimate_sweep(params, configs).brief()}")
     if params.features.views == ONLINE_VIEWS:
         print(f"features.views = online: every trial crops and encodes its training images every epoch, "
               f"reading them from data.root ({params.data.root}), which every Ray worker must see.")

@@ -26,13 +26,14 @@ def test_latest_and_named_sweeps_are_found(tmp_path: Path) -> None:
 
 
 def test_state_file_keeps_its_format(tmp_path: Path) -> None:
-    """Sweeps started before this version must stay resumable: the same file names and keys (plus `finished`,
-    which a file written before it existed lacks: such a sweep reads as unfinished)."""
+    """Sweeps started before this version must stay resumable: the same file names and keys (plus `finished` and
+    `member_asha`, which a file written before they existed lacks: such a sweep reads as unfinished, without
+    bundles)."""
     write_state(tmp_path, state("grid-1"))
     assert json.loads((tmp_path / "latest.json").read_text()) == {"name": "grid-1"}
     before = {"name": "grid-1", "search": "grid", "plan": "p", "tracking_uri": "sqlite:////tmp/m.db",
               "experiment_id": "1", "parent_run_id": "run-grid-1", "created": "2026-01-01T00:00:00"}
-    assert json.loads((tmp_path / "grid-1.sweep.json").read_text()) == {**before, "finished": False}
+    assert json.loads((tmp_path / "grid-1.sweep.json").read_text()) == {**before, "finished": False, "member_asha": False}
     (tmp_path / "grid-1.sweep.json").write_text(json.dumps(before))
     assert read_state(tmp_path, "grid-1") == state("grid-1")
 

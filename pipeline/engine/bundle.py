@@ -294,6 +294,7 @@ def train_bundle(
     members: Sequence[BundleMember],
     on_epoch: Callable[[int, EpochMetrics], bool | None] | None = None,
     progress: bool = True,
+    after_epoch: Callable[[int], None] | None = None,
 ) -> list[BundleOutcome]:
     """Train every member's CoOp context together; returns one outcome per member, in order.
 
@@ -303,8 +304,9 @@ def train_bundle(
     the end. Members share the backbone, dataset, class list, precision, batch size, steps per epoch and
     epochs (ValueError naming the difference). `on_epoch(member, metrics)` returning False stops that member
     after the epoch (its result keeps its curves, no test accuracy); an error it raises, or a NaN/infinite
-    loss, ends that member alone (its outcome's `error`); the others go on. The global torch RNG is left
-    seeded by the last member.
+    loss, ends that member alone (its outcome's `error`); the others go on. `after_epoch(epoch)` runs once every
+    member's `on_epoch` of that epoch has (a sweep reports the whole bundle there). The global torch RNG is
+    left seeded by the last member.
     """
     epochs, batch, steps = _bundle_shape(members)
     device = backbone.device
@@ -381,6 +383,8 @@ def train_bundle(
                     end(m, stopped=True)
                     r = results[m]
                     r.val_acc = metrics.val_acc if metrics.val_acc is not None else float("nan")
+            if after_epoch is not None:
+                after_epoch(epoch + 1)
             bar.set_postfix(active=len(bundle.active))
     for m in list(bundle.active):
         end(m)

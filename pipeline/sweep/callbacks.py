@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any
 
 from ray.tune import Callback
 
+from pipeline.sweep.plan import members_of
 from pipeline.sweep.space import trial_key
 
 if TYPE_CHECKING:
@@ -219,10 +220,15 @@ class ProgressLog(Callback):
                                      now - self.start, eta, final))
 
 
+def ray_trial_key(config: dict[str, Any]) -> str:
+    """A Ray trial's key: its configuration's trial key, or its bundle's members' keys joined by '+'."""
+    return "+".join(trial_key(c) for c in members_of(config))
+
+
 def _key(config: dict[str, Any] | None) -> str:
-    """The trial key of a trial's config; '' for a config that is not a sweep configuration."""
+    """`ray_trial_key` of a trial's config; '' for a config that is not a sweep configuration."""
     try:
-        return trial_key(config) if config else ""
+        return ray_trial_key(config) if config else ""
     except KeyError:
         return ""
 

@@ -1,10 +1,12 @@
-"""The trials a sweep will run (grid, random) or choose from (optuna), checked and listed for --dry-run."""
+"""The trials a sweep will run (grid, random) or choose from (optuna), their bundles, checked and listed for --dry-run."""
 
 from __future__ import annotations
 
 import hashlib
 import json
 import logging
+import math
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -20,6 +22,18 @@ GPU_PRECISIONS = ("fp16", "amp")
 TABLE_WIDTHS = {"dataset": 14, "protocol": 8, "shots": 5, "seed": 4, "method": 7, "n_ctx": 5, "ctx_init": 16,
                 "csc": 5, "class_token_position": 8, "lr": 9, "epochs": 6, "batch_size": 5, "precision": 9}
 TABLE_HEADINGS = {"class_token_position": "position", "batch_size": "batch"}
+
+
+BUNDLE = "bundle"  # a Ray trial's config key holding the configurations of its bundle (absent: one configuration)
+# auto bundle size on a GPU: members until a step encodes about this many class prompts. A bf16 step's time grew
+# with the prompts from 800 on (14.0 ms at 800, 28.4 at 1,600, 53.0 at 3,200; issue 15, H200), so larger
+# bundles gain nothing per configuration and cost memory; below it the card idles (3.6 ms at 100).
+GPU_BUNDLE_PROMPTS = 1600
+MAX_AUTO_BUNDLE = 64
+# auto bundle size on CPUs: measured on the demo sweep (BENCHMARKS.md, "Bundled sweeps"): the step is
+# compute-bound there (bundled steps 1.0-1.3x), but a bundle pays the Ray trial, the MLflow set-up and the
+# per-trial bookkeeping once for its members.
+CPU_AUTO_BUNDLE = 1
 
 
 class SweepError(UserError, RuntimeError):
@@ -111,3 +125,42 @@ def check_precision(params: Params, plan: SweepPlan) -> None:
             f"precision {', '.join(needs_gpu)} needs a GPU but trials get none (sweep.gpus_per_trial=0); "
             "set sweep.gpus_per_trial > 0 or sweep.space.precision to fp32/bf16"
         )
+
+
+def auto_bundle_size(n_classes: int, gpu: bool) -> int:
+    """sweep.bundle_size 'auto': on a GPU, enough members for GPU_BUNDLE_PROMPTS class prompts a step (at most
+    MAX_AUTO_BUNDLE); on CPUs, CPU_AUTO_BUNDLE."""
+    if not gpu:
+        return CPU_AUTO_BUNDLE
+    return max(1, min(MAX_AUTO_BUNDLE, math.ceil(GPU_BUNDLE_PROMPTS / max(n_classes, 1))))
+
+
+def members_of(config: dict[str, Any]) -> list[dict[str, Any]]:
+    """The configurations a Ray trial's config trains: a bundle's members, or the configuration itself."""
+    return list(config[BUNDLE]) if BUNDLE in config else [config]
+
+
+def form_bundles(configs: Sequence[dict[str, Any]], size: int | str, gpu: bool, online: bool,
+                 n_classes: Callable[[dict[str, Any]], int], n_train: Callable[[dict[str, Any]], int],
+                 default_batch: int) -> list[dict[str, Any]]:
+    """The Ray trials' configs: `configs` in order, CoOp configurations that can share a step gathered into bundles
+    of up to `size` ({BUNDLE: [members]}), every other one alone.
+
+    Members share what one fused step needs (engine/bundle.py): dataset, protocol and shots (so the class list),
+    epochs, precision, batch size and training-set size (so steps per epoch); seeds, prompt variants and learning
+    rates may differ. CoCoOp/KgCoOp and online crops train alone. A bundle sits where its first member was."""
+    trials: list[list[dict[str, Any]]] = []
+    open_bundle: dict[tuple[Any, ...], tuple[int, int]] = {}  # what members share -> (trial index, its size)
+    for config in configs:
+        limit = 1 if online or config["method"] != "coop" else (
+            size if size != "auto" else auto_bundle_size(n_classes(config), gpu))
+        shared = (config["dataset"], config["protocol"], config["shots"], config["epochs"], config["precision"],
+                  config.get("batch_size") or default_batch, n_train(config))
+        index, limit_then = open_bundle.get(shared, (-1, 0))
+        if index >= 0 and len(trials[index]) < min(limit, limit_then):
+            trials[index].append(config)
+            continue
+        trials.append([config])
+        if limit > 1:
+            open_bundle[shared] = (len(trials) - 1, limit)
+    return [members[0] if len(members) == 1 else {BUNDLE: members} for members in trials]

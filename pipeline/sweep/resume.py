@@ -9,7 +9,7 @@ from pathlib import Path
 from pipeline.atomic import write_json_atomic
 from pipeline.sweep.plan import SweepError, SweepPlan
 
-OPTIONAL_FIELDS = ("finished",)  # added later: a state file written before has none
+OPTIONAL_FIELDS = ("finished", "member_asha")  # added later: a state file written before has none
 LATEST_FILE = "latest.json"  # {"name": <the sweep started last under this storage>}
 STATE_SUFFIX = ".sweep.json"
 
@@ -26,6 +26,7 @@ class SweepState:
     parent_run_id: str
     created: str  # ISO time the sweep started
     finished: bool = False  # set when the sweep ends with every trial settled (a killed driver never sets it)
+    member_asha: bool = False  # its trials include bundles and ASHA decides per configuration (MemberRungs)
 
     def check_plan(self, plan: SweepPlan) -> None:
         """A resumed sweep must search the same space it started with."""
@@ -84,3 +85,8 @@ def write_state(storage: Path, state: SweepState) -> None:
     storage.mkdir(parents=True, exist_ok=True)
     write_json_atomic(state_path(storage, state.name), asdict(state))
     write_json_atomic(storage / LATEST_FILE, {"name": state.name})
+
+
+def rungs_path(storage: Path, name: str) -> Path:
+    """Where a sweep with per-configuration ASHA keeps its rungs between driver sessions (MemberRungs.state)."""
+    return storage / f"{name}.rungs.json"

@@ -87,6 +87,10 @@ class MemberRungs:
             "ended": sorted(self._ended),
         }
 
+    def restore(self, state: dict[str, Any]) -> None:
+        """Take `state()`'s rungs (how the driver restores its Ray actor, which only a constructor builds)."""
+        self.__dict__.update(MemberRungs.from_state(state).__dict__)
+
     @classmethod
     def from_state(cls, state: dict[str, Any]) -> MemberRungs:
         """The MemberRungs that `state()` saved (ValueError naming what does not fit)."""

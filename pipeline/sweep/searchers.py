@@ -162,10 +162,11 @@ class UniqueSearcher(Searcher):
         self.searcher.on_unpause(self._inner_ids.get(trial_id, trial_id))
 
 
-def build_searcher(plan: SweepPlan, optuna_seed: int) -> Searcher:
-    """The plan's list in order (grid, random), or TPE seeded by `optuna_seed` that never repeats a configuration."""
+def build_searcher(plan: SweepPlan, optuna_seed: int, trials: list[dict[str, Any]] | None = None) -> Searcher:
+    """The Ray trials' configs in order (grid, random: `trials`, the plan's configurations or their bundles), or TPE
+    seeded by `optuna_seed` that never repeats a configuration."""
     if plan.search != "optuna":
-        return ConfigListSearcher(plan.configs)
+        return ConfigListSearcher(plan.configs if trials is None else trials)
     import optuna
     from ray.tune.search.optuna import OptunaSearch
 

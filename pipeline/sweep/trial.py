@@ -228,7 +228,7 @@ def write_artifacts(folder: Path, config: dict[str, Any], settings: TrialSetting
     (folder / "config.json").write_text(json.dumps(resolved, indent=2, sort_keys=True))
 
 
-def _close(run: TrialRun, status: str, reason: str = "") -> None:
+def close_run(run: TrialRun, status: str, reason: str = "") -> None:
     try:
         run.close(status, reason)
     except Exception as error:  # the trial's own outcome matters more than bookkeeping
@@ -265,83 +265,159 @@ def stored_evaluations(metrics: dict[str, float]) -> dict[str, Any]:
     return out
 
 
+def open_trial_run(config: dict[str, Any], settings: TrialSettings, key: str,
+                   extra_tags: dict[str, Any] | None = None) -> tuple[TrialRun | None, Any]:
+    """The configuration's MLflow run for this attempt (opened as a child of the sweep's run, tagged with the Ray
+    trial, node and GPU), or (None, the FINISHED run) when a resumed sweep already finished it."""
+    # A tracking-server outage is ridden out by the guard (metrics held, training on) for up to
+    # tracking.outage_limit_s, one that starts while the run opens included.
+    server = OutageGuard(settings.tracking_uri, settings.tracking_outage_limit_s)
+    trial_id = tune.get_context().get_trial_id() or ""
+    params = trial_params(config, settings)
+    tags = trial_tags(config, settings, key, trial_id, ray.util.get_node_ip_address()) | (extra_tags or {})
+    run, finished = server.call("opening the trial's run", lambda: TrialRun.open(
+        settings.tracking_uri, settings.experiment_id, settings.parent_run_id, key, run_name(config), params, tags))
+    if run is not None:
+        run.server = server
+    return run, finished
+
+
+def reused_result(config: dict[str, Any], key: str, finished: Any) -> dict[str, Any]:
+    """What Tune gets for a configuration a resumed sweep finished before: its recorded results (no retraining)."""
+    log.info("trial %s already FINISHED in MLflow run %s; not training it again", key, finished.info.run_id)
+    metrics = finished.data.metrics
+    return {"epoch": config["epochs"], "val_acc": metrics.get("val_acc", float("nan")),
+            "test_acc": metrics.get("test_acc", float("nan")), "train_seconds": metrics.get("train_seconds", 0.0),
+            **stored_evaluations(metrics), "trial_key": key, "mlflow_run_id": finished.info.run_id, "reused_run": 1}
+
+
+def trial_backbone(settings: TrialSettings) -> Backbone:
+    """This worker's frozen backbone, checked to be the one whose image features the driver cached."""
+    backbone = _backbone(settings.arch, settings.pretrained, trial_device(settings.train.device))
+    if backbone.fingerprint != settings.backbone_fingerprint:
+        raise RuntimeError(
+            f"this worker's backbone weights ({backbone.fingerprint}) differ from the driver's "
+            f"({settings.backbone_fingerprint}) that encoded the features; give every node the same "
+            f"{settings.arch} / {settings.pretrained} weights"
+        )
+    return backbone
+
+
+def trial_inputs(config: dict[str, Any], features: dict[str, ray.ObjectRef],
+                 targets: dict[str, ray.ObjectRef] | None) -> tuple[FewShotFeatures, EvalFeatures | None,
+                                                                    dict[str, EvalFeatures]]:
+    """The configuration's training features from Ray's object store, as its protocol uses them: (the classes it
+    trains on, base-to-new's new classes or None, the transfer targets' test features by name)."""
+    data: FewShotFeatures = ray.get(features[feature_key(config["dataset"], config["shots"], config["seed"])])
+    new_classes = None
+    if config.get("protocol") == BASE2NEW:
+        data, new_classes = split_base_new(data)
+    transfer = {name: ray.get(ref) for name, ref in (targets or {}).items()
+                if config.get("protocol") == XD and name != config["dataset"]}
+    return data, new_classes, transfer
+
+
+def log_epoch(run: TrialRun, m: EpochMetrics) -> None:
+    """One epoch's curves into the run (sent at once when the epoch was validated)."""
+    run.log_metrics({"loss": m.loss, "train_acc": m.train_acc, "lr": m.lr, "epoch_seconds": m.seconds,
+                     "val_acc": m.val_acc}, step=m.epoch, flush=m.val_acc is not None)
+
+
+def finish_trial(run: TrialRun, config: dict[str, Any], settings: TrialSettings, backbone: Backbone,
+                 data: FewShotFeatures, result: TrainResult, train_cfg: TrainConfig, key: str,
+                 new_classes: EvalFeatures | None, transfer: dict[str, EvalFeatures]) -> dict[str, Any]:
+    """A trained configuration's protocol evaluations, artifacts and final metrics into its run, closed FINISHED;
+    returns its final result for Tune."""
+    epochs = int(config["epochs"])
+    meta = learned_meta(config, settings, backbone, data, result, key)
+    evaluations = evaluate_protocol(config, backbone, result, meta, new_classes, transfer)
+    with tempfile.TemporaryDirectory(prefix="coop-trial-") as tmp:
+        write_artifacts(Path(tmp), config, settings, backbone, data, result, train_cfg, key, evaluations)
+        run.log_artifacts(Path(tmp))
+    run.log_metrics({"test_acc": result.test_acc, "train_seconds": result.train_seconds,
+                     **protocol_metrics(evaluations)}, step=epochs, flush=True)
+    last = result.epochs[-1]
+    final = {"epoch": epochs, "loss": last.loss, "train_acc": last.train_acc, "lr": last.lr,
+             "val_acc": result.val_acc, "test_acc": result.test_acc, "train_seconds": result.train_seconds,
+             **evaluations, "trial_key": key, "mlflow_run_id": run.run_id}
+    run.close("FINISHED")
+    return final
+
+
+def keeps_training(rungs: Any, key: str, epoch: int, val_acc: float) -> bool:
+    """ASHA's decision for a configuration validated at `epoch` when the sweep runs it per configuration
+    (`rungs`: a MemberRungs actor, in sweeps with bundles); True without one."""
+    return rungs is None or bool(ray.get(rungs.on_result.remote(key, epoch, val_acc)))
+
+
+def completed(rungs: Any, key: str) -> None:
+    """Tell ASHA a configuration ran to its end (its last result counts once more, as Ray's scheduler does)."""
+    if rungs is not None:
+        ray.get(rungs.on_complete.remote(key))
+
+
+def stopped_reason(epoch: int, epochs: int, val_acc: float) -> str:
+    return f"stopped early by ASHA at epoch {epoch} of {epochs} (val_acc {val_acc:.2f} below its rung)"
+
+
+class _StoppedByRungs(Exception):
+    """MemberRungs stopped this configuration (raised out of the training loop, caught by run_trial)."""
+
+
 def run_trial(config: dict[str, Any], settings: TrialSettings, features: dict[str, ray.ObjectRef],
-              targets: dict[str, ray.ObjectRef] | None = None) -> None:
-    """Ray Tune function trainable; `settings`, `features` and the transfer `targets`' test features arrive
-    through tune.with_parameters."""
+              targets: dict[str, ray.ObjectRef] | None = None, rungs: Any = None) -> None:
+    """Ray Tune function trainable of one configuration; `settings`, `features` and the transfer `targets`' test
+    features arrive through tune.with_parameters (`rungs` too, in sweeps whose ASHA acts per configuration)."""
     config = complete(config)
     key = trial_key(config)
     torch.set_num_threads(max(1, int(settings.cpus_per_trial)))
-    trial_id = tune.get_context().get_trial_id() or ""
-    node_ip = ray.util.get_node_ip_address()
-    # A tracking-server outage is ridden out by the guard (metrics held, training on) for up to
-    # tracking.outage_limit_s, one that starts while the run opens included; MLflow's own retries, which would
-    # stall this process for minutes per request, are turned down first.
-    bound_http_retries()
-    server = OutageGuard(settings.tracking_uri, settings.tracking_outage_limit_s)
-    params, tags = trial_params(config, settings), trial_tags(config, settings, key, trial_id, node_ip)
-    run, finished = server.call("opening the trial's run", lambda: TrialRun.open(
-        settings.tracking_uri, settings.experiment_id, settings.parent_run_id, key, run_name(config), params, tags))
-    if finished is not None:
-        # Resumed sweep: this trial completed before the interruption; report its result, do not retrain.
-        log.info("trial %s already FINISHED in MLflow run %s; not training it again", key, finished.info.run_id)
-        metrics = finished.data.metrics
-        tune.report({"epoch": config["epochs"], "val_acc": metrics.get("val_acc", float("nan")),
-                     "test_acc": metrics.get("test_acc", float("nan")),
-                     "train_seconds": metrics.get("train_seconds", 0.0), **stored_evaluations(metrics),
-                     "trial_key": key, "mlflow_run_id": finished.info.run_id, "reused_run": 1})
+    bound_http_retries()  # MLflow's own retries would stall this process for minutes per request
+    run, finished = open_trial_run(config, settings, key)
+    if finished is not None:  # resumed sweep: this trial completed before the interruption
+        tune.report(reused_result(config, key, finished))
         return
     assert run is not None
-    run.server = server
     epochs = int(config["epochs"])
     last_epoch = 0
     try:
-        data: FewShotFeatures = ray.get(features[feature_key(config["dataset"], config["shots"], config["seed"])])
-        new_classes = None
-        if config.get("protocol") == BASE2NEW:
-            data, new_classes = split_base_new(data)
-        transfer = {name: ray.get(ref) for name, ref in (targets or {}).items()
-                    if config.get("protocol") == XD and name != config["dataset"]}
-        backbone = _backbone(settings.arch, settings.pretrained, trial_device(settings.train.device))
-        if backbone.fingerprint != settings.backbone_fingerprint:
-            raise RuntimeError(
-                f"this worker's backbone weights ({backbone.fingerprint}) differ from the driver's "
-                f"({settings.backbone_fingerprint}) that encoded the features; give every node the same "
-                f"{settings.arch} / {settings.pretrained} weights"
-            )
+        data, new_classes, transfer = trial_inputs(config, features, targets)
+        backbone = trial_backbone(settings)
         train_cfg = train_config(settings.train, config)
 
         def on_epoch(m: EpochMetrics) -> None:
             nonlocal last_epoch
             last_epoch = m.epoch
-            run.log_metrics({"loss": m.loss, "train_acc": m.train_acc, "lr": m.lr, "epoch_seconds": m.seconds,
-                             "val_acc": m.val_acc}, step=m.epoch, flush=m.val_acc is not None)
-            if m.val_acc is not None and m.epoch < epochs:
-                tune.report({"epoch": m.epoch, "loss": m.loss, "train_acc": m.train_acc, "lr": m.lr,
-                             "val_acc": m.val_acc, "trial_key": key, "mlflow_run_id": run.run_id})
+            log_epoch(run, m)
+            if m.val_acc is None:
+                return
+            report = {"epoch": m.epoch, "loss": m.loss, "train_acc": m.train_acc, "lr": m.lr,
+                      "val_acc": m.val_acc, "trial_key": key, "mlflow_run_id": run.run_id}
+            # Asked at the last epoch too (the answer cannot stop it then), as Ray's ASHA sees a final result.
+            if not keeps_training(rungs, key, m.epoch, m.val_acc) and m.epoch < epochs:
+                raise _StoppedByRungs(stopped_reason(m.epoch, epochs, m.val_acc), report)
+            if m.epoch < epochs:
+                tune.report(report)
 
         result = train_method(backbone, data, trial_prompt(config), train_cfg, method_config(config), epochs,
                               on_epoch=on_epoch, progress=False)
-        meta = learned_meta(config, settings, backbone, data, result, key)
-        evaluations = evaluate_protocol(config, backbone, result, meta, new_classes, transfer)
-        with tempfile.TemporaryDirectory(prefix="coop-trial-") as tmp:
-            write_artifacts(Path(tmp), config, settings, backbone, data, result, train_cfg, key, evaluations)
-            run.log_artifacts(Path(tmp))
-        run.log_metrics({"test_acc": result.test_acc, "train_seconds": result.train_seconds,
-                         **protocol_metrics(evaluations)}, step=epochs, flush=True)
-        last = result.epochs[-1]
-        final = {"epoch": epochs, "loss": last.loss, "train_acc": last.train_acc, "lr": last.lr,
-                 "val_acc": result.val_acc, "test_acc": result.test_acc, "train_seconds": result.train_seconds,
-                 **evaluations, "trial_key": key, "mlflow_run_id": run.run_id}
-        run.close("FINISHED")
+        final = finish_trial(run, config, settings, backbone, data, result, train_cfg, key, new_classes, transfer)
+        completed(rungs, key)
+    except _StoppedByRungs as stop:
+        reason, final = stop.args
+        close_run(run, "KILLED", reason)
     except Exception as error:
-        _close(run, "FAILED", f"{type(error).__name__}: {error}")
+        close_run(run, "FAILED", f"{type(error).__name__}: {error}")
         raise
     except BaseException as error:
-        # Ray stops a trial by raising SystemExit out of tune.report (ASHA, or the sweep shutting down).
-        why = "stopped by Ray Tune (early stopping or sweep shutdown)" if isinstance(error, SystemExit) else (
-            f"interrupted ({type(error).__name__})")
-        _close(run, "KILLED", f"{why} after epoch {last_epoch} of {epochs}")
+        close_run(run, "KILLED", interrupted_reason(error, last_epoch, epochs))
         raise
     # Reported after the run is closed: Tune may end the trial inside this call (its last allowed step).
     tune.report(final)
+
+
+def interrupted_reason(error: BaseException, last_epoch: int, epochs: int) -> str:
+    """Why a run ended KILLED: Ray stops a trial by raising SystemExit out of tune.report (ASHA, or the sweep
+    shutting down); anything else is an interrupt."""
+    why = "stopped by Ray Tune (early stopping or sweep shutdown)" if isinstance(error, SystemExit) else (
+        f"interrupted ({type(error).__name__})")
+    return f"{why} after epoch {last_epoch} of {epochs}"

@@ -16,15 +16,26 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+from pipeline.atomic import write_json_atomic
 from pipeline.data.protocols import BASE2NEW, FEWSHOT
 from pipeline.params import Params
 from pipeline.sweep.cluster import check_ray_address, check_resources, init_ray, resolve_address
-from pipeline.sweep.plan import SweepError, SweepPlan, check_precision, feature_key, plan_sweep
+from pipeline.sweep.plan import (
+    BUNDLE,
+    SweepError,
+    SweepPlan,
+    check_precision,
+    feature_key,
+    form_bundles,
+    members_of,
+    plan_sweep,
+)
 from pipeline.sweep.results import ResultFiles, TrialRecord, counts, summarize, write_results
 from pipeline.sweep.resume import (
     SweepState,
     mark_finished,
     read_state,
+    rungs_path,
     state_path,
     unfinished_sweeps,
     write_state,
@@ -108,6 +119,9 @@ def run_sweep(params: Params, options: SweepOptions) -> SweepOutcome:
 
     inputs = load_inputs(params, plan.triples, transfer_targets(params, plan))
     check_protocols(plan, inputs)
+    trials = plan_trials(params, plan, inputs)
+    member_asha = state.member_asha if state is not None else (
+        params.sweep.asha and any(BUNDLE in t for t in trials))
 
     commit = git_commit()
     if state is None:
@@ -121,7 +135,7 @@ def run_sweep(params: Params, options: SweepOptions) -> SweepOutcome:
         state = SweepState(
             name=name, search=plan.search, plan=plan.fingerprint(), tracking_uri=uri,
             experiment_id=parent.experiment_id, parent_run_id=parent.run_id,
-            created=datetime.now().isoformat(timespec="seconds"),
+            created=datetime.now().isoformat(timespec="seconds"), member_asha=member_asha,
         )
         write_state(storage, state)
         resume = False
@@ -138,7 +152,8 @@ def run_sweep(params: Params, options: SweepOptions) -> SweepOutcome:
     started_ray = False
     try:
         started_ray = init_ray(address)
-        outcome = _fit(params, options, plan, inputs, parent, name, experiment_path, commit, resume=resume)
+        outcome = _fit(params, options, plan, trials, inputs, parent, name, experiment_path, commit, resume=resume,
+                       member_asha=member_asha)
     except BaseException:
         _tracked("mark the sweep's parent run FAILED", lambda: parent.client.set_terminated(parent.run_id, "FAILED"),
                  None)
@@ -152,6 +167,39 @@ def run_sweep(params: Params, options: SweepOptions) -> SweepOutcome:
     if not outcome.interrupted:
         mark_finished(storage, state)
     return outcome
+
+
+def plan_trials(params: Params, plan: SweepPlan, inputs: Any) -> list[dict[str, Any]]:
+    """The Ray trials' configs: grid/random configurations gathered into bundles by sweep.bundle_size (optuna asks
+    for one configuration at a time: no bundles)."""
+    size = params.sweep.bundle_size
+    if plan.search == "optuna":
+        if size not in ("auto", 1):
+            log.warning("sweep.bundle_size %s ignored: optuna (TPE) chooses one configuration at a time, bundles are "
+                        "formed for grid and random searches", size)
+        return list(plan.configs)
+    from pipeline.engine.inputs import split_base_new
+    from pipeline.params import ONLINE_VIEWS
+
+    shapes: dict[tuple[str, str], tuple[int, int]] = {}  # (feature key, protocol) -> (classes, training items)
+
+    def shape_of(config: dict[str, Any]) -> tuple[int, int]:
+        key = (feature_key(config["dataset"], config["shots"], config["seed"]), config["protocol"])
+        if key not in shapes:
+            data = inputs.features[key[0]]
+            data = split_base_new(data)[0] if config["protocol"] == BASE2NEW else data
+            shapes[key] = (len(data.classnames), len(data.train_labels))
+        return shapes[key]
+
+    gpu = params.sweep.gpus_per_trial > 0 or params.train.device.startswith("cuda")
+    trials = form_bundles(plan.configs, size, gpu, params.features.views == ONLINE_VIEWS,
+                          lambda c: shape_of(c)[0], lambda c: shape_of(c)[1],
+                          params.train.batch_size)
+    bundled = [len(members_of(t)) for t in trials if BUNDLE in t]
+    if bundled:
+        log.info("bundles (sweep.bundle_size %s): %d configurations in %d trials, %d bundles of %d-%d", size,
+                 len(plan.configs), len(trials), len(bundled), min(bundled), max(bundled))
+    return trials
 
 
 def _tracked(what: str, call: Any, fallback: Any) -> Any:
@@ -195,51 +243,68 @@ def _scheduler(plan: SweepPlan, params: Params) -> Any:
 
 
 def _records(results: Any, children: dict[str, Any], plan: SweepPlan, ended: set[str]) -> list[TrialRecord]:
-    """One record per trial, with its final state, accuracies and MLflow run.
+    """One record per configuration (a bundle's members each), with its final state, accuracies and MLflow run.
 
-    Planned grid/random trials that Ray never created (the sweep was interrupted first) are listed as
+    Planned grid/random configurations that Ray never created (the sweep was interrupted first) are listed as
     UNFINISHED too, so trials.csv always shows the whole plan.
     """
+    from pipeline.sweep.bundle_trial import FINISHED, MEMBERS, STOPPED
+
     # Ray's Trial objects (status, id) sit beside the Results in the same order; Result has no status.
     trials = list(getattr(getattr(results, "_experiment_analysis", None), "trials", None) or [])
     records = []
     for index, result in enumerate(results):
         trial = trials[index] if index < len(trials) else None
-        config = complete(result.config)
-        key = trial_key(config)
         metrics = result.metrics or {}
         trial_id = trial.trial_id if trial is not None else str(metrics.get("trial_id", ""))
         status = trial.status if trial is not None else "TERMINATED"
-        run = children.get(key)
-        test = metrics.get("test_acc")
-        if result.error is not None:
-            state = "FAILED"
-        elif isinstance(test, (int, float)) and math.isfinite(test):
-            state = "FINISHED"
-        elif status == "TERMINATED" and trial_id in ended:
-            state = "STOPPED"
-        else:
-            state = "UNFINISHED"
-        reason = run.data.tags.get(REASON_TAG, "") if run is not None else ""
-        if not reason and result.error is not None:
-            reason = f"{type(result.error).__name__}: {str(result.error).strip().splitlines()[-1][:300]}"
-        finished = state == "FINISHED"
-        records.append(TrialRecord(
-            config=config, trial_id=trial_id, trial_key=key, state=state,
-            val_acc=metrics.get("val_acc"), test_acc=test if finished else None,
-            new_acc=metrics.get("new_acc") if finished else None, h_acc=metrics.get("h_acc") if finished else None,
-            transfer=dict(metrics.get("transfer") or {}) if finished else {},
-            train_seconds=metrics.get("train_seconds"),
-            last_epoch=metrics.get("epoch"),
-            node_ip=(run.data.tags.get(NODE_TAG, "") if run is not None else "") or str(metrics.get("node_ip", "")),
-            mlflow_run_id=run.info.run_id if run is not None else str(metrics.get("mlflow_run_id", "")),
-            reason=reason if state != "FINISHED" else "",
-        ))
+        for member in members_of(result.config):
+            config = complete(member)
+            key = trial_key(config)
+            if BUNDLE in result.config:
+                own = (metrics.get(MEMBERS) or {}).get(key, {})
+                # A member's own state, unless the bundle ended before it did (crashed: FAILED; cut off: UNFINISHED).
+                state = own.get("state") if own.get("state") in (FINISHED, STOPPED, "FAILED") else (
+                    "FAILED" if result.error is not None else "UNFINISHED")
+            else:
+                own, state = metrics, _plain_state(metrics, result.error, status, trial_id in ended)
+            records.append(_record(config, key, own, state, trial_id, children.get(key), result.error))
     if plan.search != "optuna":
         created = {r.trial_key for r in records}
         records += [TrialRecord(config=dict(c), trial_key=trial_key(c), reason="not started")
                     for c in plan.configs if trial_key(c) not in created]
     return records
+
+
+def _plain_state(metrics: dict[str, Any], error: Any, status: str, ended: bool) -> str:
+    """A one-configuration trial's state from Ray's word on it."""
+    test = metrics.get("test_acc")
+    if error is not None:
+        return "FAILED"
+    if isinstance(test, (int, float)) and math.isfinite(test):
+        return "FINISHED"
+    return "STOPPED" if status == "TERMINATED" and ended else "UNFINISHED"
+
+
+def _record(config: dict[str, Any], key: str, metrics: dict[str, Any], state: str, trial_id: str, run: Any,
+            error: Any) -> TrialRecord:
+    reason = run.data.tags.get(REASON_TAG, "") if run is not None else ""
+    if not reason and state != "FINISHED":
+        reason = str(metrics.get("reason", ""))
+    if not reason and error is not None:
+        reason = f"{type(error).__name__}: {str(error).strip().splitlines()[-1][:300]}"
+    finished = state == "FINISHED"
+    return TrialRecord(
+        config=config, trial_id=trial_id, trial_key=key, state=state,
+        val_acc=metrics.get("val_acc"), test_acc=metrics.get("test_acc") if finished else None,
+        new_acc=metrics.get("new_acc") if finished else None, h_acc=metrics.get("h_acc") if finished else None,
+        transfer=dict(metrics.get("transfer") or {}) if finished else {},
+        train_seconds=metrics.get("train_seconds"),
+        last_epoch=metrics.get("epoch"),
+        node_ip=(run.data.tags.get(NODE_TAG, "") if run is not None else "") or str(metrics.get("node_ip", "")),
+        mlflow_run_id=run.info.run_id if run is not None else str(metrics.get("mlflow_run_id", "")),
+        reason=reason if state != "FINISHED" else "",
+    )
 
 
 def _failure_reason(record: TrialRecord) -> str:
@@ -265,23 +330,52 @@ def _parent_metrics(records: list[TrialRecord]) -> dict[str, float]:
     return {k: v for k, v in metrics.items() if math.isfinite(v)}
 
 
-def _trial_steps(plan: SweepPlan, inputs: Any, batch: int) -> dict[str, int]:
-    """Optimizer steps of each planned configuration (the progress line's ETA scales durations by them)."""
+def _trial_steps(trials: list[dict[str, Any]], inputs: Any, batch: int) -> dict[str, int]:
+    """Optimizer steps of each planned Ray trial by its key (the progress line's ETA scales durations by them);
+    a bundle's members step together."""
+    from pipeline.sweep.callbacks import ray_trial_key
     from pipeline.sweep.estimate import steps_per_epoch
 
     steps = {}
-    for c in plan.configs:
+    for t in trials:
+        c = members_of(t)[0]
         train = inputs.features[feature_key(c["dataset"], c["shots"], c["seed"])].train_labels
-        steps[trial_key(c)] = int(c["epochs"]) * steps_per_epoch(len(train), c.get("batch_size") or batch)
+        steps[ray_trial_key(t)] = int(c["epochs"]) * steps_per_epoch(len(train), c.get("batch_size") or batch)
     return steps
 
 
-def _fit(params: Params, options: SweepOptions, plan: SweepPlan, inputs: Any, parent: SweepRun, name: str,
-         experiment_path: Path, commit: str, resume: bool) -> SweepOutcome:
+def _member_rungs(plan: SweepPlan, params: Params, experiment_path: Path, resume: bool) -> Any:
+    """The MemberRungs actor every trial asks at each validation (ASHA per configuration, in sweeps with
+    bundles), restored from the rungs a previous driver session recorded."""
+    import ray
+
+    from pipeline.sweep.rungs import MemberRungs
+
+    if params.train.eval_every < 1:
+        log.warning("ASHA acts on intermediate val_acc, but train.eval_every=0 evaluates only at the end; "
+                    "set train.eval_every > 0 for early stopping to happen")
+    saved = rungs_path(experiment_path.parent, experiment_path.name)
+    top = max_epochs(plan.configs)
+    rungs = ray.remote(num_cpus=0)(MemberRungs).remote(
+        max_t=top, grace_period=min(params.sweep.asha_grace_epochs, top),
+        reduction_factor=params.sweep.asha_reduction_factor)
+    if resume and saved.is_file():
+        try:
+            ray.get(rungs.restore.remote(json.loads(saved.read_text())))
+        except (ValueError, ray.exceptions.RayTaskError) as error:
+            log.warning("ASHA starts with empty rungs: %s is not a rungs state this sweep can use (%s)", saved,
+                        str(error).strip().splitlines()[-1])
+    return rungs
+
+
+def _fit(params: Params, options: SweepOptions, plan: SweepPlan, trials: list[dict[str, Any]], inputs: Any,
+         parent: SweepRun, name: str, experiment_path: Path, commit: str, resume: bool,
+         member_asha: bool) -> SweepOutcome:
     import ray
     from ray import tune
 
     from pipeline.engine.backbone import worker_weights
+    from pipeline.sweep.bundle_trial import run_sweep_trial
     from pipeline.sweep.callbacks import (
         PROGRESS_EVERY_S,
         WATCHERS,
@@ -292,13 +386,7 @@ def _fit(params: Params, options: SweepOptions, plan: SweepPlan, inputs: Any, pa
     )
     from pipeline.sweep.contexts import export_contexts
     from pipeline.sweep.searchers import build_searcher
-    from pipeline.sweep.trial import (
-        TrialSettings,
-        recorded_feature_settings,
-        run_name,
-        run_trial,
-        trial_params,
-    )
+    from pipeline.sweep.trial import TrialSettings, recorded_feature_settings, run_name, trial_params
 
     check_resources(params)
     refs = {k: ray.put(v) for k, v in inputs.features.items()}
@@ -320,8 +408,9 @@ def _fit(params: Params, options: SweepOptions, plan: SweepPlan, inputs: Any, pa
         cpus_per_trial=params.sweep.cpus_per_trial,
         tracking_outage_limit_s=params.tracking.outage_limit_s,
     )
+    rungs = _member_rungs(plan, params, experiment_path, resume) if member_asha else None
     trainable = tune.with_resources(
-        tune.with_parameters(run_trial, settings=settings, features=refs, targets=target_refs),
+        tune.with_parameters(run_sweep_trial, settings=settings, features=refs, targets=target_refs, rungs=rungs),
         {"cpu": params.sweep.cpus_per_trial, "gpu": params.sweep.gpus_per_trial},
     )
     every_s = PROGRESS_EVERY_S if options.progress_every_s is None else options.progress_every_s
@@ -335,9 +424,10 @@ def _fit(params: Params, options: SweepOptions, plan: SweepPlan, inputs: Any, pa
         tuner = tune.Tuner(
             trainable,
             tune_config=tune.TuneConfig(
-                search_alg=build_searcher(plan, params.sweep.optuna_seed),
-                scheduler=_scheduler(plan, params),
-                num_samples=plan.num_samples,
+                search_alg=build_searcher(plan, params.sweep.optuna_seed, trials),
+                # With bundles Tune's ASHA would stop whole bundles: MemberRungs decides per configuration.
+                scheduler=None if member_asha else _scheduler(plan, params),
+                num_samples=len(trials) if plan.search != "optuna" else plan.num_samples,
                 max_concurrent_trials=plan.max_concurrent,
                 reuse_actors=True,  # one worker process (and backbone load) serves many trials
                 trial_dirname_creator=_trial_dirname,
@@ -346,13 +436,18 @@ def _fit(params: Params, options: SweepOptions, plan: SweepPlan, inputs: Any, pa
                 name=name,
                 storage_path=str(experiment_path.parent),
                 failure_config=tune.FailureConfig(max_failures=params.sweep.retries),
-                callbacks=[EndWatcher(name), ProgressLog(name, plan.num_samples, every_s,
-                                                         _trial_steps(plan, inputs, params.train.batch_size))],
+                callbacks=[EndWatcher(name), ProgressLog(name, len(trials) if plan.search != "optuna" else
+                                                         plan.num_samples, every_s,
+                                                         _trial_steps(trials, inputs, params.train.batch_size))],
                 verbose=1 if options.verbose >= 2 else 0,  # our progress line replaces Ray's per-trial tables
             ),
         )
-    with ray_resume_hint_dropped():  # the warning below names our command, not Tuner.restore
-        results = tuner.fit()
+    try:
+        with ray_resume_hint_dropped():  # the warning below names our command, not Tuner.restore
+            results = tuner.fit()
+    finally:
+        if rungs is not None:  # a resumed driver's ASHA goes on from the rungs recorded so far
+            write_json_atomic(rungs_path(experiment_path.parent, name), ray.get(rungs.state.remote()))
     fit_seconds = time.perf_counter() - fit_start
     watcher = WATCHERS.pop(name, None)
     ended = watcher.all_ended() if watcher is not None else set()
