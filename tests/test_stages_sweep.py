@@ -77,6 +77,25 @@ def test_dry_run_prints_the_trials_and_their_count(tmp_path: Path, capsys: pytes
     assert "4 GPUs" in out and "CPU core-hours" not in out
 
 
+def test_dry_run_costs_the_bundles_the_sweep_would_form(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    # 2 shots x 2 seeds x 2 variants of FashionMNIST's 10 classes, on GPUs: auto bundles every configuration of a
+    # shot count (up to 64 members at 10 classes).
+    gpu = write_params(tmp_path, "gpu", sweep={"space": {"n_ctx": [4, 8]}, "gpus_per_trial": 1})
+    assert main(["--params", str(gpu), "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "sweep.bundle_size auto: 8 configurations in 2 trials (2 bundles of 4)" in out
+    assert "cost model: 8 configurations in 2 trials (2 bundles of 4), " in out and "NOT MEASURED on a GPU" in out
+    assert "without bundles (--bundle-size 1): 8 trials, " in out
+    assert main(["--params", str(gpu), "--dry-run", "--bundle-size", "3"]) == 0
+    assert "8 configurations in 4 trials (2 bundles of 3)" in capsys.readouterr().out
+    cpu = write_params(tmp_path, "cpu", sweep={"space": {"n_ctx": [4, 8]}})
+    for lone in ([str(gpu), "--bundle-size", "1"], [str(cpu)]):  # no bundles: size 1, or auto on CPUs
+        assert main(["--params", *lone, "--dry-run"]) == 0
+        out = capsys.readouterr().out
+        assert "cost model: 8 trials, " in out and "bundle_size" not in out and "bundles of" not in out
+        assert "without bundles" not in out
+
+
 def test_dry_run_of_the_params_search(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     """What dvc.yaml runs: every choice from the params file."""
     params = write_params(tmp_path, "stage", sweep={"search": "random", "num_samples": 3, "space": {"n_ctx": [4, 8]}})

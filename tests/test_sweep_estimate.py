@@ -1,4 +1,4 @@
-"""GPU-hours of trials and grids: steps per trial, step time on a GPU model, the paper grid, 16-shot ImageNet."""
+"""GPU-hours of trials and grids: steps per trial, step time on a GPU model, the paper grid, 16-shot ImageNet, bundles."""
 
 from __future__ import annotations
 
@@ -265,3 +265,130 @@ def test_kgcoop_costs_coop_plus_one_pass_over_its_hand_crafted_prompts_and_xd_te
     cocoop = estimate_trial(COCOOP, "RN50", DEV_CPU, cores=2)
     dtd = estimate_trial({**COCOOP, "dataset": "DTD", "epochs": 0}, "RN50", DEV_CPU, cores=2)
     assert cocoop_xd.pass_seconds > cocoop.pass_seconds + 0.5 * dtd.pass_seconds  # DTD's 1692 images x 47 classes
+
+
+# ------------------------------------------------------------------------------ bundles
+
+CSC = {"dataset": "EuroSAT", "protocol": "fewshot", "shots": 16, "seed": 1, "method": "coop", "n_ctx": 16,
+       "ctx_init": "", "csc": True, "class_token_position": "end", "lr": 0.002, "epochs": 10, "batch_size": None,
+       "precision": "fp16", "kg_weight": None, "meta_reduction": None}
+
+
+def test_a_bundle_of_one_costs_what_its_configuration_costs_alone() -> None:
+    from pipeline.sweep.estimate import DEV_CPU
+
+    variants = [CSC, {**CSC, "csc": False}, {**CSC, "csc": False, "ctx_init": "a photo of a", "n_ctx": 4},
+                {**CSC, "csc": False, "class_token_position": "middle", "dataset": "ImageNet", "shots": 2},
+                {**CSC, "protocol": "base2new", "dataset": "SUN397", "csc": False}]
+    for config in variants:
+        for device, precision in ((GPUS["H100"], "fp16"), (DEV_CPU, "fp32")):
+            member = {**config, "precision": precision}
+            alone = estimate_trial(member, "RN50", device, cores=2)
+            bundle = estimate_trial({"bundle": [member]}, "RN50", device, cores=2)
+            assert (bundle.steps, bundle.path, bundle.passes) == (alone.steps, alone.path, 1), member
+            assert bundle.flops_per_step == pytest.approx(alone.flops_per_step, rel=1e-12)
+            assert bundle.seconds == pytest.approx(alone.seconds, rel=1e-12) and bundle.configs == [member]
+
+
+def test_a_gpu_bundle_pays_the_step_floor_and_the_trial_overhead_once() -> None:
+    from pipeline.sweep.estimate import BUNDLE_MEMBER_OVERHEAD_S
+
+    h100 = GPUS["H100"]
+    members = [{**CSC, "seed": seed, "lr": lr} for seed in (1, 2, 3, 4) for lr in (0.002, 0.02)]  # 8 alike
+    alone = estimate_trial(members[0], "RN50", h100)
+    bundle = estimate_trial({"bundle": members}, "RN50", h100)
+    # By hand: CSC prompts (nothing shared) of 10 classes: one truncated pass over the 8 x 10 prompts, its compute
+    # 8 members' FLOPs at the truncated path's rate, the floor once; the overhead once, 0.5 s per further member.
+    compute = 8 * alone.flops_per_step / (h100.peak_tflops * 1e12 * h100.utilisation["truncated"])
+    step = math.hypot(h100.launch_s["truncated"], compute)
+    assert bundle.passes == 1 and bundle.path == "truncated" and bundle.steps == alone.steps == 10 * 5
+    assert bundle.seconds == pytest.approx(alone.steps * step + h100.trial_overhead_s + 7 * BUNDLE_MEMBER_OVERHEAD_S)
+    assert alone.seconds < bundle.seconds < 8 * alone.seconds / 4  # floor-bound steps: far below 8 lone trials
+    assert bundle.steps * step < 2 * (alone.seconds - h100.trial_overhead_s)  # 8 steps' work in < 2 lone steps' time
+
+    # Members sharing a prefix: the group decides the path, as the engine's bundle does. "a photo of a" at the end
+    # on ImageNet saves 999 x 4 prompt positions alone (under the 4,000 of the GPU rule: truncated), twice that
+    # for a pair (shared prefix).
+    words = {**CSC, "dataset": "ImageNet", "shots": 1, "csc": False, "ctx_init": "a photo of a", "n_ctx": 4}
+    assert estimate_trial(words, "RN50", h100).path == "truncated"
+    pair = estimate_trial({"bundle": [words, {**words, "seed": 2}]}, "RN50", h100)
+    assert pair.path == "shared" and pair.passes == 1
+    mixed = estimate_trial({"bundle": [words, {**words, "seed": 2}, {**words, "csc": True, "ctx_init": ""}]}, "RN50",
+                           h100)
+    assert mixed.path == "shared+truncated" and mixed.passes == 2
+
+    for bad, match in (([{**CSC, "method": "kgcoop"}], "bundle member 0 trains 'kgcoop'"),
+                       ([CSC, {**CSC, "dataset": "DTD"}], "bundle member 1 has 47 classes"),
+                       ([], "an empty bundle")):
+        with pytest.raises(ValueError, match=match):
+            estimate_trial({"bundle": bad}, "RN50", h100)
+
+
+def test_a_cpu_bundle_costs_its_members_alone() -> None:
+    from pipeline.sweep.estimate import DEV_CPU
+
+    member = {**CSC, "dataset": "Caltech101", "csc": False, "precision": "fp32"}
+    members = [{**member, "seed": seed} for seed in range(1, 9)]
+    for arch in ("RN50", "coop-tiny-rn"):  # compute-bound steps (~0.5 s), and floor-bound ones (the demo's)
+        alone = [estimate_trial(m, arch, DEV_CPU, cores=2) for m in members]
+        bundle = estimate_trial({"bundle": members}, arch, DEV_CPU, cores=2)
+        # 8 members of 100 classes: passes of at most 400 prompts, so two. On CPUs the per-step floor is the
+        # members' own (bundled CPU steps measured 1.0-1.3x), and each member pays a CPU trial's overhead: alike
+        # members cost exactly what they cost alone.
+        assert bundle.passes == 2 and bundle.path == "shared"
+        assert bundle.seconds == pytest.approx(sum(t.seconds for t in alone), rel=1e-9)
+    floor_bound = alone[0].steps * DEV_CPU.step_floor_s / (alone[0].seconds - DEV_CPU.trial_overhead_s)
+    assert floor_bound > 0.5  # coop-tiny-rn: a floor paid once per pass would show
+
+
+def test_sweep_trials_bundle_as_the_sweep_does_and_the_grid_estimate_costs_them() -> None:
+    from pipeline.params import override
+    from pipeline.sweep.estimate import estimate_sweep, sweep_trials
+
+    params = load_params(REPO / "configs" / "paper_rn50.yaml")  # GPU trials, sweep.bundle_size auto
+    small = override(params, sweep={"space": {**params.sweep.space, "dataset": ["EuroSAT", "ImageNet"]}})
+    trials = sweep_trials(small)
+    members = [len(t["bundle"]) for t in trials]
+    # auto on a GPU: ceil(1600 / C) members, up to the 18 (6 variants x 3 seeds) that share dataset and shots.
+    assert members == [18] * 5 + [2] * 45 and sum(members) == 180
+    bundled, alone = estimate_sweep(small, trials), estimate_sweep(small)
+    assert bundled.configurations == alone.configurations == len(alone.trials) == 180
+    assert bundled.count() == "180 configurations in 50 trials (50 bundles of 2-18)"
+    assert bundled.by_dataset()["EuroSAT"] < alone.by_dataset()["EuroSAT"] / 5  # 90 trials' overheads: 5
+    assert alone.by_dataset()["ImageNet"] / 2 < bundled.by_dataset()["ImageNet"] < alone.by_dataset()["ImageNet"]
+    assert "NOT MEASURED on a GPU" in bundled.summary() and "bundle" not in alone.summary()
+    # The official code trains one configuration at a time: its estimate of the bundles is the lone one.
+    official = estimate_sweep(small, trials, path="official")
+    assert official.hours == pytest.approx(estimate_sweep(small, path="official").hours)
+    # sweep.bundle_size 1 and the CPU's auto: no bundles, the very same estimate.
+    one = override(small, sweep={"bundle_size": 1})
+    assert sweep_trials(one) == build_configs(one)
+    assert estimate_sweep(one, sweep_trials(one)).hours == alone.hours
+    cpu = override(small, sweep={"gpus_per_trial": 0}, train={"precision": "fp32"})
+    assert not any("bundle" in t for t in sweep_trials(cpu))
+
+
+def build_configs(params: object) -> list[dict]:
+    from pipeline.sweep.space import build_space
+
+    return build_space(params).enumerate()  # type: ignore[arg-type]
+
+
+def test_costmodel_prints_the_bundled_cost_beside_the_lone_one(capsys: pytest.CaptureFixture[str],
+                                                               tmp_path: Path) -> None:
+    from pipeline.sweep.estimate import estimate_sweep, sweep_trials
+    from pipeline.tools.costmodel import main
+
+    profile = REPO / "configs" / "paper_b2n_vitb16.yaml"  # GPU trials; its 33 CoOp configurations bundle (auto)
+    out = tmp_path / "b2n.json"
+    assert main(["--params", str(profile), "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "cost model: 99 trials, " in printed
+    assert "with bundles (sweep.bundle_size auto): 99 configurations in 77 trials (11 bundles of 3), " in printed
+    assert "NOT MEASURED on a GPU" in printed
+    saved = json.loads(out.read_text())
+    params = load_params(profile)
+    assert saved["bundled"]["hours"] == pytest.approx(estimate_sweep(params, sweep_trials(params)).hours)
+    assert saved["bundled"]["trials"] == 77 and saved["bundled"]["hours"] < saved["hours"]
+    assert main(["--params", str(profile), "--official"]) == 0  # the official code: no bundles
+    assert "with bundles" not in capsys.readouterr().out

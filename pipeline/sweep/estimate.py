@@ -12,13 +12,19 @@ half of the classes and test on both halves, xd trials also test on their transf
 machine, used when a sweep's trials get no GPU (``sweep.gpus_per_trial: 0``). `python bench/costmodel.py`
 times real steps on the local accelerator next to the model's FLOPs, to check or recalibrate
 (docs/reproduce.md has what we measured). `estimate_sweep` picks the device the params ask for.
+
+A trial may be a bundle (sweep.bundle_size; `sweep_trials` forms them as the sweep does): its members share
+each step's batched text pass (pipeline/engine/bundle.py), so on a GPU the per-step floor is paid once per
+pass, not per member, and the per-trial overhead once per bundle (`estimate_trial`); on a CPU, where bundles
+measured 1.0-1.3x, a bundle costs about its members alone. No bundle has been timed on a GPU: the bundled
+GPU figures are the model's, not measurements.
 """
 
 from __future__ import annotations
 
 import json
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -70,7 +76,7 @@ DATASET_TEST_IMAGES: dict[str, int] = {
 MAX_VAL_SHOTS = 4
 # CoCoOp evaluates images in chunks of about this many prompts (pipeline.engine.cocoop.EVAL_PROMPTS).
 COCOOP_EVAL_PROMPTS = 4096
-COCOOP, KGCOOP = "cocoop", "kgcoop"  # pipeline.engine.methods' ids of the methods costed differently from CoOp
+COOP, COCOOP, KGCOOP = "coop", "cocoop", "kgcoop"  # pipeline.engine.methods' ids (only CoOp bundles)
 BASE2NEW, XD = "base2new", "xd"  # pipeline.data.protocols' protocols costed differently from few-shot
 
 # Classes per dataset (CoOp's Table 1 statistics), so a dry run works before any data is prepared.
@@ -161,6 +167,11 @@ class CPU:
 DEV_CPU = CPU("the development machine's CPU (AMD EPYC, AVX2)", text_gflops_per_core=51.0,
               image_gflops_per_core=63.0, bf16_slowdown=138.0, step_floor_s=0.0055, trial_overhead_s=0.5)
 
+# A bundle pays its device's per-trial overhead (worker, backbone and features in) once and, for each member after
+# the first, what a demo trial cost besides its steps on the development CPU (its MLflow run and artifacts, its
+# val/test evaluations; Ray's scheduling too, so on the generous side): each member keeps its own run.
+BUNDLE_MEMBER_OVERHEAD_S = DEV_CPU.trial_overhead_s
+
 
 def steps_per_epoch(n_train: int, batch: int) -> int:
     """Optimizer steps per epoch: Dassl drops the last incomplete batch (one batch if N < batch)."""
@@ -179,6 +190,13 @@ class TrialEstimate:
     flops_per_step: float
     seconds: float
     pass_seconds: float = 0.0  # of `seconds`: text passes besides the steps and the overhead (see estimate_trial)
+    members: tuple[TrialEstimate, ...] = ()  # a bundle's members, each costed alone; () for one configuration
+    passes: int = 1  # text passes a step runs (a bundle: one per group of members, see _estimate_bundle)
+
+    @property
+    def configs(self) -> list[dict[str, Any]]:
+        """The configurations the trial trains: a bundle's members, or its own."""
+        return [m.config for m in self.members] if self.members else [self.config]
 
     @property
     def gpu_hours(self) -> float:
@@ -215,6 +233,28 @@ class GridEstimate:
         """GPU-hours of a GPU estimate (`hours`; for a CPU estimate, see `unit`)."""
         return self.hours
 
+    @property
+    def configurations(self) -> int:
+        """Configurations the trials train (a bundle trains several)."""
+        return sum(len(t.configs) for t in self.trials)
+
+    def count(self) -> str:
+        """'990 trials', or with bundles '990 configurations in 140 trials (140 bundles of 2-18)'."""
+        sizes = [len(t.members) for t in self.trials if t.members]
+        if not sizes:
+            return f"{len(self.trials)} trials"
+        said = f"{min(sizes)}-{max(sizes)}" if min(sizes) < max(sizes) else str(sizes[0])
+        return (f"{self.configurations} configurations in {len(self.trials)} trials ({len(sizes)} "
+                f"bundle{'s' if len(sizes) > 1 else ''} of {said})")
+
+    def brief(self, slots: Sequence[int] | None = None) -> str:
+        """One line: the count, the total and the wall times (the comparison line of a dry run)."""
+        slots = self.slots if slots is None else slots
+        word = "trial" if self.on_cpu else "GPU"
+        walls = ", ".join(f"{n} {word}{'s' if n > 1 else ''}{' at a time' if self.on_cpu else ''} "
+                          f"{_wall(self.wall_hours(n))}" for n in slots)
+        return f"{self.count()}, {self.hours:.3g} {self.unit}; wall time: {walls}"
+
     def wall_hours(self, slots: int) -> float:
         """Wall time with `slots` trials at a time (GPUs, or CPU trial slots; greedy longest-first packing)."""
         if slots < 1:
@@ -229,7 +269,8 @@ class GridEstimate:
         scale = self.cores if self.on_cpu else 1.0
         hours: dict[str, float] = {}
         for t in self.trials:
-            hours[t.config["dataset"]] = hours.get(t.config["dataset"], 0.0) + t.seconds / 3600.0 * scale
+            dataset = t.configs[0]["dataset"]  # a bundle's members share it
+            hours[dataset] = hours.get(dataset, 0.0) + t.seconds / 3600.0 * scale
         return hours
 
     def by_method(self) -> dict[str, float]:
@@ -237,7 +278,8 @@ class GridEstimate:
         scale = self.cores if self.on_cpu else 1.0
         hours: dict[str, float] = {}
         for t in self.trials:
-            key = f"{t.config.get('method') or 'coop'} {t.config.get('protocol') or 'fewshot'}"
+            first = t.configs[0]  # a bundle's members share them
+            key = f"{first.get('method') or 'coop'} {first.get('protocol') or 'fewshot'}"
             hours[key] = hours.get(key, 0.0) + t.seconds / 3600.0 * scale
         return hours
 
@@ -246,11 +288,11 @@ class GridEstimate:
         slots = self.slots if slots is None else slots
         said = f"; {self.resources}" if self.resources else ""
         if self.on_cpu:
-            head = (f"cost model: {len(self.trials)} trials, {self.hours:.3g} CPU core-hours ({self.cores:g} core(s) "
+            head = (f"cost model: {self.count()}, {self.hours:.3g} CPU core-hours ({self.cores:g} core(s) "
                     f"per trial{said}) at the rate measured on {self.device.name}")
             walls = [f"{n} trial{'s' if n > 1 else ''} at a time {_wall(self.wall_hours(n))}" for n in slots]
         else:
-            head = f"cost model: {len(self.trials)} trials, {self.hours:.3g} GPU-hours on {self.device.name} (one GPU per trial{said})"
+            head = f"cost model: {self.count()}, {self.hours:.3g} GPU-hours on {self.device.name} (one GPU per trial{said})"
             walls = [f"{n} GPU{'s' if n > 1 else ''} {_wall(self.wall_hours(n))}" for n in slots]
         lines = [head, "  wall time: " + ", ".join(walls)]
         by_dataset = sorted(self.by_dataset().items(), key=lambda kv: -kv[1])
@@ -416,9 +458,20 @@ def estimate_trial(
     `shared_prefix` (train.shared_prefix) allows it (None: where the engine's own rule prefers it),
     the truncated path otherwise. `pack_tokens` (train.pack_tokens) likewise: None follows the engine's
     rule for running only each prompt's real tokens.
+
+    A bundle ({"bundle": [configurations]}, pipeline.sweep.plan.form_bundles) costs its shared steps at the
+    bundled step's time, its members' other evaluations and the per-trial overhead once (`_estimate_bundle`).
     """
     from pipeline.engine.backbone import count_tokens
     from pipeline.engine.train import default_epochs
+    from pipeline.sweep.plan import BUNDLE
+
+    if BUNDLE in config:
+        def alone(member: dict[str, Any]) -> TrialEstimate:
+            return estimate_trial(member, arch, device, batch, path, splits_dir, classes, shared_prefix, pack_tokens,
+                                  online, loader_workers, cores, transfer_targets, eval_every, test_images)
+
+        return _estimate_bundle(config, alone, arch, device, batch, path, shared_prefix, pack_tokens, online, cores)
 
     dataset, shots = str(config["dataset"]), int(config["shots"])
     method = str(config.get("method") or "coop")
@@ -438,7 +491,7 @@ def estimate_trial(
 
     layout = layout_of(stats)
     device_type = "cpu" if isinstance(device, CPU) else "cuda"
-    precision = str(config.get("precision") or ("fp32" if device_type == "cpu" else "fp16"))
+    precision = _precision(config, device)
     dev = _Device(device, cores, precision)
     if path is None:
         path, packed = _text_path(device_type, precision, n_classes, layout, shared_prefix, pack_tokens)
@@ -505,6 +558,94 @@ def estimate_trial(
     return TrialEstimate(dict(config), n_classes, steps, layout, path, flops, seconds, pass_seconds)
 
 
+def _precision(config: dict[str, Any], device: GPU | CPU) -> str:
+    """The configuration's precision (null: fp32 on a CPU, fp16 on a GPU)."""
+    return str(config.get("precision") or ("fp32" if isinstance(device, CPU) else "fp16"))
+
+
+def _estimate_bundle(config: dict[str, Any], alone: Callable[[dict[str, Any]], TrialEstimate], arch: str,
+                     device: GPU | CPU, batch: int, path: str | None, shared_prefix: bool | None,
+                     pack_tokens: bool | None, online: bool, cores: float) -> TrialEstimate:
+    """A bundle's time: its steps x the bundled step, each member's evaluations beyond val/test as alone, the
+    device's per-trial overhead once and BUNDLE_MEMBER_OVERHEAD_S for each further member.
+
+    The bundled step runs the passes pipeline.engine.bundle.BundleStep plans: members of a unified context
+    with a shared prefix of P > 1 positions one shared-prefix pass per P where the engine's rule prefers it
+    for the group's G x (C - 1) + 1 classes (or train.shared_prefix forces it), everyone else one truncated
+    pass; on a CPU passes of at most CPU_MAX_PASS_PROMPTS prompts. A pass costs the FLOPs of its members'
+    steps, padded to its longest prompt (packed by the engine's rule on the whole pass), at the rate fitted to
+    one configuration's step, with the per-step floor once per pass on a GPU and once per member on a CPU.
+    """
+    from pipeline.engine.bundle import CPU_MAX_PASS_PROMPTS
+    from pipeline.engine.prompt import prefers_packing, prefers_shared_prefix
+    from pipeline.sweep.plan import BUNDLE
+
+    configs = list(config[BUNDLE])
+    if not configs:
+        raise ValueError(f"an empty bundle: {BUNDLE!r} must list at least one configuration")
+    if path == "official":
+        raise ValueError("the official CoOp code trains one configuration at a time: cost a bundle's members alone")
+    for i, member in enumerate(configs):
+        if str(member.get("method") or COOP) != COOP or online:
+            raise ValueError(f"bundle member {i} trains {member.get('method') or COOP!r}"
+                             f"{' on online crops' if online else ''}: bundles train CoOp on cached features only "
+                             "(pipeline.sweep.plan.form_bundles leaves the others alone)")
+    members = [alone(member) for member in configs]
+    first = members[0]
+    precision = _precision(first.config, device)
+    for i, m in enumerate(members[1:], start=1):
+        if (m.n_classes, m.steps, _precision(m.config, device)) != (first.n_classes, first.steps, precision):
+            raise ValueError(f"bundle member {i} has {m.n_classes} classes, {m.steps} steps, "
+                             f"{_precision(m.config, device)}; member 0 {first.n_classes}, {first.steps}, {precision}: "
+                             "bundle members share the class list, steps and precision")
+    n_cls = first.n_classes
+    device_type = "cpu" if isinstance(device, CPU) else "cuda"
+    by_prefix: dict[int, list[TrialEstimate]] = {}
+    truncated: list[TrialEstimate] = []
+    for m in members:
+        if m.layout.prefix > 1 and shared_prefix is not False and path != "truncated":
+            by_prefix.setdefault(m.layout.prefix, []).append(m)
+        else:
+            truncated.append(m)
+    groups: list[tuple[str, list[TrialEstimate]]] = []
+    for prefix, group in by_prefix.items():
+        if path == "shared" or shared_prefix or prefers_shared_prefix(device_type, precision,
+                                                                      len(group) * (n_cls - 1) + 1, prefix):
+            groups.append(("shared", group))
+        else:
+            truncated.extend(group)
+    if truncated:
+        groups.append(("truncated", truncated))
+    if device_type == "cpu":
+        chunk = max(1, CPU_MAX_PASS_PROMPTS // n_cls)
+        groups = [(p, group[i : i + chunk]) for p, group in groups for i in range(0, len(group), chunk)]
+
+    shape = tower_shape(arch)
+    dev = _Device(device, cores, precision)
+    flops, step_seconds = 0.0, 0.0
+    for pass_path, group in groups:
+        skipped = group[0].layout.prefix if pass_path == "shared" else 0
+        length = max(m.layout.length for m in group)  # the pass pads every prompt to its longest
+        padded = len(group) * n_cls * (length - skipped)
+        real = round(sum(n_cls * (m.layout.real_length - skipped) for m in group))
+        packed = pack_tokens is not False and prefers_packing(device_type, precision, padded, real)
+        pass_flops = sum(step_flops(shape, n_cls, PromptLayout(length, m.layout.prefix, m.layout.real_length),
+                                    pass_path, int(m.config.get("batch_size") or batch), 0.0, packed).total
+                         for m in group)
+        flops += pass_flops
+        # The floor: once per pass on a GPU (the pass's kernels, one CUDA graph); per member on a CPU, where it is
+        # mostly each member's own loss, backward and update dispatch (bundled CPU steps ran 1.0-1.3x the members
+        # one at a time, BENCHMARKS.md): n floors with the pass's compute = n steps of its mean FLOPs.
+        floors = len(group) if device_type == "cpu" else 1
+        step_seconds += floors * dev.seconds(pass_flops / floors, pass_path)
+    pass_seconds = sum(m.pass_seconds for m in members)
+    seconds = (first.steps * step_seconds + pass_seconds + device.trial_overhead_s
+               + (len(members) - 1) * BUNDLE_MEMBER_OVERHEAD_S)
+    paths = "+".join(sorted({p for p, _ in groups}))
+    return TrialEstimate(dict(config), n_cls, first.steps, first.layout, paths, flops, seconds, pass_seconds,
+                         tuple(members), len(groups))
+
+
 def online_image_seconds(gpu: GPU, image_flops: float, precision: str = "fp16") -> float:
     """Seconds of one online step's image forward: the precision's peak at the official step's utilisation."""
     peak = gpu.peak_tflops_fp32 if precision == "fp32" else gpu.peak_tflops
@@ -555,6 +696,7 @@ def _estimate(params: Params, trials: Iterable[dict[str, Any]] | None, device: G
               cores: float = 1.0) -> GridEstimate:
     """Every trial of `trials` (None: the params' grid or first num_samples) on `device` (`cores` per CPU trial)."""
     from pipeline.sweep.cluster import online_workers
+    from pipeline.sweep.plan import BUNDLE, members_of
 
     if trials is None:
         from pipeline.sweep.space import build_space
@@ -564,10 +706,13 @@ def _estimate(params: Params, trials: Iterable[dict[str, Any]] | None, device: G
             configs = configs[: params.sweep.num_samples]
     else:
         configs = list(trials)
+    members = [m for c in configs for m in members_of(c)]
+    if path == "official":  # the official code trains one configuration at a time
+        configs = members
     splits_dir = params.data.splits_dir
     online = params.features.views == ONLINE_VIEWS and path != "official"
     workers = online_workers(params)
-    targets = transfer_targets(params) if any(c.get("protocol") == XD for c in configs) else []
+    targets = transfer_targets(params) if any(c.get("protocol") == XD for c in members) else []
     estimates = [
         estimate_trial(c, params.backbone.arch, device, params.train.batch_size, path, splits_dir,
                        shared_prefix=params.train.shared_prefix, pack_tokens=params.train.pack_tokens, online=online,
@@ -575,10 +720,59 @@ def _estimate(params: Params, trials: Iterable[dict[str, Any]] | None, device: G
                        eval_every=params.train.eval_every)
         for c in configs
     ]
-    assumptions = _assumptions(device, splits_dir) + _method_assumptions(configs)
+    assumptions = _assumptions(device, splits_dir) + _method_assumptions(members)
+    if any(BUNDLE in c for c in configs):
+        assumptions.append(_bundle_assumption(device))
     if online:
         assumptions.insert(0, _online_assumption(device, params.backbone.arch, params.train.batch_size, workers))
     return GridEstimate(device, estimates, assumptions, cores=cores)
+
+
+def _bundle_assumption(device: GPU | CPU) -> str:
+    from pipeline.engine.bundle import CPU_MAX_PASS_PROMPTS
+
+    where = ("" if isinstance(device, CPU) else
+             "; NOT MEASURED on a GPU: the bundled figures are the model's (bench/bundle.py --device cuda times them)")
+    return (
+        "bundles (sweep.bundle_size, pipeline/engine/bundle.py): a bundled step runs its members' class prompts in "
+        "one batched text pass per group (members sharing a prefix length, where the shared-prefix rule picks it; "
+        "the rest one truncated pass; on CPUs passes of at most "
+        f"{CPU_MAX_PASS_PROMPTS} prompts), each pass as efficient as one "
+        "configuration's step of as many prompts; the per-step floor once per pass on a GPU (its CUDA graph), "
+        "once per member on CPUs (mostly each member's own loss, backward and update dispatch: bundled CPU steps "
+        "measured 1.0-1.3x the members one at a time, BENCHMARKS.md); on a GPU "
+        "the members' own losses and SGD updates (eager, after the graph) add their FLOPs only; a bundle pays the per-trial overhead once and "
+        f"{BUNDLE_MEMBER_OVERHEAD_S:g} s for each further member (its MLflow run, artifacts and evaluations)" + where
+    )
+
+
+def sweep_trials(params: Params, configs: Sequence[dict[str, Any]] | None = None) -> list[dict[str, Any]]:
+    """The Ray trials a sweep forms from `configs` (None: the params' grid, or its first num_samples
+    configurations): bundles by sweep.bundle_size as pipeline.sweep.tuner.plan_trials forms them (none for
+    optuna), with class counts (base2new: the base half) and training-set sizes (shots x classes) from
+    `dataset_stats` rather than the feature caches, so nothing is loaded."""
+    from pipeline.sweep.plan import form_bundles
+
+    if configs is None:
+        from pipeline.sweep.space import build_space
+
+        configs = build_space(params).enumerate()
+        if params.sweep.search != "grid":
+            configs = configs[: params.sweep.num_samples]
+    if params.sweep.search == "optuna":
+        return list(configs)
+    stats: dict[str, DatasetStats] = {}
+
+    def n_classes(config: dict[str, Any]) -> int:
+        dataset = config["dataset"]
+        if dataset not in stats:
+            stats[dataset] = dataset_stats(dataset, params.data.splits_dir)
+        total = stats[dataset].classes
+        return math.ceil(total / 2) if config.get("protocol") == BASE2NEW else total
+
+    gpu = params.sweep.gpus_per_trial > 0 or params.train.device.startswith("cuda")
+    return form_bundles(configs, params.sweep.bundle_size, gpu, params.features.views == ONLINE_VIEWS, n_classes,
+                        lambda c: int(c["shots"]) * n_classes(c), params.train.batch_size)
 
 
 def transfer_targets(params: Params) -> list[str]:
@@ -619,7 +813,8 @@ def estimate_gpu_hours(
     gpu: str | GPU = "H100",
     path: str | None = None,
 ) -> GridEstimate:
-    """GPU-hours of a sweep: each trial config (the sweep's canonical dicts) on one `gpu`.
+    """GPU-hours of a sweep: each trial config (the sweep's canonical dicts, or bundles of them: `sweep_trials`) on
+    one `gpu`.
 
     `trials` None enumerates params' grid (or the first sweep.num_samples configurations of a random or
     Optuna search). `path` None models our engine (with features.views: online, its image encoding

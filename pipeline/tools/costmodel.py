@@ -6,7 +6,8 @@ turns them into time on the device the params ask for: GPU-hours on an assumed G
 sweep.gpus_per_trial > 0 (pipeline.sweep.estimate: peaks, utilisation and per-step floors fitted to H100
 steps), else CPU core-hours at sweep.cpus_per_trial cores per trial, at the rate measured on the development
 machine's CPU. `python bench/costmodel.py` times
-real steps on this machine's accelerator next to the model's FLOPs.
+real steps on this machine's accelerator next to the model's FLOPs. Where sweep.bundle_size bundles the
+configurations (auto: on GPUs), the bundled cost follows the unbundled one (the model's, not measured).
 
 examples:
   python -m pipeline.tools.costmodel                                               # params.yaml, as it asks
@@ -50,7 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace, params: Params | None) -> int:
-    from pipeline.sweep.estimate import estimate_sweep, imagenet_16shot_estimate
+    from pipeline.sweep.estimate import estimate_sweep, imagenet_16shot_estimate, sweep_trials
 
     result: dict[str, Any]
     if args.imagenet:
@@ -70,6 +71,15 @@ def run(args: argparse.Namespace, params: Params | None) -> int:
                   "wall_hours": {str(n): estimate.wall_hours(n) for n in slots},
                   "by_dataset": estimate.by_dataset(), "by_method": estimate.by_method(),
                   "trials": len(estimate.trials)}
+        trials = [] if args.official else sweep_trials(params)  # the official code has no bundles
+        if trials and len(trials) < len(estimate.trials):
+            bundled = estimate_sweep(params, trials, gpu=args.gpu)
+            sys.stdout.write(f"with bundles (sweep.bundle_size {params.sweep.bundle_size}): {bundled.brief(slots)}\n")
+            sys.stdout.writelines(f"  assumption: {a}\n" for a in bundled.assumptions if a not in estimate.assumptions)
+            result["bundled"] = {"hours": bundled.hours, "trials": len(bundled.trials),
+                                 "bundles": sum(1 for t in bundled.trials if t.members),
+                                 "wall_hours": {str(n): bundled.wall_hours(n) for n in slots},
+                                 "by_dataset": bundled.by_dataset()}
     if args.out:
         from pipeline.atomic import write_json_atomic
 
