@@ -751,7 +751,7 @@ def sweep_trials(params: Params, configs: Sequence[dict[str, Any]] | None = None
     configurations): bundles by sweep.bundle_size as pipeline.sweep.tuner.plan_trials forms them (none for
     optuna), with class counts (base2new: the base half) and training-set sizes (shots x classes) from
     `dataset_stats` rather than the feature caches, so nothing is loaded."""
-    from pipeline.sweep.plan import form_bundles
+    from pipeline.sweep.plan import sweep_bundles
 
     if configs is None:
         from pipeline.sweep.space import build_space
@@ -759,8 +759,6 @@ def sweep_trials(params: Params, configs: Sequence[dict[str, Any]] | None = None
         configs = build_space(params).enumerate()
         if params.sweep.search != "grid":
             configs = configs[: params.sweep.num_samples]
-    if params.sweep.search == "optuna":
-        return list(configs)
     stats: dict[str, DatasetStats] = {}
 
     def n_classes(config: dict[str, Any]) -> int:
@@ -770,9 +768,7 @@ def sweep_trials(params: Params, configs: Sequence[dict[str, Any]] | None = None
         total = stats[dataset].classes
         return math.ceil(total / 2) if config.get("protocol") == BASE2NEW else total
 
-    gpu = params.sweep.gpus_per_trial > 0 or params.train.device.startswith("cuda")
-    return form_bundles(configs, params.sweep.bundle_size, gpu, params.features.views == ONLINE_VIEWS, n_classes,
-                        lambda c: int(c["shots"]) * n_classes(c), params.train.batch_size)
+    return sweep_bundles(params, params.sweep.search, configs, n_classes, lambda c: int(c["shots"]) * n_classes(c))
 
 
 def transfer_targets(params: Params) -> list[str]:

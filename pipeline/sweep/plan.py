@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from pipeline.errors import UserError
-from pipeline.params import Params
+from pipeline.params import ONLINE_VIEWS, Params
 from pipeline.sweep.space import SearchSpace, build_space, check_searchable, trial_key
 
 log = logging.getLogger(__name__)
@@ -164,3 +164,20 @@ def form_bundles(configs: Sequence[dict[str, Any]], size: int | str, gpu: bool, 
         if limit > 1:
             open_bundle[shared] = (len(trials) - 1, limit)
     return [members[0] if len(members) == 1 else {BUNDLE: members} for members in trials]
+
+
+def sweep_bundles(params: Params, search: str, configs: Sequence[dict[str, Any]],
+                  n_classes: Callable[[dict[str, Any]], int], n_train: Callable[[dict[str, Any]], int]
+                  ) -> list[dict[str, Any]]:
+    """The Ray trials' configs of a sweep: `form_bundles` by sweep.bundle_size on the device its trials get (optuna
+    asks for one configuration at a time: no bundles). `n_classes`/`n_train`: a configuration's class count and
+    training-set size as it trains (the sweep reads them from its features, the cost model from statistics)."""
+    size = params.sweep.bundle_size
+    if search == "optuna":
+        if size not in ("auto", 1):
+            log.warning("sweep.bundle_size %s ignored: optuna (TPE) chooses one configuration at a time, bundles are "
+                        "formed for grid and random searches", size)
+        return list(configs)
+    gpu = params.sweep.gpus_per_trial > 0 or params.train.device.startswith("cuda")
+    return form_bundles(configs, size, gpu, params.features.views == ONLINE_VIEWS, n_classes, n_train,
+                        params.train.batch_size)

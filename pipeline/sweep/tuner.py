@@ -26,9 +26,9 @@ from pipeline.sweep.plan import (
     SweepPlan,
     check_precision,
     feature_key,
-    form_bundles,
     members_of,
     plan_sweep,
+    sweep_bundles,
 )
 from pipeline.sweep.results import ResultFiles, TrialRecord, counts, summarize, write_results
 from pipeline.sweep.resume import (
@@ -172,14 +172,7 @@ def run_sweep(params: Params, options: SweepOptions) -> SweepOutcome:
 def plan_trials(params: Params, plan: SweepPlan, inputs: Any) -> list[dict[str, Any]]:
     """The Ray trials' configs: grid/random configurations gathered into bundles by sweep.bundle_size (optuna asks
     for one configuration at a time: no bundles)."""
-    size = params.sweep.bundle_size
-    if plan.search == "optuna":
-        if size not in ("auto", 1):
-            log.warning("sweep.bundle_size %s ignored: optuna (TPE) chooses one configuration at a time, bundles are "
-                        "formed for grid and random searches", size)
-        return list(plan.configs)
     from pipeline.engine.inputs import split_base_new
-    from pipeline.params import ONLINE_VIEWS
 
     shapes: dict[tuple[str, str], tuple[int, int]] = {}  # (feature key, protocol) -> (classes, training items)
 
@@ -191,14 +184,11 @@ def plan_trials(params: Params, plan: SweepPlan, inputs: Any) -> list[dict[str, 
             shapes[key] = (len(data.classnames), len(data.train_labels))
         return shapes[key]
 
-    gpu = params.sweep.gpus_per_trial > 0 or params.train.device.startswith("cuda")
-    trials = form_bundles(plan.configs, size, gpu, params.features.views == ONLINE_VIEWS,
-                          lambda c: shape_of(c)[0], lambda c: shape_of(c)[1],
-                          params.train.batch_size)
+    trials = sweep_bundles(params, plan.search, plan.configs, lambda c: shape_of(c)[0], lambda c: shape_of(c)[1])
     bundled = [len(members_of(t)) for t in trials if BUNDLE in t]
     if bundled:
-        log.info("bundles (sweep.bundle_size %s): %d configurations in %d trials, %d bundles of %d-%d", size,
-                 len(plan.configs), len(trials), len(bundled), min(bundled), max(bundled))
+        log.info("bundles (sweep.bundle_size %s): %d configurations in %d trials, %d bundles of %d-%d",
+                 params.sweep.bundle_size, len(plan.configs), len(trials), len(bundled), min(bundled), max(bundled))
     return trials
 
 
