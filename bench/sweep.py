@@ -155,6 +155,7 @@ def main() -> int:
     parser.add_argument("--bundle-sizes", metavar="B,B", help="compare these sweep.bundle_size values (e.g. 1,9)")
     parser.add_argument("--repeats", type=int, default=1, help="rounds of --bundle-sizes (default 1)")
     parser.add_argument("--datasets", help="override data.datasets (comma-separated)")
+    parser.add_argument("--gpus-per-trial", type=float, help="override sweep.gpus_per_trial (a GPU run)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     log.setLevel(logging.INFO)
@@ -169,7 +170,7 @@ def main() -> int:
         params_path = prepare_workspace(source, work, args.epochs)
         params = load_params(params_path)
         flags = {"search": "grid" if args.scale else args.search, "num_samples": args.num_samples,
-                 "max_concurrent": args.max_concurrent}
+                 "max_concurrent": args.max_concurrent, "gpus_per_trial": args.gpus_per_trial}
         params = replace(params, sweep=replace(params.sweep, **{k: v for k, v in flags.items() if v is not None}))
         if args.datasets:
             params = replace(params, data=replace(params.data, datasets=args.datasets.split(",")))

@@ -60,7 +60,8 @@ def run_sweep_trial(config: dict[str, Any], settings: TrialSettings, features: d
 
 def bundle_report(results: dict[str, dict[str, Any]], epoch: int) -> dict[str, Any]:
     """Tune's view of the bundle: the epoch, its best member's val_acc (Tune wants the metric) and every member."""
-    vals = [r["val_acc"] for r in results.values() if isinstance(r.get("val_acc"), float) and math.isfinite(r["val_acc"])]
+    vals = [r["val_acc"] for r in results.values()
+            if isinstance(r.get("val_acc"), float) and math.isfinite(r["val_acc"])]
     return {"epoch": epoch, "val_acc": max(vals, default=float("nan")),
             MEMBERS: {key: dict(r) for key, r in results.items()}}
 
@@ -86,6 +87,7 @@ def run_bundle(config: dict[str, Any], settings: TrialSettings, features: dict[s
             results[key] = {"state": RUNNING, "epoch": 0, "trial_key": key, "mlflow_run_id": run.run_id}
     todo = sorted(runs)  # bundle position j trains member todo[j]
     last_epoch = 0
+    validated: set[int] = set()  # epochs at which a member was validated
     try:
         if todo:
             backbone = trial_backbone(settings)
@@ -102,6 +104,7 @@ def run_bundle(config: dict[str, Any], settings: TrialSettings, features: dict[s
                 if m.val_acc is None:
                     return True
                 results[key]["val_acc"] = m.val_acc
+                validated.add(m.epoch)
                 # Asked at the last epoch too (the answer cannot stop it then), as Ray's ASHA sees a final result.
                 if not keeps_training(rungs, key, m.epoch, m.val_acc) and m.epoch < epochs:
                     reason = stopped_reason(m.epoch, epochs, m.val_acc)
@@ -113,7 +116,7 @@ def run_bundle(config: dict[str, Any], settings: TrialSettings, features: dict[s
             def after_epoch(epoch: int) -> None:
                 nonlocal last_epoch
                 last_epoch = epoch
-                if epoch < epochs and any(r.get("epoch") == epoch and "val_acc" in r for r in results.values()):
+                if epoch < epochs and epoch in validated:  # as a trial alone reports: at its validations
                     tune.report(bundle_report(results, epoch))
 
             outcomes = train_bundle(backbone, bundle, on_epoch, progress=False, after_epoch=after_epoch)
