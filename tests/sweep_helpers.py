@@ -10,9 +10,10 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -164,3 +165,30 @@ def run_cli(args: list[str], env: dict[str, str] | None = None, timeout: float =
             cwd: Path = REPO) -> subprocess.CompletedProcess:
     return subprocess.run([PYTHON, "-m", "pipeline.sweep", *args], cwd=cwd, capture_output=True, text=True,
                           timeout=timeout, env={**os.environ, **(env or {})})
+
+
+@contextlib.contextmanager
+def interrupt_when(ready: Callable[[], bool]) -> Iterator[None]:
+    """Within the block, this process gets Ray Tune's graceful stop (SIGUSR1, what Ctrl-C triggers: it saves the
+    experiment state and returns) once `ready()` (polled every 0.3 s; an exception counts as not yet, e.g. while
+    the tracking database is being created)."""
+    stop = threading.Event()
+
+    def watch() -> None:
+        while not stop.wait(0.3):
+            try:
+                if ready():
+                    os.kill(os.getpid(), signal.SIGUSR1)
+                    return
+            except Exception:
+                continue
+
+    previous = signal.signal(signal.SIGUSR1, lambda *_: None)  # never let a stray SIGUSR1 kill pytest
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        watcher.join()
+        signal.signal(signal.SIGUSR1, previous)

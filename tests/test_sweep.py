@@ -9,11 +9,8 @@ import csv
 import json
 import logging
 import math
-import os
-import signal
 import socket
 import statistics
-import threading
 import time
 from collections import defaultdict
 from dataclasses import replace
@@ -23,7 +20,7 @@ from typing import Any
 import pytest
 import ray
 from mlflow import MlflowClient
-from sweep_helpers import DemoWorkspace, free_port
+from sweep_helpers import DemoWorkspace, free_port, interrupt_when
 
 from pipeline.engine.backbone import count_tokens
 from pipeline.engine.context import load_context
@@ -104,29 +101,11 @@ def test_interrupted_sweep_resumes_without_duplicates(demo_ws: DemoWorkspace,
     ))
     uri = f"sqlite:///{root}/mlflow.db"
     n_trials = 4  # n_ctx x seeds
-    stop = threading.Event()
+    def a_trial_finished() -> bool:
+        return any(r.info.status == "FINISHED" for r in experiment_runs(uri, "resume")[1])
 
-    def interrupt_after_first_trial() -> None:
-        while not stop.wait(0.3):
-            try:
-                if any(r.info.status == "FINISHED" for r in experiment_runs(uri, "resume")[1]):
-                    break
-            except Exception:  # the database is still being created
-                continue
-        else:
-            return
-        # Tune's own stop signal (what Ctrl-C triggers): it saves the experiment state and returns.
-        os.kill(os.getpid(), signal.SIGUSR1)
-
-    previous = signal.signal(signal.SIGUSR1, lambda *_: None)  # never let a stray SIGUSR1 kill pytest
-    watcher = threading.Thread(target=interrupt_after_first_trial, daemon=True)
-    watcher.start()
-    try:
+    with interrupt_when(a_trial_finished):
         first = run_sweep(params, SweepOptions(verbose=0))
-    finally:
-        stop.set()
-        watcher.join()
-        signal.signal(signal.SIGUSR1, previous)
     assert first.interrupted
 
     _, children = experiment_runs(uri, "resume")

@@ -21,7 +21,7 @@ from ray import tune
 
 from pipeline.engine.bundle import BundleMember, train_bundle
 from pipeline.engine.train import EpochMetrics
-from pipeline.sweep.plan import BUNDLE, members_of
+from pipeline.sweep.plan import BUNDLE, MEMBERS, members_of
 from pipeline.sweep.space import complete, trial_key
 from pipeline.sweep.trial import (
     TrialSettings,
@@ -44,7 +44,6 @@ from pipeline.tracking import TrialRun, bound_http_retries
 
 log = logging.getLogger(__name__)
 
-MEMBERS = "members"  # a bundle's report: each member's latest result by trial key, with its "state"
 BUNDLE_TAG = "sweep.bundle"  # MLflow tag of a member's run: the Ray trial of its bundle
 RUNNING, FINISHED, STOPPED, FAILED = "RUNNING", "FINISHED", "STOPPED", "FAILED"
 

@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 
 from ray.tune import Callback
 
-from pipeline.sweep.plan import members_of
+from pipeline.sweep.plan import BUNDLE, members_of
 from pipeline.sweep.space import trial_key
 
 if TYPE_CHECKING:
@@ -142,15 +142,17 @@ def progress_line(name: str, total: int, done: int, failed: int, running: int, e
 class ProgressLog(Callback):
     """Logs `progress_line` every `every_s` seconds while Tune runs, and once when it stops.
 
-    `sizes`: each planned configuration's optimizer steps by trial key (grid/random: every trial; optuna:
+    `total`: the configurations the sweep will train (a bundle trial trains several). `sizes`: each planned
+    Ray trial's work by `ray_trial_key` (optimizer steps times configurations; grid/random: every trial; optuna:
     its candidates), the size the ETA's duration model scales with; a trial of unknown size counts as the
-    planned configurations' mean size.
+    planned configurations' mean size per configuration it trains.
     """
 
     def __init__(self, name: str, total: int, every_s: float = PROGRESS_EVERY_S,
                  sizes: dict[str, float] | None = None) -> None:
         self.name, self.total, self.every_s, self.sizes = name, total, every_s, dict(sizes or {})
-        self.mean_size = statistics.fmean(self.sizes.values()) if self.sizes else 1.0
+        configurations = sum(len(key.split("+")) for key in self.sizes)
+        self.mean_size = sum(self.sizes.values()) / configurations if self.sizes else 1.0  # per configuration
         self._reset()
 
     def _reset(self) -> None:
@@ -166,7 +168,7 @@ class ProgressLog(Callback):
         self.most_running = 0  # the concurrency the cluster really gave (max_concurrent or fewer)
 
     def size(self, config: dict[str, Any] | None) -> float:
-        return self.sizes.get(_key(config), self.mean_size)
+        return self.sizes.get(_key(config), self.mean_size * _weight(config))
 
     def setup(self, **info: Any) -> None:
         self._reset()
@@ -205,19 +207,29 @@ class ProgressLog(Callback):
         now = time.monotonic()
         self.last_logged = now
         done_ids = self.ended | (self.ended_before or set())
-        running = [(self.size(t.config), now - self.started[t.trial_id]) for t in trials
-                   if t.status == "RUNNING" and t.trial_id in self.started]
-        total = max(self.total, len(trials))
+        # Counts are of configurations (a bundle trial holds several); the ETA works on Ray trials and their sizes.
+        running_trials = [t for t in trials if t.status == "RUNNING" and t.trial_id in self.started]
+        running = [(self.size(t.config), now - self.started[t.trial_id]) for t in running_trials]
+        created = sum(_weight(t.config) for t in trials)
+        total = max(self.total, created)
         # Waiting: trials created but not started, and those Tune has not created yet: grid/random's remaining
-        # planned configurations, or as many mean-sized ones (optuna: `sizes` are its candidates).
+        # planned trials, or as many mean-sized ones (optuna: `sizes` are its candidates).
         waiting = [self.size(t.config) for t in trials if t.trial_id not in done_ids and t.status != "RUNNING"]
-        uncreated = max(total - len(trials), 0)
-        created = {_key(t.config) for t in trials}
-        planned = [size for key, size in self.sizes.items() if key not in created]
-        waiting += planned if len(planned) == uncreated else [self.mean_size] * uncreated
+        created_keys = {_key(t.config) for t in trials}
+        planned = [size for key, size in self.sizes.items() if key not in created_keys]
+        left = max(total - created, 0)
+        waiting += planned if sum(len(key.split("+")) for key in self.sizes if key not in created_keys) == left else (
+            [self.mean_size] * left)
         eta = eta_seconds(duration_model(self.durations), running, waiting, max(self.most_running, 1))
-        log.info("%s", progress_line(self.name, total, len(done_ids), len(self.failed), 0 if final else len(running),
-                                     now - self.start, eta, final))
+        done = sum(_weight(t.config) for t in trials if t.trial_id in done_ids)
+        failed = sum(_weight(t.config) for t in trials if t.trial_id in self.failed)
+        busy = 0 if final else sum(_weight(t.config) for t in running_trials)
+        log.info("%s", progress_line(self.name, total, done, failed, busy, now - self.start, eta, final))
+
+
+def _weight(config: dict[str, Any] | None) -> int:
+    """How many configurations a Ray trial trains (a bundle's members)."""
+    return len(config[BUNDLE]) if config and BUNDLE in config else 1
 
 
 def ray_trial_key(config: dict[str, Any]) -> str:

@@ -751,7 +751,7 @@ def sweep_trials(params: Params, configs: Sequence[dict[str, Any]] | None = None
     configurations): bundles by sweep.bundle_size as pipeline.sweep.tuner.plan_trials forms them (none for
     optuna), with class counts (base2new: the base half) and training-set sizes (shots x classes) from
     `dataset_stats` rather than the feature caches, so nothing is loaded."""
-    from pipeline.sweep.plan import sweep_bundles
+    from pipeline.sweep.plan import bundle_rule, sweep_bundles
 
     if configs is None:
         from pipeline.sweep.space import build_space
@@ -768,7 +768,8 @@ def sweep_trials(params: Params, configs: Sequence[dict[str, Any]] | None = None
         total = stats[dataset].classes
         return math.ceil(total / 2) if config.get("protocol") == BASE2NEW else total
 
-    return sweep_bundles(params, params.sweep.search, configs, n_classes, lambda c: int(c["shots"]) * n_classes(c))
+    rule = bundle_rule(params, n_classes, lambda c: int(c["shots"]) * n_classes(c))
+    return sweep_bundles(params.sweep.search, configs, rule)
 
 
 def transfer_targets(params: Params) -> list[str]:

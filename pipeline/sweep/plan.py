@@ -25,6 +25,7 @@ TABLE_HEADINGS = {"class_token_position": "position", "batch_size": "batch"}
 
 
 BUNDLE = "bundle"  # a Ray trial's config key holding the configurations of its bundle (absent: one configuration)
+MEMBERS = "members"  # a bundle's result: each member's latest result by trial key, with its "state"
 # auto bundle size on a GPU: members until a step encodes about this many class prompts. A bf16 step's time grew
 # with the prompts from 800 on (14.0 ms at 800, 28.4 at 1,600, 53.0 at 3,200; issue 15, H200), so larger
 # bundles gain nothing per configuration and cost memory; below it the card idles (3.6 ms at 100).
@@ -140,22 +141,47 @@ def members_of(config: dict[str, Any]) -> list[dict[str, Any]]:
     return list(config[BUNDLE]) if BUNDLE in config else [config]
 
 
-def form_bundles(configs: Sequence[dict[str, Any]], size: int | str, gpu: bool, online: bool,
-                 n_classes: Callable[[dict[str, Any]], int], n_train: Callable[[dict[str, Any]], int],
-                 default_batch: int) -> list[dict[str, Any]]:
-    """The Ray trials' configs: `configs` in order, CoOp configurations that can share a step gathered into bundles
-    of up to `size` ({BUNDLE: [members]}), every other one alone.
+@dataclass(frozen=True)
+class BundleRule:
+    """Which configurations may share a bundle, and how many: sweep.bundle_size on the device trials get.
 
     Members share what one fused step needs (engine/bundle.py): dataset, protocol and shots (so the class list),
     epochs, precision, batch size and training-set size (so steps per epoch); seeds, prompt variants and learning
-    rates may differ. CoCoOp/KgCoOp and online crops train alone. A bundle sits where its first member was."""
+    rates may differ. CoCoOp/KgCoOp and online crops train alone. `n_classes`/`n_train`: a configuration's class
+    count and training-set size as it trains (the sweep reads them from its features, the cost model from
+    statistics)."""
+
+    size: int | str  # sweep.bundle_size
+    gpu: bool
+    online: bool
+    n_classes: Callable[[dict[str, Any]], int]
+    n_train: Callable[[dict[str, Any]], int]
+    default_batch: int  # train.batch_size, for configurations whose batch_size is null
+
+    @property
+    def bundles(self) -> bool:
+        """Whether any configuration can get company."""
+        return not self.online and self.size != 1 and (self.size != "auto" or self.gpu or CPU_AUTO_BUNDLE > 1)
+
+    def limit(self, config: dict[str, Any]) -> int:
+        """The most members a bundle led by `config` may hold."""
+        if self.online or config["method"] != "coop":
+            return 1
+        return self.size if isinstance(self.size, int) else auto_bundle_size(self.n_classes(config), self.gpu)
+
+    def shared(self, config: dict[str, Any]) -> tuple[Any, ...]:
+        """What members of one bundle have in common."""
+        return (config["dataset"], config["protocol"], config["shots"], config["epochs"], config["precision"],
+                config.get("batch_size") or self.default_batch, self.n_train(config))
+
+
+def form_bundles(configs: Sequence[dict[str, Any]], rule: BundleRule) -> list[dict[str, Any]]:
+    """The Ray trials' configs: `configs` in order, those that can share a step gathered into bundles by `rule`
+    ({BUNDLE: [members]}), every other one alone. A bundle sits where its first member was."""
     trials: list[list[dict[str, Any]]] = []
-    open_bundle: dict[tuple[Any, ...], tuple[int, int]] = {}  # what members share -> (trial index, its size)
+    open_bundle: dict[tuple[Any, ...], tuple[int, int]] = {}  # what members share -> (trial index, its limit)
     for config in configs:
-        limit = 1 if online or config["method"] != "coop" else (
-            size if size != "auto" else auto_bundle_size(n_classes(config), gpu))
-        shared = (config["dataset"], config["protocol"], config["shots"], config["epochs"], config["precision"],
-                  config.get("batch_size") or default_batch, n_train(config))
+        limit, shared = rule.limit(config), rule.shared(config)
         index, limit_then = open_bundle.get(shared, (-1, 0))
         if index >= 0 and len(trials[index]) < min(limit, limit_then):
             trials[index].append(config)
@@ -166,18 +192,15 @@ def form_bundles(configs: Sequence[dict[str, Any]], size: int | str, gpu: bool, 
     return [members[0] if len(members) == 1 else {BUNDLE: members} for members in trials]
 
 
-def sweep_bundles(params: Params, search: str, configs: Sequence[dict[str, Any]],
-                  n_classes: Callable[[dict[str, Any]], int], n_train: Callable[[dict[str, Any]], int]
-                  ) -> list[dict[str, Any]]:
-    """The Ray trials' configs of a sweep: `form_bundles` by sweep.bundle_size on the device its trials get (optuna
-    asks for one configuration at a time: no bundles). `n_classes`/`n_train`: a configuration's class count and
-    training-set size as it trains (the sweep reads them from its features, the cost model from statistics)."""
-    size = params.sweep.bundle_size
-    if search == "optuna":
-        if size not in ("auto", 1):
-            log.warning("sweep.bundle_size %s ignored: optuna (TPE) chooses one configuration at a time, bundles are "
-                        "formed for grid and random searches", size)
-        return list(configs)
+def bundle_rule(params: Params, n_classes: Callable[[dict[str, Any]], int],
+                n_train: Callable[[dict[str, Any]], int]) -> BundleRule:
+    """The sweep's BundleRule from params (trials get a GPU when sweep.gpus_per_trial > 0 or train.device is CUDA)."""
     gpu = params.sweep.gpus_per_trial > 0 or params.train.device.startswith("cuda")
-    return form_bundles(configs, size, gpu, params.features.views == ONLINE_VIEWS, n_classes, n_train,
-                        params.train.batch_size)
+    return BundleRule(params.sweep.bundle_size, gpu, params.features.views == ONLINE_VIEWS, n_classes, n_train,
+                      params.train.batch_size)
+
+
+def sweep_bundles(search: str, configs: Sequence[dict[str, Any]], rule: BundleRule) -> list[dict[str, Any]]:
+    """The Ray trials' configs of grid/random: `form_bundles`; optuna's are formed as TPE suggests them
+    (searchers.BundlingSearcher), so its trials are not listed ahead."""
+    return list(configs) if search == "optuna" else form_bundles(configs, rule)

@@ -3,7 +3,8 @@
 `ConfigListSearcher` serves a precomputed list (grid, random draw) in order; its state is a small JSON
 file, so a resumed sweep continues where it stopped. `UniqueSearcher` wraps a model-based searcher
 (OptunaSearch): a configuration it has already handed out is answered from the earlier trial's result
-(so TPE still learns from it) and a new one is asked for, so no trial trains a duplicate.
+(so TPE still learns from it) and a new one is asked for, so no trial trains a duplicate. `BundlingSearcher`
+gathers its suggestions into fused trial bundles where sweep.bundle_size bundles.
 """
 
 from __future__ import annotations
@@ -16,10 +17,11 @@ from typing import TYPE_CHECKING, Any
 
 from ray.tune.search import Searcher
 
+from pipeline.sweep.plan import BUNDLE, MEMBERS
 from pipeline.sweep.space import SearchSpace, trial_key
 
 if TYPE_CHECKING:
-    from pipeline.sweep.plan import SweepPlan
+    from pipeline.sweep.plan import BundleRule, SweepPlan
 
 log = logging.getLogger(__name__)
 
@@ -162,9 +164,117 @@ class UniqueSearcher(Searcher):
         self.searcher.on_unpause(self._inner_ids.get(trial_id, trial_id))
 
 
-def build_searcher(plan: SweepPlan, optuna_seed: int, trials: list[dict[str, Any]] | None = None) -> Searcher:
+class BundlingSearcher(Searcher):
+    """Gathers the wrapped searcher's suggestions into bundles by a `BundleRule`: one Ray trial, several
+    configurations (TPE's batched asks).
+
+    Each member is asked for under an id of its own (``<trial>~m<n>``) and told its own result when the bundle
+    reports or ends, so TPE learns from every configuration as if it had run alone; a suggestion that cannot
+    share the bundle being filled waits for the next trial. At most `budget` configurations are handed out
+    (sweep.num_samples); Ray saves `get_state` beside the wrapped searcher's checkpoint, so a resumed sweep
+    goes on with the same waiting suggestions and members.
+    """
+
+    def __init__(self, searcher: Searcher, rule: BundleRule, budget: int) -> None:
+        self.searcher = searcher
+        self._rule = rule
+        self._budget = budget
+        self._handed = 0  # configurations handed out in trials
+        self._asked = 0  # member ids used
+        self._exhausted = False  # the wrapped searcher said FINISHED
+        self._waiting: list[tuple[str, dict[str, Any]]] = []  # (member id, configuration) not in a trial yet
+        self._members: dict[str, list[tuple[str, str]]] = {}  # Ray trial id -> its (member id, trial key)s
+        super().__init__(metric=searcher.metric, mode=searcher.mode)
+
+    def set_search_properties(self, metric: str | None, mode: str | None, config: dict, **spec: Any) -> bool:
+        return self.searcher.set_search_properties(metric, mode, config, **spec)
+
+    def _ask(self, trial_id: str, in_hand: int = 0) -> tuple[str, dict[str, Any]] | None:
+        """A new suggestion, unless the budget is spent (counting `in_hand`: members of the bundle being filled)."""
+        if self._exhausted or self._handed + len(self._waiting) + in_hand >= self._budget:
+            return None
+        member_id = f"{trial_id}~m{self._asked}"
+        self._asked += 1
+        config = self.searcher.suggest(member_id)
+        if config == Searcher.FINISHED:
+            self._exhausted = True
+        return (member_id, config) if isinstance(config, dict) else None
+
+    def suggest(self, trial_id: str) -> dict[str, Any] | str | None:
+        first = self._waiting.pop(0) if self._waiting else self._ask(trial_id)
+        if first is None:
+            done = self._exhausted or self._handed >= self._budget
+            return Searcher.FINISHED if done else None
+        members = [first]
+        limit, shared = self._rule.limit(first[1]), self._rule.shared(first[1])
+        for item in list(self._waiting):
+            if len(members) < limit and self._rule.shared(item[1]) == shared:
+                self._waiting.remove(item)
+                members.append(item)
+        for _ in range(limit - len(members)):
+            item = self._ask(trial_id, in_hand=len(members))
+            if item is None:
+                break
+            if self._rule.shared(item[1]) == shared:
+                members.append(item)
+            else:
+                self._waiting.append(item)
+        self._handed += len(members)
+        self._members[trial_id] = [(member_id, trial_key(config)) for member_id, config in members]
+        configs = [config for _, config in members]
+        return configs[0] if len(configs) == 1 else {BUNDLE: configs}
+
+    def _own(self, trial_id: str, result: dict | None) -> list[tuple[str, dict | None]]:
+        """Each member's id and its own result (a bundle's from MEMBERS; a lone configuration's is the result)."""
+        members = self._members.get(trial_id, [(trial_id, "")])
+        if len(members) == 1:
+            return [(members[0][0], result)]
+        by_key = (result or {}).get(MEMBERS) or {}
+        return [(member_id, by_key.get(key)) for member_id, key in members]
+
+    def on_trial_result(self, trial_id: str, result: dict) -> None:
+        for member_id, own in self._own(trial_id, result):
+            if own and isinstance(own.get(self.metric), float) and own.get("state") in (None, "RUNNING"):
+                # Tune's report counter, which the wrapped searcher reads (a member's own result lacks it).
+                self.searcher.on_trial_result(member_id, {"training_iteration": result.get("training_iteration"),
+                                                          **own})
+
+    def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
+        for member_id, own in self._own(trial_id, result):
+            failed = error or not own or own.get("state") == "FAILED" or self.metric not in own
+            self.searcher.on_trial_complete(member_id, result=None if failed else own, error=failed)
+
+    def get_state(self) -> dict[str, Any]:
+        return {"handed": self._handed, "asked": self._asked, "exhausted": self._exhausted,
+                "waiting": [list(item) for item in self._waiting],
+                "members": {k: [list(m) for m in v] for k, v in self._members.items()}}
+
+    def set_state(self, state: dict[str, Any]) -> None:
+        self._handed, self._asked = int(state.get("handed", 0)), int(state.get("asked", 0))
+        self._exhausted = bool(state.get("exhausted", False))
+        self._waiting = [(str(i), dict(c)) for i, c in state.get("waiting", [])]
+        self._members = {k: [(str(i), str(key)) for i, key in v] for k, v in state.get("members", {}).items()}
+
+    def save(self, checkpoint_path: str) -> None:
+        self.searcher.save(checkpoint_path)
+
+    def restore(self, checkpoint_path: str) -> None:
+        self.searcher.restore(checkpoint_path)
+
+    def on_pause(self, trial_id: str) -> None:
+        for member_id, _ in self._members.get(trial_id, [(trial_id, "")]):
+            self.searcher.on_pause(member_id)
+
+    def on_unpause(self, trial_id: str) -> None:
+        for member_id, _ in self._members.get(trial_id, [(trial_id, "")]):
+            self.searcher.on_unpause(member_id)
+
+
+def build_searcher(plan: SweepPlan, optuna_seed: int, trials: list[dict[str, Any]] | None = None,
+                   rule: BundleRule | None = None) -> Searcher:
     """The Ray trials' configs in order (grid, random: `trials`, the plan's configurations or their bundles), or TPE
-    seeded by `optuna_seed` that never repeats a configuration."""
+    seeded by `optuna_seed` that never repeats a configuration (its suggestions gathered into bundles by `rule`
+    where it bundles)."""
     if plan.search != "optuna":
         return ConfigListSearcher(plan.configs if trials is None else trials)
     import optuna
@@ -180,4 +290,5 @@ def build_searcher(plan: SweepPlan, optuna_seed: int, trials: list[dict[str, Any
         )
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     inner = OptunaSearch(space=plan.space.define_by_run(), metric=METRIC, mode=MODE, sampler=sampler)
-    return UniqueSearcher(inner, plan.space)
+    unique = UniqueSearcher(inner, plan.space)
+    return BundlingSearcher(unique, rule, plan.num_samples) if rule is not None and rule.bundles else unique

@@ -22,8 +22,10 @@ from pipeline.params import Params
 from pipeline.sweep.cluster import check_ray_address, check_resources, init_ray, resolve_address
 from pipeline.sweep.plan import (
     BUNDLE,
+    BundleRule,
     SweepError,
     SweepPlan,
+    bundle_rule,
     check_precision,
     feature_key,
     members_of,
@@ -119,9 +121,9 @@ def run_sweep(params: Params, options: SweepOptions) -> SweepOutcome:
 
     inputs = load_inputs(params, plan.triples, transfer_targets(params, plan))
     check_protocols(plan, inputs)
-    trials = plan_trials(params, plan, inputs)
-    member_asha = state.member_asha if state is not None else (
-        params.sweep.asha and any(BUNDLE in t for t in trials))
+    trials, rule = plan_trials(params, plan, inputs)
+    bundled = any(BUNDLE in t for t in trials) or (plan.search == "optuna" and rule.bundles)
+    member_asha = state.member_asha if state is not None else params.sweep.asha and bundled
 
     commit = git_commit()
     if state is None:
@@ -152,8 +154,8 @@ def run_sweep(params: Params, options: SweepOptions) -> SweepOutcome:
     started_ray = False
     try:
         started_ray = init_ray(address)
-        outcome = _fit(params, options, plan, trials, inputs, parent, name, experiment_path, commit, resume=resume,
-                       member_asha=member_asha)
+        outcome = _fit(params, options, plan, trials, rule, inputs, parent, name, experiment_path, commit,
+                       resume=resume, member_asha=member_asha)
     except BaseException:
         _tracked("mark the sweep's parent run FAILED", lambda: parent.client.set_terminated(parent.run_id, "FAILED"),
                  None)
@@ -169,9 +171,9 @@ def run_sweep(params: Params, options: SweepOptions) -> SweepOutcome:
     return outcome
 
 
-def plan_trials(params: Params, plan: SweepPlan, inputs: Any) -> list[dict[str, Any]]:
-    """The Ray trials' configs: grid/random configurations gathered into bundles by sweep.bundle_size (optuna asks
-    for one configuration at a time: no bundles)."""
+def plan_trials(params: Params, plan: SweepPlan, inputs: Any) -> tuple[list[dict[str, Any]], BundleRule]:
+    """The Ray trials' configs (grid/random configurations gathered into bundles by sweep.bundle_size; optuna: its
+    candidates, bundled as TPE suggests them) and the rule that bundles them."""
     from pipeline.engine.inputs import split_base_new
 
     shapes: dict[tuple[str, str], tuple[int, int]] = {}  # (feature key, protocol) -> (classes, training items)
@@ -184,12 +186,16 @@ def plan_trials(params: Params, plan: SweepPlan, inputs: Any) -> list[dict[str, 
             shapes[key] = (len(data.classnames), len(data.train_labels))
         return shapes[key]
 
-    trials = sweep_bundles(params, plan.search, plan.configs, lambda c: shape_of(c)[0], lambda c: shape_of(c)[1])
+    rule = bundle_rule(params, lambda c: shape_of(c)[0], lambda c: shape_of(c)[1])
+    trials = sweep_bundles(plan.search, plan.configs, rule)
     bundled = [len(members_of(t)) for t in trials if BUNDLE in t]
     if bundled:
         log.info("bundles (sweep.bundle_size %s): %d configurations in %d trials, %d bundles of %d-%d",
                  params.sweep.bundle_size, len(plan.configs), len(trials), len(bundled), min(bundled), max(bundled))
-    return trials
+    elif plan.search == "optuna" and rule.bundles:
+        log.info("bundles (sweep.bundle_size %s): TPE's suggestions are gathered into bundles as they come",
+                 params.sweep.bundle_size)
+    return trials, rule
 
 
 def _tracked(what: str, call: Any, fallback: Any) -> Any:
@@ -248,10 +254,14 @@ def _records(results: Any, children: dict[str, Any], plan: SweepPlan, ended: set
         metrics = result.metrics or {}
         trial_id = trial.trial_id if trial is not None else str(metrics.get("trial_id", ""))
         status = trial.status if trial is not None else "TERMINATED"
-        for member in members_of(result.config):
+        # A trial that never reported has no result config (Ray found no result.json): its Trial still has one.
+        trial_config = result.config or (trial.config if trial is not None else None)
+        if not trial_config:
+            continue  # its planned configurations are listed as "not started" below
+        for member in members_of(trial_config):
             config = complete(member)
             key = trial_key(config)
-            if BUNDLE in result.config:
+            if BUNDLE in trial_config:
                 own = (metrics.get(MEMBERS) or {}).get(key, {})
                 # A member's own state, unless the bundle ended before it did (crashed: FAILED; cut off: UNFINISHED).
                 state = own.get("state") if own.get("state") in (FINISHED, STOPPED, "FAILED") else (
@@ -321,8 +331,8 @@ def _parent_metrics(records: list[TrialRecord]) -> dict[str, float]:
 
 
 def _trial_steps(trials: list[dict[str, Any]], inputs: Any, batch: int) -> dict[str, int]:
-    """Optimizer steps of each planned Ray trial by its key (the progress line's ETA scales durations by them);
-    a bundle's members step together."""
+    """The work of each planned Ray trial by its key, optimizer steps times configurations (the progress line's
+    ETA scales durations by it)."""
     from pipeline.sweep.callbacks import ray_trial_key
     from pipeline.sweep.estimate import steps_per_epoch
 
@@ -330,7 +340,8 @@ def _trial_steps(trials: list[dict[str, Any]], inputs: Any, batch: int) -> dict[
     for t in trials:
         c = members_of(t)[0]
         train = inputs.features[feature_key(c["dataset"], c["shots"], c["seed"])].train_labels
-        steps[ray_trial_key(t)] = int(c["epochs"]) * steps_per_epoch(len(train), c.get("batch_size") or batch)
+        steps[ray_trial_key(t)] = (int(c["epochs"]) * steps_per_epoch(len(train), c.get("batch_size") or batch)
+                                   * len(members_of(t)))
     return steps
 
 
@@ -358,8 +369,8 @@ def _member_rungs(plan: SweepPlan, params: Params, experiment_path: Path, resume
     return rungs
 
 
-def _fit(params: Params, options: SweepOptions, plan: SweepPlan, trials: list[dict[str, Any]], inputs: Any,
-         parent: SweepRun, name: str, experiment_path: Path, commit: str, resume: bool,
+def _fit(params: Params, options: SweepOptions, plan: SweepPlan, trials: list[dict[str, Any]], rule: BundleRule,
+         inputs: Any, parent: SweepRun, name: str, experiment_path: Path, commit: str, resume: bool,
          member_asha: bool) -> SweepOutcome:
     import ray
     from ray import tune
@@ -414,7 +425,7 @@ def _fit(params: Params, options: SweepOptions, plan: SweepPlan, trials: list[di
         tuner = tune.Tuner(
             trainable,
             tune_config=tune.TuneConfig(
-                search_alg=build_searcher(plan, params.sweep.optuna_seed, trials),
+                search_alg=build_searcher(plan, params.sweep.optuna_seed, trials, rule),
                 # With bundles Tune's ASHA would stop whole bundles: MemberRungs decides per configuration.
                 scheduler=None if member_asha else _scheduler(plan, params),
                 num_samples=len(trials) if plan.search != "optuna" else plan.num_samples,
@@ -426,8 +437,7 @@ def _fit(params: Params, options: SweepOptions, plan: SweepPlan, trials: list[di
                 name=name,
                 storage_path=str(experiment_path.parent),
                 failure_config=tune.FailureConfig(max_failures=params.sweep.retries),
-                callbacks=[EndWatcher(name), ProgressLog(name, len(trials) if plan.search != "optuna" else
-                                                         plan.num_samples, every_s,
+                callbacks=[EndWatcher(name), ProgressLog(name, plan.num_samples, every_s,
                                                          _trial_steps(trials, inputs, params.train.batch_size))],
                 verbose=1 if options.verbose >= 2 else 0,  # our progress line replaces Ray's per-trial tables
             ),
