@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from pipeline.params import load_params
-from pipeline.sweep.estimate import estimate_sweep, transfer_targets
+from pipeline.sweep.estimate import estimate_sweep, sweep_trials, transfer_targets
 from pipeline.sweep.plan import plan_sweep
 from stages.sweep import main as sweep_main
 
@@ -65,10 +65,15 @@ def test_profiles_dry_run_with_their_trial_count_and_gpu_hours(profile: str, tri
     assert sweep_main(["--params", str(REPO / "configs" / profile), "--dry-run"]) == 0
     printed = capsys.readouterr().out
     assert f"{trials} trial(s) would run (grid;" in printed
-    cost = re.search(rf"cost model: {trials} trials, ([0-9.]+) GPU-hours on H100", printed)
+    # GPU profiles bundle (sweep.bundle_size: auto): the cost with bundles, then the one without.
+    cost = re.search(rf"cost model: {trials} configurations in \d+ trials \([^)]*\), ([0-9.]+) GPU-hours on H100",
+                     printed)
     assert cost is not None, printed[-2000:]
-    estimate = estimate_sweep(load_params(REPO / "configs" / profile))
-    assert float(cost.group(1)) == pytest.approx(estimate.hours, rel=5e-3)
+    params = load_params(REPO / "configs" / profile)
+    assert float(cost.group(1)) == pytest.approx(estimate_sweep(params, sweep_trials(params)).hours, rel=5e-3)
+    estimate = estimate_sweep(params)
+    alone = re.search(rf"without bundles \(--bundle-size 1\): {trials} trials, ([0-9.]+) GPU-hours", printed)
+    assert alone is not None and float(alone.group(1)) == pytest.approx(estimate.hours, rel=5e-3)
     by_method = estimate.by_method()
     assert sorted(by_method) == settings and sum(by_method.values()) == pytest.approx(estimate.hours)
     for setting in settings:
