@@ -105,6 +105,11 @@ def stop_group(proc: subprocess.Popen, timeout: float = 30) -> None:
         os.killpg(proc.pid, signal.SIGKILL)  # stragglers of the group, if any
     if proc.poll() is None:
         proc.wait(10)
+    # A SIGKILLed straggler (e.g. a server's worker, reparented) lingers until the kernel has delivered it: on a
+    # loaded machine that is not at once, and callers check that the group is gone.
+    deadline = time.monotonic() + 10
+    while group_members(proc.pid) and time.monotonic() < deadline:
+        time.sleep(0.05)
 
 
 def group_members(pgid: int) -> list[int]:
