@@ -129,35 +129,12 @@ class BundleStep:
         return self.towers[pack]
 
     def _plan(self) -> None:
-        """Group the active members into passes: members whose model shares a prefix of P positions (unified
-        context before the class name) one shared-prefix pass per P, where the device rule says it pays for
-        the whole group (or a member forces it); everyone else one truncated pass; on the CPU, passes of at
-        most CPU_MAX_PASS_PROMPTS prompts. Packing by the device rule on each pass's token counts, unless every
-        member of it turns packing off."""
+        """Group the active members into passes (`pass_groups`); packing by the device rule on each pass's token
+        counts, unless every member of it turns packing off."""
         device_type = self.device.type
-        by_prefix: dict[int, list[int]] = {}
-        truncated: list[int] = []
-        for pos, m in enumerate(self.active):
-            learner, forced = self.models[m].prompt_learner, self.cfgs[m].shared_prefix
-            if learner.shared_len > 1 and forced is not False:
-                by_prefix.setdefault(learner.shared_len, []).append(pos)
-            else:
-                truncated.append(pos)
-        passes = []
-        for prefix_len, group in by_prefix.items():
-            # (G * (C - 1) + 1) classes save G * (C - 1) * (P - 1) tokens, as G members of C classes do.
-            group_cls = len(group) * (self.n_cls - 1) + 1
-            if (any(self.cfgs[self.active[p]].shared_prefix for p in group)
-                    or prefers_shared_prefix(device_type, self.precision, group_cls, prefix_len)):
-                passes.append((tuple(group), prefix_len))
-            else:
-                truncated.extend(group)
-        if truncated:
-            passes.append((tuple(sorted(truncated)), 0))
-        if device_type == "cpu":  # large passes run slower there than small ones (CPU_MAX_PASS_PROMPTS)
-            chunk = max(1, CPU_MAX_PASS_PROMPTS // self.n_cls)
-            passes = [(members[i : i + chunk], prefix_len) for members, prefix_len in passes
-                      for i in range(0, len(members), chunk)]
+        passes = pass_groups([self.models[m].prompt_learner.shared_len for m in self.active],
+                             [self.cfgs[m].shared_prefix for m in self.active], self.n_cls, device_type,
+                             self.precision)
         self.passes = []
         for members, prefix_len in passes:
             learners = [self.models[self.active[p]].prompt_learner for p in members]
@@ -234,6 +211,39 @@ class BundleStep:
                 update.scaler.step(update.optimizer)
                 update.scaler.update()
         return loss_values, correct_counts
+
+
+def pass_groups(prefixes: Sequence[int], forced: Sequence[bool | None], n_cls: int, device_type: str,
+                precision: str) -> list[tuple[tuple[int, ...], int]]:
+    """The text passes of a bundled step: (member positions, shared prefix length P; 0 for a truncated pass).
+
+    `prefixes[i]`: the positions member i's prompts share (P > 1: a unified context before the class name);
+    `forced[i]`: its train.shared_prefix (None: the device rule decides). Members sharing a P > 1 form one
+    shared-prefix pass where the rule prefers it for the whole group (or a member forces it), everyone else
+    one truncated pass; on the CPU, passes of at most CPU_MAX_PASS_PROMPTS prompts. The cost model plans
+    bundles with it too (pipeline.sweep.estimate)."""
+    by_prefix: dict[int, list[int]] = {}
+    truncated: list[int] = []
+    for pos, (prefix_len, force) in enumerate(zip(prefixes, forced, strict=True)):
+        if prefix_len > 1 and force is not False:
+            by_prefix.setdefault(prefix_len, []).append(pos)
+        else:
+            truncated.append(pos)
+    passes = []
+    for prefix_len, group in by_prefix.items():
+        # (G * (C - 1) + 1) classes save G * (C - 1) * (P - 1) tokens, as G members of C classes do.
+        group_cls = len(group) * (n_cls - 1) + 1
+        if any(forced[p] for p in group) or prefers_shared_prefix(device_type, precision, group_cls, prefix_len):
+            passes.append((tuple(group), prefix_len))
+        else:
+            truncated.extend(group)
+    if truncated:
+        passes.append((tuple(sorted(truncated)), 0))
+    if device_type == "cpu":  # large passes run slower there than small ones (CPU_MAX_PASS_PROMPTS)
+        chunk = max(1, CPU_MAX_PASS_PROMPTS // n_cls)
+        passes = [(members[i : i + chunk], prefix_len) for members, prefix_len in passes
+                  for i in range(0, len(members), chunk)]
+    return passes
 
 
 def _pad_positions(x: torch.Tensor, width: int) -> torch.Tensor:

@@ -569,15 +569,12 @@ def _estimate_bundle(config: dict[str, Any], alone: Callable[[dict[str, Any]], T
     """A bundle's time: its steps x the bundled step, each member's evaluations beyond val/test as alone, the
     device's per-trial overhead once and BUNDLE_MEMBER_OVERHEAD_S for each further member.
 
-    The bundled step runs the passes pipeline.engine.bundle.BundleStep plans: members of a unified context
-    with a shared prefix of P > 1 positions one shared-prefix pass per P where the engine's rule prefers it
-    for the group's G x (C - 1) + 1 classes (or train.shared_prefix forces it), everyone else one truncated
-    pass; on a CPU passes of at most CPU_MAX_PASS_PROMPTS prompts. A pass costs the FLOPs of its members'
-    steps, padded to its longest prompt (packed by the engine's rule on the whole pass), at the rate fitted to
+    The bundled step runs the passes pipeline.engine.bundle.BundleStep plans (`pass_groups`). A pass costs
+    the FLOPs of its members' steps, padded to its longest prompt (packed by the engine's rule on the whole pass), at the rate fitted to
     one configuration's step, with the per-step floor once per pass on a GPU and once per member on a CPU.
     """
-    from pipeline.engine.bundle import CPU_MAX_PASS_PROMPTS
-    from pipeline.engine.prompt import prefers_packing, prefers_shared_prefix
+    from pipeline.engine.bundle import pass_groups
+    from pipeline.engine.prompt import prefers_packing
     from pipeline.sweep.plan import BUNDLE
 
     configs = list(config[BUNDLE])
@@ -600,26 +597,11 @@ def _estimate_bundle(config: dict[str, Any], alone: Callable[[dict[str, Any]], T
                              "bundle members share the class list, steps and precision")
     n_cls = first.n_classes
     device_type = "cpu" if isinstance(device, CPU) else "cuda"
-    by_prefix: dict[int, list[TrialEstimate]] = {}
-    truncated: list[TrialEstimate] = []
-    for m in members:
-        if m.layout.prefix > 1 and shared_prefix is not False and path != "truncated":
-            by_prefix.setdefault(m.layout.prefix, []).append(m)
-        else:
-            truncated.append(m)
-    groups: list[tuple[str, list[TrialEstimate]]] = []
-    for prefix, group in by_prefix.items():
-        if path == "shared" or shared_prefix or prefers_shared_prefix(device_type, precision,
-                                                                      len(group) * (n_cls - 1) + 1, prefix):
-            groups.append(("shared", group))
-        else:
-            truncated.extend(group)
-    if truncated:
-        groups.append(("truncated", truncated))
-    if device_type == "cpu":
-        chunk = max(1, CPU_MAX_PASS_PROMPTS // n_cls)
-        groups = [(p, group[i : i + chunk]) for p, group in groups for i in range(0, len(group), chunk)]
-
+    # The passes the engine's BundleStep plans, with train.shared_prefix (and a forced `path`) for every member.
+    force = False if path == "truncated" or shared_prefix is False else (path == "shared" or shared_prefix or None)
+    groups = [("shared" if prefix_len else "truncated", [members[i] for i in positions])
+              for positions, prefix_len in pass_groups([m.layout.prefix for m in members], [force] * len(members),
+                                                       n_cls, device_type, precision)]
     shape = tower_shape(arch)
     dev = _Device(device, cores, precision)
     flops, step_seconds = 0.0, 0.0
