@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 
 from ray.tune import Callback
 
-from pipeline.sweep.plan import BUNDLE, members_of
+from pipeline.sweep.plan import members_of
 from pipeline.sweep.space import trial_key
 
 if TYPE_CHECKING:
@@ -229,7 +229,7 @@ class ProgressLog(Callback):
 
 def _weight(config: dict[str, Any] | None) -> int:
     """How many configurations a Ray trial trains (a bundle's members)."""
-    return len(config[BUNDLE]) if config and BUNDLE in config else 1
+    return len(members_of(config)) if config else 1
 
 
 def ray_trial_key(config: dict[str, Any]) -> str:

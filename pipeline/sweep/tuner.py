@@ -244,7 +244,7 @@ def _records(results: Any, children: dict[str, Any], plan: SweepPlan, ended: set
     Planned grid/random configurations that Ray never created (the sweep was interrupted first) are listed as
     UNFINISHED too, so trials.csv always shows the whole plan.
     """
-    from pipeline.sweep.bundle_trial import FINISHED, MEMBERS, STOPPED
+    from pipeline.sweep.bundle_trial import FAILED, FINISHED, MEMBERS, STOPPED
 
     # Ray's Trial objects (status, id) sit beside the Results in the same order; Result has no status.
     trials = list(getattr(getattr(results, "_experiment_analysis", None), "trials", None) or [])
@@ -264,8 +264,8 @@ def _records(results: Any, children: dict[str, Any], plan: SweepPlan, ended: set
             if BUNDLE in trial_config:
                 own = (metrics.get(MEMBERS) or {}).get(key, {})
                 # A member's own state, unless the bundle ended before it did (crashed: FAILED; cut off: UNFINISHED).
-                state = own.get("state") if own.get("state") in (FINISHED, STOPPED, "FAILED") else (
-                    "FAILED" if result.error is not None else "UNFINISHED")
+                state = own.get("state") if own.get("state") in (FINISHED, STOPPED, FAILED) else (
+                    FAILED if result.error is not None else "UNFINISHED")
             else:
                 own, state = metrics, _plain_state(metrics, result.error, status, trial_id in ended)
             records.append(_record(config, key, own, state, trial_id, children.get(key), result.error))
